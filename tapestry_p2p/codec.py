@@ -1,0 +1,110 @@
+"""Wire codecs for parameter deltas: 8-bit blockwise quantization through bitsandbytes, registered with hivemind.
+
+hivemind picks a codec by a fixed protobuf enum (`runtime_pb2.CompressionType`), so a new codec has to replace the
+instance registered for an existing enum value. `register()` replaces BLOCKWISE_8BIT with `Blockwise8Bit` below:
+
+- hivemind's own BlockwiseQuantization fails *silently* with numpy >= 2.4 (the reducer raises inside, `step()`
+  returns as if all went well, and nothing is averaged), and it compresses at ~0.05 GB/s on our machines;
+- this one calls bitsandbytes' `quantize_blockwise` directly (~0.6 GB/s here) and leaves the 1 KiB code book off the
+  wire: both ends use bitsandbytes' fixed dynamic map.
+
+Every tapestry process calls `register()` at import time (see `tapestry_p2p.allreduce`), before hivemind forks its
+averager process, so both ends of every stream use the same format. A stock hivemind peer would not understand it;
+tapestry peers only average with tapestry peers.
+
+Wire format of one part: `absmax` (float32, one per block of BLOCK_SIZE values) followed by one uint8 code per value.
+Tuning: a smaller block follows outliers better (relative error 1.1% at 256, 1.2% at 1024, 1.3% at 4096 on Gaussian
+data) but spends 4 bytes per block on its scale; 1024 costs 0.4% of the payload.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from hivemind.compression import CompressionBase, CompressionInfo, Float16Compression, NoCompression
+from hivemind.compression import serialization as hivemind_serialization
+from hivemind.proto import runtime_pb2
+
+BLOCK_SIZE = 1024
+
+CHOICES = ("8bit", "fp16", "none")
+
+
+@functools.lru_cache(maxsize=1)
+def dynamic_map() -> torch.Tensor:
+    """bitsandbytes' 256-entry signed dynamic code book (deterministic, identical on every peer)."""
+    from bitsandbytes.functional import create_dynamic_map
+
+    return create_dynamic_map(signed=True).float()
+
+
+def max_relative_error() -> float:
+    """Worst-case |x - decode(encode(x))| divided by the absmax of x's block: half the widest gap of the code book."""
+    code = dynamic_map().sort().values
+    return float((code[1:] - code[:-1]).max() / 2)
+
+
+class Blockwise8Bit(CompressionBase):
+    """8-bit blockwise absmax quantization with bitsandbytes' dynamic map; replaces hivemind's BLOCKWISE_8BIT."""
+
+    compression_type = runtime_pb2.BLOCKWISE_8BIT
+
+    def compress(self, tensor: torch.Tensor, info: CompressionInfo, allow_inplace: bool = False) -> runtime_pb2.Tensor:
+        from bitsandbytes.functional import quantize_blockwise
+
+        flat = tensor.detach().to(torch.float32).reshape(-1).contiguous()
+        codes, state = quantize_blockwise(flat, code=dynamic_map(), blocksize=BLOCK_SIZE)
+        buffer = state.absmax.to(torch.float32).numpy().tobytes() + codes.numpy().tobytes()
+        return runtime_pb2.Tensor(
+            compression=self.compression_type,
+            buffer=buffer,
+            size=tensor.shape,
+            dtype="float32",
+            requires_grad=False,
+        )
+
+    def extract(self, serialized_tensor: runtime_pb2.Tensor) -> torch.Tensor:
+        from bitsandbytes.functional import dequantize_blockwise
+
+        numel = int(np.prod(serialized_tensor.size, dtype=np.int64))
+        num_blocks = -(-numel // BLOCK_SIZE)
+        expected = 4 * num_blocks + numel
+        if len(serialized_tensor.buffer) != expected:
+            raise ValueError(f"8-bit part holds {len(serialized_tensor.buffer)} bytes, expected {expected}")
+        absmax = torch.frombuffer(bytearray(serialized_tensor.buffer[: 4 * num_blocks]), dtype=torch.float32)
+        codes = torch.frombuffer(bytearray(serialized_tensor.buffer[4 * num_blocks :]), dtype=torch.uint8)
+        values = dequantize_blockwise(codes, absmax=absmax, code=dynamic_map(), blocksize=BLOCK_SIZE)
+        return values.reshape(tuple(serialized_tensor.size))
+
+    def estimate_compression_ratio(self, info: CompressionInfo) -> float:
+        return (1 + 4 / BLOCK_SIZE) / 4
+
+
+@dataclass(frozen=True)
+class Codec:
+    """A named wire codec and the hivemind compression instance that implements it."""
+
+    name: str
+    compression: CompressionBase
+    bits_per_value: float
+
+
+def get_codec(name: str) -> Codec:
+    """Look up a codec by its CLI name (`8bit`, `fp16`, `none`)."""
+    register()
+    if name == "8bit":
+        return Codec(name, hivemind_serialization._BASE_COMPRESSION_TYPES["BLOCKWISE_8BIT"], 8 + 32 / BLOCK_SIZE)
+    if name == "fp16":
+        return Codec(name, Float16Compression(), 16)
+    if name == "none":
+        return Codec(name, NoCompression(), 32)
+    raise ValueError(f"unknown compression {name!r}: use one of {', '.join(CHOICES)}")
+
+
+@functools.lru_cache(maxsize=1)
+def register() -> None:
+    """Make hivemind (de)serialize BLOCKWISE_8BIT parts with `Blockwise8Bit` in this process and its forks."""
+    hivemind_serialization._BASE_COMPRESSION_TYPES["BLOCKWISE_8BIT"] = Blockwise8Bit()
