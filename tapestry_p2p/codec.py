@@ -9,7 +9,8 @@ instance registered for an existing enum value. `register()` replaces BLOCKWISE_
   wire: both ends use bitsandbytes' fixed dynamic map.
 
 Every tapestry process calls `register()` at import time (see `tapestry_p2p.allreduce`), before hivemind forks its
-averager process, so both ends of every stream use the same format. A stock hivemind peer would not understand it;
+averager process, so both ends of every stream use the same format. bitsandbytes is imported here, eagerly, for the
+same reason: imported lazily inside the averager process it stalls the first all-reduce for ~3 s. A stock hivemind peer would not understand it;
 tapestry peers only average with tapestry peers.
 
 Wire format of one part: `absmax` (float32, one per block of BLOCK_SIZE values) followed by one uint8 code per value.
@@ -24,6 +25,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from bitsandbytes.functional import create_dynamic_map, dequantize_blockwise, quantize_blockwise
 from hivemind.compression import CompressionBase, CompressionInfo, Float16Compression, NoCompression
 from hivemind.compression import serialization as hivemind_serialization
 from hivemind.proto import runtime_pb2
@@ -36,8 +38,6 @@ CHOICES = ("8bit", "fp16", "none")
 @functools.lru_cache(maxsize=1)
 def dynamic_map() -> torch.Tensor:
     """bitsandbytes' 256-entry signed dynamic code book (deterministic, identical on every peer)."""
-    from bitsandbytes.functional import create_dynamic_map
-
     return create_dynamic_map(signed=True).float()
 
 
@@ -53,8 +53,6 @@ class Blockwise8Bit(CompressionBase):
     compression_type = runtime_pb2.BLOCKWISE_8BIT
 
     def compress(self, tensor: torch.Tensor, info: CompressionInfo, allow_inplace: bool = False) -> runtime_pb2.Tensor:
-        from bitsandbytes.functional import quantize_blockwise
-
         flat = tensor.detach().to(torch.float32).reshape(-1).contiguous()
         codes, state = quantize_blockwise(flat, code=dynamic_map(), blocksize=BLOCK_SIZE)
         buffer = state.absmax.to(torch.float32).numpy().tobytes() + codes.numpy().tobytes()
@@ -67,8 +65,6 @@ class Blockwise8Bit(CompressionBase):
         )
 
     def extract(self, serialized_tensor: runtime_pb2.Tensor) -> torch.Tensor:
-        from bitsandbytes.functional import dequantize_blockwise
-
         numel = int(np.prod(serialized_tensor.size, dtype=np.int64))
         num_blocks = -(-numel // BLOCK_SIZE)
         expected = 4 * num_blocks + numel

@@ -1,0 +1,7 @@
+"""`python -m tapestry_p2p` is `tapestry`."""
+
+import sys
+
+from tapestry_p2p.cli import main
+
+sys.exit(main())

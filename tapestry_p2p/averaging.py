@@ -1,0 +1,160 @@
+"""One outer round's communication: all-reduce a pseudo-gradient with whoever meets, or keep it when alone.
+
+`SwarmAveraging` wraps the bit-exact `ExactAverager` (hivemind matchmaking + butterfly all-reduce) around a fixed set
+of flat delta buffers; `SoloAveraging` has the same interface and no network (the trained-alone baseline). Neither
+knows what the tensors are: the node hands in a list of tensors and gets a list back.
+
+Agreement: every peer gathers `{round, hash}` from its group. If the group's members disagree on the shared model
+(a peer missed a round, or crashed and came back), the canonical state is the one held by most members of the
+highest round (ties: the smallest peer id); `needs_resync` tells the other members to download it afterwards.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+from hivemind.dht import DHT
+from hivemind.utils import get_dht_time
+
+from tapestry_p2p.allreduce import ExactAverager, RoundOutcome
+from tapestry_p2p.codec import get_codec
+from tapestry_p2p.rounds import MATCHMAKING_LEAD
+
+logger = logging.getLogger(__name__)
+
+MATCHMAKING_TIME = MATCHMAKING_LEAD - 0.5  # hivemind's min_matchmaking_time: how long a leader waits for followers
+REQUEST_TIMEOUT = 1.0  # hivemind's request_timeout for one matchmaking request
+MEETING_GRACE = 2.0  # after the meeting time, how long a peer keeps looking for its group before going alone
+ALLREDUCE_TIMEOUT = 60.0  # the longest an all-reduce may take once the group is formed, in seconds
+NEXT_CHUNK_TIMEOUT = 10.0  # a groupmate silent for this long is dropped from the round
+PART_SIZE_BYTES = 64 * 1024  # smaller parts balance the reducers' load better on small models
+
+
+@dataclass
+class RoundResult:
+    averaged: List[torch.Tensor]
+    group_size: int
+    bytes_sent: int = 0
+    bytes_received: int = 0
+    peers: List[str] = field(default_factory=list)
+    failure: Optional[str] = None  # why the round fell back to a solo step, if it did
+    needs_resync: bool = False
+
+
+def canonical_member(gathered: Dict[str, Any]) -> Optional[Tuple[int, str]]:
+    """(round, hash) of the state the group should converge on; None if no member sent a valid record."""
+    valid = {
+        peer: (int(data["round"]), data["hash"])
+        for peer, data in gathered.items()
+        if isinstance(data, dict) and isinstance(data.get("round"), int) and isinstance(data.get("hash"), str)
+    }
+    if not valid:
+        return None
+    top_round = max(r for r, _ in valid.values())
+    counts = Counter(h for r, h in valid.values() if r == top_round)
+    best = max(counts.values())
+    tied = {h for h, c in counts.items() if c == best}
+    first_peer = min(peer for peer, (r, h) in valid.items() if r == top_round and h in tied)
+    return valid[first_peer]
+
+
+class SoloAveraging:
+    """No network: the peer's own pseudo-gradient is the average (a peer alone, or the trained-alone baseline)."""
+
+    group_label = "solo"
+
+    def average(self, delta: Sequence[torch.Tensor], meeting: float, gather: Dict[str, Any]) -> RoundResult:
+        return RoundResult(averaged=[d.clone() for d in delta], group_size=1)
+
+    def publish_round(self, round_no: int) -> None:
+        pass
+
+    def download_state(self) -> Optional[Tuple[Dict[str, Any], List[torch.Tensor]]]:
+        return None
+
+    def shutdown(self) -> None:
+        pass
+
+
+class SwarmAveraging:
+    """All-reduce through hivemind with the peers that meet at the agreed time."""
+
+    def __init__(
+        self,
+        dht: DHT,
+        run_id: str,
+        shapes: Sequence[torch.Size],
+        compression: str,
+        state_fn: Callable[[], Tuple[Dict[str, Any], List[torch.Tensor]]],
+    ):
+        self._buffers = [torch.zeros(shape) for shape in shapes]
+        self._averager = ExactAverager(
+            self._buffers,
+            dht,
+            prefix=f"{run_id}_avg",
+            start=True,
+            min_group_size=2,
+            min_matchmaking_time=MATCHMAKING_TIME,
+            request_timeout=REQUEST_TIMEOUT,
+            allreduce_timeout=ALLREDUCE_TIMEOUT,
+            next_chunk_timeout=NEXT_CHUNK_TIMEOUT,
+            part_size_bytes=PART_SIZE_BYTES,
+            compression=get_codec(compression).compression,
+            state_fn=state_fn,
+            declare_state_period=10,
+        )
+        self.group_label = "swarm"
+
+    def average(self, delta: Sequence[torch.Tensor], meeting: float, gather: Dict[str, Any]) -> RoundResult:
+        with self._averager.get_tensors() as buffers:
+            for buffer, d in zip(buffers, delta):
+                buffer.copy_(d)
+        timeout = max(meeting - get_dht_time(), 0.0) + MEETING_GRACE
+        try:
+            outcome: RoundOutcome = self._averager.step(
+                gather=gather, scheduled_time=meeting, timeout=timeout, allow_retries=False
+            )
+        except Exception as e:  # hivemind raises several types; all mean "no group this round"
+            reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+            logger.info("round without a group (%s): applying our own update", reason)
+            return RoundResult(averaged=[d.clone() for d in delta], group_size=1, failure=reason)
+        with self._averager.get_tensors() as buffers:
+            averaged = [b.clone() for b in buffers]
+        if not all(torch.isfinite(a).all() for a in averaged):
+            return RoundResult([d.clone() for d in delta], 1, failure="non-finite average; kept our own update")
+        canonical = canonical_member(outcome.gathered)
+        mine = (gather["round"], gather["hash"])
+        failure = None
+        if outcome.failed_fraction > 0:
+            failure = f"{outcome.failed_fraction:.0%} of values lost a reducer"
+        return RoundResult(
+            averaged=averaged,
+            group_size=len(outcome.gathered),
+            bytes_sent=outcome.bytes_sent,
+            bytes_received=outcome.bytes_received,
+            peers=sorted(outcome.gathered),
+            failure=failure,
+            needs_resync=(canonical is not None and canonical != mine) or outcome.failed_fraction > 0,
+        )
+
+    def publish_round(self, round_no: int) -> None:
+        """Peers download state from whoever is furthest along: advertise our round as the priority."""
+        self._averager.state_sharing_priority = float(round_no)
+
+    def download_state(self) -> Optional[Tuple[Dict[str, Any], List[torch.Tensor]]]:
+        """The shared state of the most advanced peer that answers, or None."""
+        result = self._averager.load_state_from_peers(timeout=ALLREDUCE_TIMEOUT)
+        if result is None:
+            return None
+        metadata, tensors = result
+        return metadata, tensors
+
+    def shutdown(self) -> None:
+        self._averager.shutdown()
+        self._averager.join(timeout=10)
+        if self._averager.is_alive():
+            self._averager.kill()

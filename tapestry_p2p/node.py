@@ -1,0 +1,317 @@
+"""One partner's node: wires data, inner trainer, shared model, averaging, checkpoints and metrics into DiLoCo rounds.
+
+A round, as `Node.run_round` reads:
+1. inner steps of AdamW on local data until H steps are done *and* the round's meeting time (see `rounds`) is near;
+2. pseudo-gradient `theta - working`, averaged with the peers that meet (bit-exact, compressed on the wire);
+3. outer Nesterov step on `theta`; the working copy restarts from it;
+4. re-sync from the group if our shared model disagreed with it; checkpoint; one metrics record.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import re
+import threading
+import time
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+import torch
+from hivemind.utils import get_dht_time
+
+from tapestry_p2p import __version__, checkpoint
+from tapestry_p2p.averaging import RoundResult, SoloAveraging, SwarmAveraging
+from tapestry_p2p.codec import CHOICES
+from tapestry_p2p.data import ByteBatches, load_text_bytes
+from tapestry_p2p.model import GPT, ModelConfig, build_model
+from tapestry_p2p.outer import OuterConfig, SharedModel
+from tapestry_p2p.rounds import MATCHMAKING_LEAD, MeetingClock, RoundSchedule
+from tapestry_p2p.swarm import DEFAULT_PEER_LISTEN, DHTOptions, start_dht, stop_dht, visible_maddrs
+from tapestry_p2p.train import InnerTrainer, TrainConfig, mean
+
+logger = logging.getLogger(__name__)
+
+RUN_ID_PATTERN = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+
+
+@dataclass
+class NodeConfig:
+    run_id: str
+    data: Path
+    initial_peers: List[str] = field(default_factory=list)
+    listen: List[str] = field(default_factory=lambda: list(DEFAULT_PEER_LISTEN))
+    announce: List[str] = field(default_factory=list)
+    identity: Optional[Path] = None
+    checkpoint_dir: Optional[Path] = None
+    metrics: Optional[Path] = None
+    partner: str = "partner"
+    region: str = "unknown"
+    inner_steps: int = 50  # H: inner steps before a peer calls the round's meeting
+    max_rounds: Optional[int] = None  # stop after this many outer rounds; None: until interrupted
+    compression: str = "8bit"
+    threads: int = 0  # torch threads; 0 keeps torch's default
+    solo: bool = False  # no network at all: the trained-alone baseline
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    outer: OuterConfig = field(default_factory=OuterConfig)
+    schedule: RoundSchedule = field(default_factory=RoundSchedule)
+
+    def __post_init__(self) -> None:
+        if not RUN_ID_PATTERN.match(self.run_id):
+            raise ValueError(f"run id {self.run_id!r} must be 1-64 letters, digits, '-' or '_'")
+        if self.inner_steps <= 0:
+            raise ValueError(f"inner steps must be a positive integer, got {self.inner_steps}")
+        if self.max_rounds is not None and self.max_rounds <= 0:
+            raise ValueError(f"max rounds must be a positive integer, got {self.max_rounds}")
+        if self.compression not in CHOICES:
+            raise ValueError(f"compression must be one of {', '.join(CHOICES)}, got {self.compression!r}")
+        if self.threads < 0:
+            raise ValueError(f"threads must be >= 0, got {self.threads}")
+
+
+@dataclass
+class RoundRecord:
+    """One line of `--metrics` (JSON Lines)."""
+
+    round: int
+    step: int
+    inner_steps: int
+    loss: float
+    group_size: int
+    bytes_sent: int
+    bytes_received: int
+    round_seconds: float
+    time: float
+    model_hash: str
+    peer_id: str
+    partner: str
+    compression: str
+    failure: Optional[str]
+    resynced: bool
+
+    def to_json(self) -> str:
+        record = dict(self.__dict__)
+        record["loss"] = record["loss"] if math.isfinite(record["loss"]) else None
+        return json.dumps(record)
+
+
+def run_seed(run_id: str) -> int:
+    """The model-initialization seed every peer of a run agrees on without talking."""
+    return zlib.crc32(run_id.encode())
+
+
+class Node:
+    """A partner's training node. `run()` returns after max_rounds, or when `stop` is set."""
+
+    def __init__(self, config: NodeConfig, on_round: Optional[Callable[[RoundRecord], None]] = None):
+        self.config = config
+        self.on_round = on_round or (lambda record: None)
+        self.stop = threading.Event()
+        self._lock = threading.Lock()  # theta and the outer optimizer, shared with the state-serving thread
+        self.peer_id = "solo"
+        self.rounds_done = 0
+        self.last_loss = float("nan")
+        if config.threads:
+            torch.set_num_threads(config.threads)
+        data = load_text_bytes(config.data, min_bytes=config.model.block_size + 2)
+        seed = run_seed(config.run_id)
+        self.shared = SharedModel(build_model(config.model, seed), config.outer)
+        working = build_model(config.model, seed)
+        batches = ByteBatches(data, config.model.block_size, config.train.batch_size, seed=zlib.crc32(config.partner.encode()))
+        self.trainer = InnerTrainer(working, batches, config.train)
+        self.resumed = False
+        if config.checkpoint_dir is not None and checkpoint.exists(config.checkpoint_dir):
+            self._resume(config.checkpoint_dir)
+
+    # ---- state: checkpoints and sharing ----
+
+    def _resume(self, directory: Path) -> None:
+        shared, state = checkpoint.load(directory)
+        expected = {k: tuple(v.shape) for k, v in self.shared.model.state_dict().items()}
+        found = {k: tuple(v.shape) for k, v in shared.items()}
+        if found != expected:
+            raise checkpoint.CheckpointError(
+                f"{directory / checkpoint.MODEL_FILE} holds a model of another shape; pass the model options it was "
+                f"trained with, or a new --checkpoint-dir"
+            )
+        self.shared.model.load_state_dict(shared)
+        self.shared.load_state_dict(state["outer"])
+        self.trainer.load_state_dict(state["inner"])
+        torch.set_rng_state(state["torch_rng"])
+        if self.shared.hash() != state["model_hash"]:
+            raise checkpoint.CheckpointError(
+                f"{directory / checkpoint.STATE_FILE} belongs to another {checkpoint.MODEL_FILE} (interrupted write?);"
+                " restore both files together or pass a new --checkpoint-dir"
+            )
+        self.resumed = True
+        logger.info("resumed from %s at round %d, step %d", directory, self.shared.round, self.trainer.steps)
+
+    def _save(self) -> None:
+        if self.config.checkpoint_dir is None:
+            return
+        state = {
+            "outer": self.shared.state_dict(),
+            "inner": self.trainer.state_dict(),
+            "torch_rng": torch.get_rng_state(),
+            "model_hash": self.shared.hash(),
+            "version": __version__,
+        }
+        checkpoint.save(self.config.checkpoint_dir, self.shared.model.state_dict(), state)
+
+    def _share_state(self) -> Tuple[Dict[str, Any], List[torch.Tensor]]:
+        """What a peer downloads from us: theta and the outer momentum (runs in hivemind's helper thread)."""
+        with self._lock:
+            metadata = {"round": self.shared.round, "hash": self.shared.hash()}
+            tensors = [p.detach().clone() for p in self.shared.params]
+            tensors += [m.clone() for m in self.shared.momentum_buffers()]
+            return metadata, tensors
+
+    def _adopt(self, downloaded: Optional[Tuple[Dict[str, Any], List[torch.Tensor]]], min_round: int) -> bool:
+        """Take a downloaded shared state if it is well-formed and at least `min_round`; returns whether we did."""
+        if downloaded is None:
+            return False
+        metadata, tensors = downloaded
+        n = len(self.shared.params)
+        shapes_ok = len(tensors) == 2 * n and all(
+            t.shape == p.shape for t, p in zip(tensors, self.shared.params + self.shared.params)
+        )
+        round_no = metadata.get("round") if isinstance(metadata, dict) else None
+        if not shapes_ok or not isinstance(round_no, int) or round_no < min_round:
+            logger.warning("ignored a downloaded state (round %r, %d tensors)", round_no, len(tensors))
+            return False
+        if not all(torch.isfinite(t).all() for t in tensors):
+            logger.warning("ignored a downloaded state with non-finite values")
+            return False
+        with self._lock:
+            self.shared.load(tensors[:n], tensors[n:], round_no)
+            self.shared.copy_into(self.trainer.model)
+        return True
+
+    # ---- the loop ----
+
+    def run(self) -> "Summary":
+        started = time.monotonic()
+        dht = None
+        averaging: Any = SoloAveraging()
+        try:
+            if not self.config.solo:
+                dht = start_dht(
+                    DHTOptions(
+                        initial_peers=self.config.initial_peers,
+                        listen=self.config.listen,
+                        announce=self.config.announce,
+                        identity=self.config.identity,
+                    )
+                )
+                self.peer_id = dht.peer_id.to_base58()
+                logger.info("peer %s listening on %s", self.peer_id, " ".join(visible_maddrs(dht)))
+                averaging = SwarmAveraging(
+                    dht, self.config.run_id, [p.shape for p in self.shared.params], self.config.compression, self._share_state
+                )
+                if self.config.initial_peers:
+                    self._catch_up(averaging)
+                averaging.publish_round(self.shared.round)
+            while not self.stop.is_set() and (
+                self.config.max_rounds is None or self.rounds_done < self.config.max_rounds
+            ):
+                record = self.run_round(dht, averaging)
+                if record is None:
+                    break
+                self.on_round(record)
+        finally:
+            averaging.shutdown()
+            if dht is not None:
+                stop_dht(dht)
+        return Summary(self.rounds_done, self.shared.round, self.trainer.steps, self.last_loss, time.monotonic() - started)
+
+    def _catch_up(self, averaging: SwarmAveraging) -> None:
+        """If the swarm is ahead of us (we are new, or were away), start from its shared state."""
+        downloaded = averaging.download_state()
+        if downloaded is not None and isinstance(downloaded[0], dict) and downloaded[0].get("round", -1) > self.shared.round:
+            if self._adopt(downloaded, self.shared.round + 1):
+                logger.info("caught up with the swarm at round %d", self.shared.round)
+
+    def _inner_loop(self, clock: Optional[MeetingClock]) -> Tuple[List[float], Optional[float]]:
+        """Train until H steps are done and the meeting is near; returns the losses and the meeting time."""
+        losses: List[float] = []
+        meeting = None
+        while not self.stop.is_set():
+            if clock is not None and clock.should_stop_training():
+                meeting = clock.poll()
+                break
+            if len(losses) >= self.config.inner_steps:
+                if clock is None:
+                    break
+                if meeting is None:
+                    meeting = clock.agree()  # we are the first (or alone): call the meeting, train until it nears
+                if get_dht_time() >= meeting - MATCHMAKING_LEAD:
+                    break
+            losses.append(self.trainer.step())
+        return losses, meeting
+
+    def run_round(self, dht, averaging) -> Optional[RoundRecord]:
+        started = time.monotonic()
+        round_no = self.shared.round + 1
+        clock = MeetingClock(dht, self.config.run_id, round_no, self.config.schedule) if dht is not None else None
+        losses, meeting = self._inner_loop(clock)
+        if self.stop.is_set() or not losses:
+            logger.info("round %d abandoned: stopping", round_no)
+            return None
+        if clock is not None and meeting is None:
+            meeting = clock.agree()
+        theta_hash = self.shared.hash()
+        delta = self.shared.pseudo_gradient(self.trainer.model)
+        gather = {"round": self.shared.round, "hash": theta_hash, "steps": len(losses)}
+        result: RoundResult = averaging.average(delta, meeting or 0.0, gather)
+        with self._lock:
+            self.shared.apply(result.averaged)
+            self.shared.copy_into(self.trainer.model)
+        resynced = False
+        if result.needs_resync:
+            resynced = self._adopt(averaging.download_state(), self.shared.round)
+            logger.warning("our shared model disagreed with the group: re-sync %s", "done" if resynced else "failed")
+        averaging.publish_round(self.shared.round)
+        self._save()
+        self.rounds_done += 1
+        self.last_loss = mean(losses)
+        record = RoundRecord(
+            round=self.shared.round,
+            step=self.trainer.steps,
+            inner_steps=len(losses),
+            loss=self.last_loss,
+            group_size=result.group_size,
+            bytes_sent=result.bytes_sent,
+            bytes_received=result.bytes_received,
+            round_seconds=round(time.monotonic() - started, 3),
+            time=time.time(),
+            model_hash=self.shared.hash(),
+            peer_id=self.peer_id,
+            partner=self.config.partner,
+            compression=self.config.compression,
+            failure=result.failure,
+            resynced=resynced,
+        )
+        if self.config.metrics is not None:
+            with open(self.config.metrics, "a") as f:
+                f.write(record.to_json() + "\n")
+        return record
+
+
+@dataclass
+class Summary:
+    rounds: int  # outer rounds completed in this session
+    round: int  # the shared model's round number
+    steps: int
+    last_loss: float
+    seconds: float
+
+    def line(self) -> str:
+        loss = f"{self.last_loss:.3f}" if math.isfinite(self.last_loss) else "n/a"
+        return (
+            f"stopped after {self.rounds} rounds this session (shared round {self.round}, "
+            f"{self.steps} inner steps, last loss {loss}, {self.seconds:.0f}s)"
+        )

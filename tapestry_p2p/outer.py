@@ -1,0 +1,86 @@
+"""DiLoCo's outer step: the shared model `theta`, its pseudo-gradient, and Nesterov-momentum SGD on it.
+
+After H inner steps a peer's pseudo-gradient is `theta - working`. The swarm averages it (see `allreduce`), then every
+member runs the same `OuterOptimizer.step` on the same inputs, so `theta` stays identical, bit for bit, across the
+group. DiLoCo's settings (lr 0.7, momentum 0.9, Nesterov) are the defaults.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import dataclass
+from typing import Dict, List, Sequence
+
+import torch
+
+from tapestry_p2p.model import GPT
+
+
+@dataclass
+class OuterConfig:
+    lr: float = 0.7
+    momentum: float = 0.9
+
+    def __post_init__(self) -> None:
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise ValueError(f"outer.lr must be a positive number, got {self.lr}")
+        if not 0.0 <= self.momentum < 1.0:
+            raise ValueError(f"outer.momentum must be in [0, 1), got {self.momentum}")
+
+
+class SharedModel:
+    """`theta` (the model as of the last outer round), the outer optimizer, and the round counter."""
+
+    def __init__(self, model: GPT, config: OuterConfig):
+        self.model = model
+        self.params: List[torch.nn.Parameter] = list(model.parameters())
+        self.optimizer = torch.optim.SGD(self.params, lr=config.lr, momentum=config.momentum, nesterov=True)
+        self.round = 0
+
+    @torch.no_grad()
+    def pseudo_gradient(self, working: GPT) -> List[torch.Tensor]:
+        """theta - working, one tensor per parameter."""
+        return [theta - w for theta, w in zip(self.params, working.parameters())]
+
+    @torch.no_grad()
+    def apply(self, averaged: Sequence[torch.Tensor]) -> None:
+        """One outer Nesterov step with the group's averaged pseudo-gradient; advances the round."""
+        for param, grad in zip(self.params, averaged):
+            param.grad = grad.clone()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.round += 1
+
+    @torch.no_grad()
+    def copy_into(self, working: GPT) -> None:
+        """Restart the working copy from theta (inner optimizer state stays as it is)."""
+        for w, theta in zip(working.parameters(), self.params):
+            w.copy_(theta)
+
+    def momentum_buffers(self) -> List[torch.Tensor]:
+        """The outer optimizer's momentum, one tensor per parameter (zeros before the first step)."""
+        return [self.optimizer.state.get(p, {}).get("momentum_buffer", torch.zeros_like(p)) for p in self.params]
+
+    @torch.no_grad()
+    def load(self, params: Sequence[torch.Tensor], momentum: Sequence[torch.Tensor], round_no: int) -> None:
+        """Adopt another peer's theta, outer momentum and round (a re-sync or a late join)."""
+        for p, value, buf in zip(self.params, params, momentum):
+            p.copy_(value)
+            self.optimizer.state[p]["momentum_buffer"] = buf.clone()
+        self.round = round_no
+
+    def hash(self) -> str:
+        """16 hex digits identifying theta's exact bytes; equal on every peer whose shared model is identical."""
+        digest = hashlib.sha256()
+        for name, tensor in self.model.state_dict().items():
+            digest.update(name.encode())
+            digest.update(tensor.detach().contiguous().numpy().tobytes())
+        return digest.hexdigest()[:16]
+
+    def state_dict(self) -> Dict:
+        return {"optimizer": self.optimizer.state_dict(), "round": self.round}
+
+    def load_state_dict(self, state: Dict) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.round = int(state["round"])

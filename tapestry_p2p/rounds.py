@@ -1,0 +1,83 @@
+"""When a round's all-reduce starts: a meeting time agreed through the DHT, instead of spinning in matchmaking.
+
+The first peer of round r to finish its H inner steps proposes `now + window` under the round's key (one subkey per
+peer); the meeting time is the earliest proposal. Peers still training poll the key about once a second and stop
+their inner loop `lead` seconds before the meeting, so a slower partner contributes fewer inner steps rather than
+holding everybody up, and a faster one waits at most `window` seconds. Since a later proposal is always later in
+time, every peer that reads after the first proposal landed agrees on the same minimum.
+
+Tuning: `window` must cover one poll interval plus `lead` (hivemind needs about `lead` seconds of matchmaking before
+the all-reduce starts); raise it on links with high DHT latency.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass
+from typing import Optional
+
+from hivemind.dht import DHT
+from hivemind.utils import get_dht_time
+
+logger = logging.getLogger(__name__)
+
+POLL_INTERVAL = 1.0  # seconds between DHT reads while training
+MATCHMAKING_LEAD = 2.0  # seconds before the meeting at which peers enter hivemind's matchmaking
+
+
+@dataclass
+class RoundSchedule:
+    window: float = 4.0  # how long the first finisher waits for the others, in seconds
+
+    def __post_init__(self) -> None:
+        if not self.window > MATCHMAKING_LEAD + 0.5:
+            raise ValueError(f"round window must be more than {MATCHMAKING_LEAD + 0.5}s, got {self.window}")
+
+
+class MeetingClock:
+    """The agreed start time of one round's all-reduce, as seen by one peer."""
+
+    def __init__(self, dht: DHT, run_id: str, round_no: int, schedule: RoundSchedule):
+        self.dht, self.schedule = dht, schedule
+        self.key = f"{run_id}.meet.{round_no}"
+        self._subkey = dht.peer_id.to_base58()
+        self._meeting: Optional[float] = None
+        self._last_poll = -math.inf
+
+    def _read(self) -> Optional[float]:
+        found = self.dht.get(self.key, latest=True)
+        if found is None or not isinstance(found.value, dict):
+            return None
+        times = [
+            v.value for v in found.value.values() if isinstance(v.value, (int, float)) and math.isfinite(v.value)
+        ]  # untrusted: ignore anything that is not a finite number
+        return min(times) if times else None
+
+    def poll(self) -> Optional[float]:
+        """The meeting time if someone proposed one (reads the DHT at most once per POLL_INTERVAL)."""
+        if self._meeting is None and time.monotonic() - self._last_poll >= POLL_INTERVAL:
+            self._last_poll = time.monotonic()
+            self._meeting = self._read()
+        return self._meeting
+
+    def should_stop_training(self) -> bool:
+        """True from shortly before a catchable meeting; a meeting we can no longer catch is ignored."""
+        meeting = self.poll()
+        if meeting is None:
+            return False
+        now = get_dht_time()
+        return meeting - MATCHMAKING_LEAD - 0.25 <= now < meeting - MATCHMAKING_LEAD / 2
+
+    def agree(self) -> float:
+        """The meeting time: an existing proposal still far enough ahead, or our own `now + window`."""
+        meeting = self._read()
+        if meeting is not None and meeting - get_dht_time() >= MATCHMAKING_LEAD / 2:
+            return meeting
+        proposal = get_dht_time() + self.schedule.window
+        self.dht.store(self.key, proposal, expiration_time=proposal + 600, subkey=self._subkey)
+        meeting = self._read()
+        if meeting is None or meeting - get_dht_time() < MATCHMAKING_LEAD / 2:
+            return proposal  # only stale proposals: the others have moved on, meet whoever comes at ours
+        return meeting
