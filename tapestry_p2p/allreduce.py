@@ -33,7 +33,7 @@ from hivemind.proto import averaging_pb2, runtime_pb2
 from hivemind.utils.asyncio import amap_in_executor, as_aiter, azip
 
 from tapestry_p2p import codec
-from tapestry_p2p.processes import die_with_parent
+from tapestry_p2p.processes import die_with_parent, keeping_sigint_handler
 
 logger = logging.getLogger(__name__)
 
@@ -183,9 +183,14 @@ class ExactAverager(DecentralizedAverager):
         self._last_failed_fraction = 0.0
         super().__init__(*args, allow_state_sharing=state_fn is not None, **kwargs)
 
+    def run_in_background(self, await_ready: bool = True, timeout: Optional[float] = None) -> None:
+        keeping_sigint_handler(lambda: super(ExactAverager, self).run_in_background(await_ready, timeout))
+
     def run(self):
         die_with_parent()
         hivemind_matchmaking.PotentialLeaders = _PoliteLeaders  # this averager process only
+        # a round without a group is reported by the node; hivemind would log it as an error with a traceback
+        logging.getLogger("hivemind.averaging.averager").setLevel(logging.CRITICAL)
         super().run()
 
     def get_current_state(self):

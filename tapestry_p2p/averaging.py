@@ -120,6 +120,8 @@ class SwarmAveraging:
             )
         except Exception as e:  # hivemind raises several types; all mean "no group this round"
             reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+            if "could not find a group" in reason:
+                reason = "no other peer came to the meeting"
             logger.info("round without a group (%s): applying our own update", reason)
             return RoundResult(averaged=[d.clone() for d in delta], group_size=1, failure=reason)
         with self._averager.get_tensors() as buffers:

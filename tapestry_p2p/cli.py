@@ -239,13 +239,14 @@ def cmd_join(args: argparse.Namespace) -> int:
             f"round {record.round:4d}  loss {record.loss:6.3f}  group {record.group_size}{alone}  "
             f"sent {record.bytes_sent / 1e6:6.2f} MB  recv {record.bytes_received / 1e6:6.2f} MB  "
             f"{record.round_seconds:5.1f}s  model {record.model_hash}"
-            + (f"  [yellow]{record.failure}[/]" if record.failure else "")
+            + (f"  [yellow]{record.failure}[/]" if record.failure else ""),
+            soft_wrap=True,
         )
 
     node = Node(config, on_round=report)
     install_stop_handlers(node.stop)
     summary = node.run()
-    console.print(summary.line())
+    console.print(summary.line(), soft_wrap=True)
     return 0
 
 

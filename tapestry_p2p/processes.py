@@ -6,7 +6,9 @@ keep ports and identities busy. Linux's PR_SET_PDEATHSIG does: each child asks t
 thread that created it exits. It must be set in the child itself (it is cleared on fork, kept across exec), so:
 
 - `die_with_parent()` is called first thing in the DHT and averager processes;
-- `spawn_children_that_die_with_us()` makes the DHT process start `p2pd` with the same flag (via `preexec_fn`).
+- `spawn_children_that_die_with_us()` makes the DHT process start `p2pd` with the same flag (via `preexec_fn`),
+  in a process group of its own, so that a Ctrl-C in the terminal (SIGINT to the whole foreground group) reaches
+  only our main process, which then finishes the round it is in, instead of killing p2pd under the all-reduce.
 """
 
 from __future__ import annotations
@@ -17,8 +19,21 @@ import functools
 import os
 import signal
 import sys
+from typing import Callable, TypeVar
 
 _PR_SET_PDEATHSIG = 1
+
+T = TypeVar("T")
+
+
+def keeping_sigint_handler(start: Callable[[], T]) -> T:
+    """Run `start()` and restore our SIGINT handler afterwards: hivemind sets SIGINT to SIG_IGN when it starts a
+    background process, which would make the node deaf to Ctrl-C."""
+    handler = signal.getsignal(signal.SIGINT)
+    try:
+        return start()
+    finally:
+        signal.signal(signal.SIGINT, handler)
 
 
 def die_with_parent(sig: int = signal.SIGKILL) -> None:
@@ -32,6 +47,11 @@ def die_with_parent(sig: int = signal.SIGKILL) -> None:
         os.kill(os.getpid(), sig)
 
 
+def _detach_and_die_with_parent() -> None:
+    os.setpgid(0, 0)
+    die_with_parent()
+
+
 def spawn_children_that_die_with_us() -> None:
     """In this process, make asyncio-spawned subprocesses (hivemind's p2pd) die when this process dies."""
     original = asyncio.subprocess.create_subprocess_exec
@@ -40,7 +60,7 @@ def spawn_children_that_die_with_us() -> None:
 
     @functools.wraps(original)
     async def create_subprocess_exec(*args, **kwargs):
-        kwargs.setdefault("preexec_fn", die_with_parent)
+        kwargs.setdefault("preexec_fn", _detach_and_die_with_parent)
         return await original(*args, **kwargs)
 
     create_subprocess_exec._tapestry_patched = True
