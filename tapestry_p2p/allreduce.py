@@ -79,6 +79,13 @@ class ExactAllReduceRunner(AllReduceRunner):
         self.tensor_part_container.return_deltas = False  # a failed reducer's part falls back to our own values
         self.traffic = Traffic()
         self._published: Dict[int, asyncio.Future] = {}
+        # Senders whose results we still have to stream back. hivemind's runner finishes as soon as its *own*
+        # outputs are in; a node that then shuts down (its last round) would cut its groupmates' results short.
+        we_reduce = self.tensor_part_container.num_parts_by_peer[self.ordered_peer_ids.index(self.peer_id)] > 0
+        self._unserved = {p for p in self.sender_peer_ids if p != self.peer_id} if we_reduce else set()
+        self.all_served = asyncio.Event()
+        if not self._unserved:
+            self.all_served.set()
 
     def _get_peer_stub(self, peer):
         return _CountingStub(super()._get_peer_stub(peer), self.traffic)
@@ -108,9 +115,14 @@ class ExactAllReduceRunner(AllReduceRunner):
 
     async def rpc_aggregate_part(self, stream, context: P2PContext):
         stream = _counted(stream, lambda n: setattr(self.traffic, "received", self.traffic.received + n))
-        async for message in super().rpc_aggregate_part(stream, context):
-            self.traffic.sent += message.ByteSize()
-            yield message
+        try:
+            async for message in super().rpc_aggregate_part(stream, context):
+                self.traffic.sent += message.ByteSize()
+                yield message
+        finally:
+            self._unserved.discard(context.remote_id)
+            if not self._unserved:
+                self.all_served.set()
 
     async def _accumulate_parts_streaming(self, stream, sender_index: int):
         part_index = 0
@@ -226,6 +238,10 @@ class ExactAverager(DecentralizedAverager):
             raise ValueError("tapestry peers always contribute to the average; auxiliary mode is not supported")
         async for tensor, averaged in azip(as_aiter(*tensors), runner):
             tensor.copy_(averaged)
+        try:  # senders that never show up are banned by hivemind after sender_timeout; don't wait longer than that
+            await asyncio.wait_for(runner.all_served.wait(), timeout=runner.sender_timeout)
+        except asyncio.TimeoutError:
+            logger.debug("some groupmates were not served their averaged parts in time")
         container = runner.tensor_part_container
         self._last_failed_fraction = container.failed_size / max(container.total_size, 1)
 

@@ -315,9 +315,10 @@ def main(argv: Optional[List[str]] = None) -> int:
 def _is_user_error(error: Exception) -> bool:
     from tapestry_p2p.checkpoint import CheckpointError
     from tapestry_p2p.data import DataError
+    from tapestry_p2p.demo import DemoError
     from tapestry_p2p.swarm import SwarmError
 
-    return isinstance(error, (UsageError, SwarmError, DataError, CheckpointError))
+    return isinstance(error, (UsageError, SwarmError, DataError, CheckpointError, DemoError))
 
 
 if __name__ == "__main__":

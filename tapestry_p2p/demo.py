@@ -1,0 +1,293 @@
+"""`tapestry demo`: a bootstrap node and three partners on this machine, then the comparison that shows the point.
+
+Each partner is a separate `tapestry join` process with its own language (see `corpus/`), talking over loopback.
+When they are done, each partner's shared model is compared with a model trained alone on that partner's data with
+the same number of inner steps (the same DiLoCo loop, no network), on every language's held-out text. Partners
+never see the other languages' data, yet the shared model has learned them: that is the consortium's gain.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import math
+import multiprocessing
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, List, Optional, Tuple
+
+from rich.console import Console
+from rich.live import Live
+from rich.table import Table
+
+CORPUS_DIR = Path(__file__).parent / "corpus"
+HELD_OUT_FRACTION = 0.15
+STARTUP_TIMEOUT = 60.0
+STOP_GRACE = 20.0  # seconds a process gets to exit after SIGTERM before SIGKILL
+
+
+class DemoError(RuntimeError):
+    """The demo could not complete; the message says which process failed and where its log is."""
+
+
+@dataclass(frozen=True)
+class DemoPartner:
+    name: str
+    language: str
+    region: str
+
+
+@dataclass
+class DemoConfig:
+    rounds: int = 8
+    inner_steps: int = 30
+    workdir: Optional[Path] = None
+    run_timeout: float = 240.0  # seconds for the swarm's rounds, after which the demo gives up
+    partners: Tuple[DemoPartner, ...] = (
+        DemoPartner("north-lab", "en", "eu-west"),
+        DemoPartner("sur-uni", "es", "sa-east"),
+        DemoPartner("ost-gmbh", "de", "eu-central"),
+    )
+
+
+@dataclass
+class Process:
+    name: str
+    popen: subprocess.Popen
+    log: Path
+
+
+@dataclass
+class DemoRun:
+    config: DemoConfig
+    workdir: Path
+    processes: List[Process] = field(default_factory=list)
+
+    def partner_dir(self, partner: DemoPartner) -> Path:
+        return self.workdir / partner.name
+
+
+def split_corpus(language: str) -> Tuple[bytes, bytes]:
+    """(train, held-out): the held-out part is the last paragraphs, cut at a paragraph boundary."""
+    text = (CORPUS_DIR / f"{language}.txt").read_text(encoding="utf-8")
+    cut = text.rfind("\n\n", 0, int(len(text) * (1 - HELD_OUT_FRACTION)))
+    return text[:cut].encode("utf-8"), text[cut:].strip().encode("utf-8")
+
+
+def _spawn(run: DemoRun, name: str, args: List[str]) -> Process:
+    log = run.workdir / f"{name}.log"
+    with open(log, "wb") as out:
+        popen = subprocess.Popen(
+            [sys.executable, "-m", "tapestry_p2p", *args],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,  # our Ctrl-C is handled here, not by each child
+        )
+    process = Process(name, popen, log)
+    run.processes.append(process)
+    return process
+
+
+def _last_line(path: Path) -> str:
+    lines = path.read_text(errors="replace").strip().splitlines() if path.exists() else []
+    return lines[-1] if lines else "(no output)"
+
+
+def start_bootstrap(run: DemoRun) -> str:
+    addr_file = run.workdir / "bootstrap.addr"
+    process = _spawn(
+        run,
+        "bootstrap",
+        ["bootstrap", "--listen", "/ip4/127.0.0.1/tcp/0", "--identity", str(run.workdir / "bootstrap.key"),
+         "--addr-file", str(addr_file)],
+    )
+    deadline = time.monotonic() + STARTUP_TIMEOUT
+    while not addr_file.exists():
+        if process.popen.poll() is not None or time.monotonic() > deadline:
+            raise DemoError(f"the bootstrap node did not start: {_last_line(process.log)}")
+        time.sleep(0.2)
+    return addr_file.read_text().split()[0]
+
+
+def start_partners(run: DemoRun, bootstrap_addr: str) -> None:
+    for partner in run.config.partners:
+        folder = run.partner_dir(partner)
+        folder.mkdir(parents=True, exist_ok=True)
+        train, _ = split_corpus(partner.language)
+        (folder / "train.txt").write_bytes(train)
+        _spawn(
+            run,
+            partner.name,
+            ["join", "--run-id", "demo", "--initial-peers", bootstrap_addr, "--listen", "/ip4/127.0.0.1/tcp/0",
+             "--data", str(folder / "train.txt"), "--partner", partner.name, "--region", partner.region,
+             "--max-rounds", str(run.config.rounds), "--inner-steps", str(run.config.inner_steps),
+             "--checkpoint-dir", str(folder / "checkpoint"), "--metrics", str(folder / "metrics.jsonl"),
+             "--threads", "1", "--round-window", "3"],
+        )
+
+
+def read_metrics(path: Path) -> List[dict]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def progress_table(run: DemoRun) -> Table:
+    table = Table(title="tapestry demo: 3 partners, 1 shared model", title_justify="left")
+    for column in ("partner", "lang", "round", "loss", "group", "MB sent", "model hash"):
+        table.add_column(column, justify="right" if column in ("round", "loss", "group", "MB sent") else "left")
+    for partner in run.config.partners:
+        records = read_metrics(run.partner_dir(partner) / "metrics.jsonl")
+        last = records[-1] if records else None
+        table.add_row(
+            partner.name,
+            partner.language,
+            f"{last['round']}/{run.config.rounds}" if last else f"0/{run.config.rounds}",
+            f"{last['loss']:.3f}" if last and last["loss"] is not None else "-",
+            str(last["group_size"]) if last else "-",
+            f"{sum(r['bytes_sent'] for r in records) / 1e6:.2f}",
+            last["model_hash"] if last else "-",
+        )
+    return table
+
+
+def wait_for_partners(run: DemoRun, console: Console) -> None:
+    partners = [p for p in run.processes if p.name != "bootstrap"]
+    deadline = time.monotonic() + run.config.run_timeout
+    with Live(progress_table(run), console=console, refresh_per_second=2) as live:
+        while any(p.popen.poll() is None for p in partners):
+            if time.monotonic() > deadline:
+                raise DemoError(f"the partners did not finish within {run.config.run_timeout:.0f}s")
+            time.sleep(0.5)
+            live.update(progress_table(run))
+        live.update(progress_table(run))
+    failed = [p for p in partners if p.popen.returncode != 0]
+    if failed:
+        raise DemoError(f"partner {failed[0].name} exited with {failed[0].popen.returncode}: {_last_line(failed[0].log)}")
+
+
+def stop_all(run: DemoRun) -> None:
+    """SIGTERM every process we started (by pid), then SIGKILL what is left after STOP_GRACE."""
+    for process in run.processes:
+        if process.popen.poll() is None:
+            process.popen.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + STOP_GRACE
+    for process in run.processes:
+        try:
+            process.popen.wait(timeout=max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            process.popen.kill()
+            process.popen.wait()
+
+
+def train_alone(partner: DemoPartner, folder: Path, steps_per_round: int, rounds: int) -> Path:
+    """The baseline: the same DiLoCo loop on the partner's data alone, no network. Returns its checkpoint folder."""
+    from tapestry_p2p.node import Node, NodeConfig
+
+    out = folder / "alone"
+    config = NodeConfig(
+        run_id="demo", data=folder / "train.txt", partner=partner.name, solo=True, threads=1,
+        inner_steps=steps_per_round, max_rounds=rounds, checkpoint_dir=out,
+    )
+    Node(config).run()
+    return out
+
+
+def compare(run: DemoRun) -> Dict[str, Dict[str, Tuple[float, float]]]:
+    """partner -> language -> (shared model's held-out loss, trained-alone model's held-out loss)."""
+    partners = run.config.partners
+    steps = {p.name: read_metrics(run.partner_dir(p) / "metrics.jsonl")[-1]["step"] for p in partners}
+    rounds = run.config.rounds
+    context = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(max_workers=2, mp_context=context) as pool:
+        jobs = {
+            p.name: pool.submit(train_alone, p, run.partner_dir(p), math.ceil(steps[p.name] / rounds), rounds)
+            for p in partners
+        }
+        alone_dirs = {name: job.result() for name, job in jobs.items()}
+    held_out = {p.language: split_corpus(p.language)[1] for p in partners}
+    return {
+        p.name: {
+            lang: (
+                held_out_loss(run.partner_dir(p) / "checkpoint", text),
+                held_out_loss(alone_dirs[p.name], text),
+            )
+            for lang, text in held_out.items()
+        }
+        for p in partners
+    }
+
+
+def held_out_loss(checkpoint_dir: Path, text: bytes) -> float:
+    from safetensors.torch import load_file
+
+    from tapestry_p2p.data import eval_windows
+    from tapestry_p2p.model import GPT, ModelConfig
+    from tapestry_p2p.train import evaluate
+
+    config = ModelConfig()
+    model = GPT(config)
+    model.load_state_dict(load_file(str(checkpoint_dir / "model.safetensors")))
+    return evaluate(model, eval_windows(text, config.block_size))
+
+
+def results_table(run: DemoRun, results: Dict[str, Dict[str, Tuple[float, float]]]) -> Table:
+    languages = [p.language for p in run.config.partners]
+    table = Table(title="held-out loss (nats/byte, lower is better): shared model / trained alone", title_justify="left")
+    table.add_column("partner (own language)")
+    for lang in languages:
+        table.add_column(lang, justify="right")
+    for p in run.config.partners:
+        cells = []
+        for lang in languages:
+            shared, alone = results[p.name][lang]
+            mark = "[green]" if shared < alone else "[red]"
+            cells.append(f"{mark}{shared:.2f}[/] / {alone:.2f}")
+        table.add_row(f"{p.name} ({p.language})", *cells)
+    return table
+
+
+def consortium_wins(run: DemoRun, results: Dict[str, Dict[str, Tuple[float, float]]]) -> bool:
+    """Does every partner's shared model beat its trained-alone model on every language it never saw?"""
+    return all(
+        results[p.name][lang][0] < results[p.name][lang][1]
+        for p in run.config.partners
+        for lang in results[p.name]
+        if lang != p.language
+    )
+
+
+def run_demo(config: DemoConfig, console: Console) -> int:
+    workdir = config.workdir or Path(tempfile.mkdtemp(prefix="tapestry-demo-"))
+    workdir.mkdir(parents=True, exist_ok=True)
+    run = DemoRun(config, workdir)
+    started = time.monotonic()
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        console.print(f"starting a bootstrap node and {len(config.partners)} partners on 127.0.0.1 (logs in {workdir})")
+        start_partners(run, start_bootstrap(run))
+        wait_for_partners(run, console)
+        stop_all(run)
+        hashes = {read_metrics(run.partner_dir(p) / "metrics.jsonl")[-1]["model_hash"] for p in config.partners}
+        console.print(f"swarm done in {time.monotonic() - started:.0f}s; final shared model hashes: {', '.join(sorted(hashes))}")
+        console.print("training each partner alone with the same number of inner steps, for comparison...")
+        results = compare(run)
+        console.print(results_table(run, results))
+        if consortium_wins(run, results):
+            console.print("every partner's shared model beats its trained-alone model on the languages it never saw.")
+        else:
+            console.print("[red]the shared model did not beat training alone on every unseen language this time.[/]")
+        console.print(f"demo finished in {time.monotonic() - started:.0f}s")
+        return 0 if consortium_wins(run, results) else 1
+    finally:
+        stop_all(run)
+        signal.signal(signal.SIGINT, previous)
+        if config.workdir is None:
+            shutil.rmtree(workdir, ignore_errors=True)

@@ -1,0 +1,105 @@
+"""Real hivemind DHT nodes and p2pd daemons on loopback, averaging through SwarmAveraging, the node's own path."""
+
+from __future__ import annotations
+
+import threading
+from typing import List
+
+import pytest
+import torch
+from hivemind.utils import get_dht_time
+
+from tapestry_p2p.averaging import SwarmAveraging
+from tapestry_p2p.codec import max_relative_error
+from tapestry_p2p.swarm import DHTOptions, start_dht, stop_dht, visible_maddrs
+
+LOOPBACK = ["/ip4/127.0.0.1/tcp/0"]
+SHAPES = [torch.Size([300, 200]), torch.Size([1000]), torch.Size([7])]
+
+
+def _no_state():
+    return {}, []
+
+
+@pytest.fixture
+def swarm():
+    """A bootstrap DHT plus a factory of peers; everything is shut down afterwards."""
+    started = []
+    boot = start_dht(DHTOptions(listen=LOOPBACK))
+    started.append(boot)
+
+    def make_peers(n: int, compression: str, run_id: str) -> List[SwarmAveraging]:
+        peers = []
+        for _ in range(n):
+            dht = start_dht(DHTOptions(initial_peers=visible_maddrs(boot), listen=LOOPBACK))
+            started.append(dht)
+            peers.append(SwarmAveraging(dht, run_id, SHAPES, compression, _no_state))
+            started.append(peers[-1])
+        return peers
+
+    yield make_peers
+    for item in reversed(started):
+        if isinstance(item, SwarmAveraging):
+            item.shutdown()
+        else:
+            stop_dht(item)
+
+
+def average_together(peers: List[SwarmAveraging], deltas) -> list:
+    """All peers call `average` at once for the same meeting, each from its own thread, like separate nodes."""
+    meeting = get_dht_time() + 3.0
+    results = [None] * len(peers)
+
+    def run(i):
+        results[i] = peers[i].average(deltas[i], meeting, {"round": 0, "hash": "same"})
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(peers))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    return results
+
+
+@pytest.mark.parametrize("n_peers,compression", [(2, "8bit"), (3, "8bit"), (3, "none")])
+def test_peers_get_the_mean_and_identical_values(swarm, n_peers, compression):
+    peers = swarm(n_peers, compression, f"avg{n_peers}{compression}")
+    generator = torch.Generator().manual_seed(n_peers)
+    deltas = [[torch.randn(s, generator=generator) * (i + 1) for s in SHAPES] for i in range(n_peers)]
+    results = average_together(peers, deltas)
+
+    assert all(r.group_size == n_peers and r.failure is None for r in results), [(r.group_size, r.failure) for r in results]
+    for k in range(len(SHAPES)):
+        mean = sum(d[k] for d in deltas) / n_peers
+        if compression == "none":
+            tolerance = 1e-6 * mean.abs().max()
+        else:  # each sender's part is quantized once, then the reducer's average once more
+            eps = max_relative_error()
+            tolerance = eps * (max(d[k].abs().max() for d in deltas) + mean.abs().max()) + 1e-7
+        for r in results:
+            assert (r.averaged[k] - mean).abs().max() <= tolerance
+        for r in results[1:]:  # bit for bit, not merely close
+            assert torch.equal(r.averaged[k], results[0].averaged[k])
+
+
+def test_eight_bit_traffic_is_a_quarter_of_float32(swarm):
+    peers8 = swarm(2, "8bit", "traffic8")
+    peers32 = swarm(2, "none", "traffic32")
+    generator = torch.Generator().manual_seed(7)
+    deltas = [[torch.randn(s, generator=generator) for s in SHAPES] for _ in range(2)]
+    r8 = average_together(peers8, deltas)
+    r32 = average_together(peers32, deltas)
+    for a, b in zip(r8, r32):
+        assert a.group_size == b.group_size == 2
+        ratio = a.bytes_sent / b.bytes_sent
+        assert 0.24 < ratio < 0.28, ratio  # 8 bits + a float32 scale per 1024 values, plus protobuf framing
+        assert a.bytes_received / b.bytes_received < 0.28
+
+
+def test_peer_alone_keeps_its_own_update(swarm):
+    (peer,) = swarm(1, "8bit", "alone")
+    delta = [torch.randn(s) for s in SHAPES]
+    (result,) = average_together([peer], [delta])
+    assert result.group_size == 1
+    assert result.failure == "no other peer came to the meeting"
+    assert all(torch.equal(a, d) for a, d in zip(result.averaged, delta))
