@@ -42,9 +42,10 @@ def dynamic_map() -> torch.Tensor:
 
 
 def max_relative_error() -> float:
-    """Worst-case |x - decode(encode(x))| divided by the absmax of x's block: half the widest gap of the code book."""
+    """Worst-case |x - decode(encode(x))| divided by the absmax of x's block: half the widest gap of the code book,
+    plus 1% because bitsandbytes places its rounding thresholds slightly off the midpoints (measured: 0.2% over)."""
     code = dynamic_map().sort().values
-    return float((code[1:] - code[:-1]).max() / 2)
+    return float((code[1:] - code[:-1]).max() / 2) * 1.01
 
 
 class Blockwise8Bit(CompressionBase):

@@ -1,0 +1,117 @@
+"""Mistakes a user will make: each is one line on stderr naming the fix, exit status 2, no traceback."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+from tapestry_p2p.swarm import load_or_create_identity
+
+from conftest import write_text
+
+
+def tapestry(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "tapestry_p2p", *args], capture_output=True, text=True, timeout=timeout,
+        stdin=subprocess.DEVNULL,
+    )
+
+
+def assert_user_error(result: subprocess.CompletedProcess, *fragments: str) -> None:
+    assert result.returncode == 2, (result.returncode, result.stderr[-2000:])
+    assert "Traceback" not in result.stderr + result.stdout
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
+@pytest.fixture
+def data(tmp_path):
+    return str(write_text(tmp_path / "data.txt", seed=0))
+
+
+@pytest.fixture
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_malformed_multiaddr(data):
+    assert_user_error(tapestry("join", "--data", data, "--initial-peers", "127.0.0.1:31330"), "not a valid multiaddr")
+
+
+def test_multiaddr_without_peer_id(data):
+    result = tapestry("join", "--data", data, "--initial-peers", "/ip4/127.0.0.1/tcp/31330")
+    assert_user_error(result, "no /p2p/", "copy the full address")
+
+
+def test_initial_peers_that_do_not_answer(data, tmp_path, free_port):
+    peer_id = load_or_create_identity(tmp_path / "someone.key").to_base58()
+    started = time.monotonic()
+    result = tapestry(
+        "join", "--data", data, "--listen", "/ip4/127.0.0.1/tcp/0",
+        "--initial-peers", f"/ip4/127.0.0.1/tcp/{free_port}/p2p/{peer_id}",
+    )
+    assert_user_error(result, "none of the initial peers answered")
+    assert time.monotonic() - started < 60
+
+
+@pytest.mark.parametrize("kind", ["missing", "empty-folder", "empty-file", "not-utf8", "bad-jsonl"])
+def test_unusable_data(tmp_path, kind):
+    path = tmp_path / "data"
+    expected = {
+        "missing": "does not exist",
+        "empty-folder": "no .txt or .jsonl files",
+        "empty-file": "holds 0 bytes",
+        "not-utf8": "not UTF-8",
+        "bad-jsonl": 'no string "text" field',
+    }[kind]
+    if kind == "empty-folder":
+        path.mkdir()
+    elif kind == "empty-file":
+        path = tmp_path / "empty.txt"
+        path.write_text("")
+    elif kind == "not-utf8":
+        path = tmp_path / "latin1.txt"
+        path.write_bytes("café crème ".encode("latin-1") * 100)
+    elif kind == "bad-jsonl":
+        path = tmp_path / "docs.jsonl"
+        path.write_text('{"text": "fine"}\n{"body": "no text field"}\n')
+    assert_user_error(tapestry("join", "--data", str(path), "--listen", "/ip4/127.0.0.1/tcp/0"), expected)
+
+
+@pytest.mark.parametrize("command", ["join", "bootstrap"])
+def test_port_already_in_use(data, tmp_path, command):
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        extra = ["--data", data] if command == "join" else ["--identity", str(tmp_path / "b.key")]
+        result = tapestry(command, "--listen", f"/ip4/127.0.0.1/tcp/{port}", *extra)
+    assert_user_error(result, f"port {port} is already in use", "--listen")
+
+
+@pytest.mark.parametrize(
+    "option,value", [("--inner-steps", "0"), ("--max-rounds", "-3"), ("--batch-size", "0"), ("--lr", "-1"),
+                     ("--inner-steps", "many")]
+)
+def test_non_positive_numbers(data, option, value):
+    assert_user_error(tapestry("join", "--data", data, option, value), option, "positive")
+
+
+def test_config_file_unknown_key_and_wrong_type(data, tmp_path):
+    config = tmp_path / "partner.toml"
+    config.write_text('data = "x"\nbatch_sise = 4\n')
+    assert_user_error(tapestry("join", "--config", str(config)), "unknown key 'batch_sise'")
+    config.write_text("inner_steps = \"ten\"\n")
+    assert_user_error(tapestry("join", "--config", str(config), "--data", data), "inner_steps", "positive integer")
+
+
+def test_monitor_says_it_is_not_built_yet():
+    assert_user_error(tapestry("monitor"), "not built yet")

@@ -1,0 +1,128 @@
+"""End to end with real processes: `tapestry bootstrap` and `tapestry join` talking over loopback."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import stat
+import subprocess
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tapestry_p2p.model import GPT, ModelConfig
+
+from conftest import LOOPBACK, wait_for_file, wait_gone, write_text
+
+ROUNDS = 3
+SMALL_MODEL = ["--n-layer", "2", "--n-embd", "64", "--n-head", "2", "--block-size", "32", "--batch-size", "8"]
+
+
+def join_args(tmp_path: Path, name: str, seed: int, bootstrap: str | None, rounds: int = ROUNDS, *extra: str):
+    folder = tmp_path / name
+    folder.mkdir()
+    args = [
+        "join", "--run-id", "e2e", "--data", str(write_text(folder / "data.txt", seed)), "--listen", LOOPBACK,
+        "--partner", name, "--max-rounds", str(rounds), "--inner-steps", "10", "--threads", "1",
+        "--round-window", "3", "--metrics", str(folder / "metrics.jsonl"),
+        "--checkpoint-dir", str(folder / "ckpt"), *SMALL_MODEL, *extra,
+    ]
+    if bootstrap:
+        args[1:1] = ["--initial-peers", bootstrap]
+    return args
+
+
+def metrics(tmp_path: Path, name: str) -> list:
+    return [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+
+
+def run_to_completion(procs, names, timeout=180):
+    deadline = time.monotonic() + timeout
+    for name, popen in names.items():
+        try:
+            popen.wait(timeout=max(1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"{name} did not finish: {procs.log(name)[-2000:]}")
+        assert popen.returncode == 0, procs.log(name)[-2000:]
+
+
+@pytest.mark.parametrize("n_peers", [2, 3])
+def test_peers_share_one_identical_model_every_round(procs, bootstrap_addr, tmp_path, n_peers):
+    names = [f"p{i}" for i in range(n_peers)]
+    popens = {n: procs.start(n, *join_args(tmp_path, n, seed=i, bootstrap=bootstrap_addr)) for i, n in enumerate(names)}
+    run_to_completion(procs, popens)
+
+    records = {n: metrics(tmp_path, n) for n in names}
+    for n in names:
+        assert [r["round"] for r in records[n]] == list(range(1, ROUNDS + 1))
+        assert all(r["group_size"] == n_peers and r["failure"] is None for r in records[n]), records[n]
+        assert all(r["bytes_sent"] > 0 and r["bytes_received"] > 0 for r in records[n])
+        assert records[n][-1]["loss"] < records[n][0]["loss"]
+    for round_index in range(ROUNDS):  # after every round, one shared model
+        assert len({records[n][round_index]["model_hash"] for n in names}) == 1
+
+    # the checkpoints hold the same shared model, tensor by tensor
+    models = [load_file(str(tmp_path / n / "ckpt" / "model.safetensors")) for n in names]
+    expected_names = GPT(ModelConfig(block_size=32, n_layer=2, n_head=2, n_embd=64)).state_dict().keys()
+    assert models[0].keys() == expected_names
+    for other in models[1:]:
+        assert other.keys() == models[0].keys()
+        for key in models[0]:
+            assert other[key].dtype == torch.float32
+            assert torch.equal(other[key], models[0][key]), key
+
+
+def test_a_peer_alone_keeps_training(procs, tmp_path):
+    popen = procs.start("solo", *join_args(tmp_path, "solo", seed=3, bootstrap=None, rounds=2))
+    run_to_completion(procs, {"solo": popen})
+    records = metrics(tmp_path, "solo")
+    assert [r["round"] for r in records] == [1, 2]
+    assert all(r["group_size"] == 1 and r["bytes_sent"] == 0 for r in records)
+    assert records[1]["step"] > records[0]["step"] >= 10
+    assert records[1]["loss"] < records[0]["loss"]
+    assert "stopped after 2 rounds" in procs.log("solo")
+
+
+def test_bootstrap_keeps_its_peer_id_across_restarts(procs, tmp_path):
+    identity, addr_file = tmp_path / "boot.key", tmp_path / "boot.addr"
+    args = ["bootstrap", "--listen", LOOPBACK, "--identity", str(identity), "--addr-file", str(addr_file)]
+    first = procs.start("boot1", *args)
+    peer_id_1 = wait_for_file(addr_file, 60, first).split()[0].rsplit("/p2p/", 1)[1]
+    assert stat.S_IMODE(identity.stat().st_mode) == 0o600
+    first.send_signal(signal.SIGINT)
+    assert first.wait(timeout=30) == 0
+    addr_file.unlink()
+
+    second = procs.start("boot2", *args)
+    peer_id_2 = wait_for_file(addr_file, 60, second).split()[0].rsplit("/p2p/", 1)[1]
+    assert peer_id_1 == peer_id_2
+
+
+@pytest.mark.parametrize("command", ["join", "bootstrap"])
+def test_sigkill_leaves_no_orphans(procs, tmp_path, command):
+    if command == "join":
+        args = join_args(tmp_path, "victim", seed=5, bootstrap=None, rounds=100)
+    else:
+        args = ["bootstrap", "--listen", LOOPBACK, "--identity", str(tmp_path / "b.key"),
+                "--addr-file", str(tmp_path / "b.addr")]
+    popen = procs.start("victim", *args)
+    deadline = time.monotonic() + 60
+    children = []
+    while time.monotonic() < deadline:  # wait until the DHT process and its p2pd are up
+        children = psutil.Process(popen.pid).children(recursive=True)
+        if any(c.name() == "p2pd" for c in children):
+            break
+        time.sleep(0.2)
+    assert any(c.name() == "p2pd" for c in children), procs.log("victim")
+    procs.remember_children(popen)
+    time.sleep(2)
+    children = procs.remember_children(popen)
+    os.kill(popen.pid, signal.SIGKILL)
+    popen.wait(timeout=10)
+    survivors = wait_gone(children, timeout=15)
+    assert not survivors, [(p.pid, p.name()) for p in survivors]

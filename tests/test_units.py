@@ -1,0 +1,170 @@
+"""Fast tests of the pure parts: codec, outer optimizer, data, checkpoints, config, group agreement."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from tapestry_p2p import checkpoint
+from tapestry_p2p.averaging import canonical_member
+from tapestry_p2p.codec import BLOCK_SIZE, Blockwise8Bit, get_codec, max_relative_error
+from tapestry_p2p.data import ByteBatches, DataError, load_text_bytes
+from tapestry_p2p.model import GPT, ModelConfig, build_model
+from tapestry_p2p.node import Node, NodeConfig
+from tapestry_p2p.outer import OuterConfig, SharedModel
+
+from conftest import write_text
+
+TINY = ModelConfig(block_size=16, n_layer=1, n_head=2, n_embd=32)
+
+
+def roundtrip(tensor: torch.Tensor) -> torch.Tensor:
+    codec = Blockwise8Bit()
+    from hivemind.compression import CompressionInfo
+
+    return codec.extract(codec.compress(tensor, CompressionInfo.from_tensor(tensor)))
+
+
+def test_8bit_roundtrip_error_is_within_the_blockwise_bound():
+    x = torch.randn(10 * BLOCK_SIZE + 17) * torch.linspace(0.01, 10, 10 * BLOCK_SIZE + 17)
+    y = roundtrip(x)
+    for start in range(0, len(x), BLOCK_SIZE):
+        block = slice(start, start + BLOCK_SIZE)
+        assert (y[block] - x[block]).abs().max() <= max_relative_error() * x[block].abs().max() + 1e-12
+    assert torch.equal(roundtrip(x), y)  # deterministic
+    assert max_relative_error() < 0.02
+
+
+def test_8bit_wire_size_and_corrupt_input():
+    from hivemind.compression import CompressionInfo
+
+    x = torch.randn(4096)
+    message = Blockwise8Bit().compress(x, CompressionInfo.from_tensor(x))
+    assert len(message.buffer) == 4096 + 4 * 4
+    message.buffer = message.buffer[:-1]
+    with pytest.raises(ValueError, match="expected"):
+        Blockwise8Bit().extract(message)
+    with pytest.raises(ValueError, match="one of"):
+        get_codec("3bit")
+
+
+def test_outer_step_is_nesterov_sgd_and_reproducible():
+    config = OuterConfig(lr=0.7, momentum=0.9)
+    shared = SharedModel(build_model(TINY, seed=1), config)
+    theta0 = [p.detach().clone() for p in shared.params]
+    g1 = [torch.randn_like(p) for p in theta0]
+    g2 = [torch.randn_like(p) for p in theta0]
+    shared.apply(g1)
+    shared.apply(g2)
+    for t0, a, b, p in zip(theta0, g1, g2, shared.params):
+        m1 = a  # momentum buffer after step 1
+        t1 = t0 - 0.7 * (a + 0.9 * m1)
+        m2 = 0.9 * m1 + b
+        t2 = t1 - 0.7 * (b + 0.9 * m2)
+        assert torch.allclose(p, t2, atol=1e-6)
+    assert shared.round == 2
+
+    twin = SharedModel(build_model(TINY, seed=1), config)
+    twin.apply(g1)
+    twin.apply(g2)
+    assert twin.hash() == shared.hash()
+    twin.apply(g1)
+    assert twin.hash() != shared.hash()
+
+
+def test_shared_state_can_be_adopted_exactly():
+    a = SharedModel(build_model(TINY, seed=1), OuterConfig())
+    a.apply([torch.randn_like(p) for p in a.params])
+    b = SharedModel(build_model(TINY, seed=2), OuterConfig())
+    b.load([p.detach().clone() for p in a.params], a.momentum_buffers(), a.round)
+    assert b.hash() == a.hash() and b.round == 1
+    g = [torch.randn_like(p) for p in a.params]
+    a.apply(g)
+    b.apply(g)
+    assert b.hash() == a.hash()
+
+
+def test_canonical_member_prefers_highest_round_then_majority_then_smallest_peer():
+    gathered = {"b": {"round": 3, "hash": "x"}, "a": {"round": 3, "hash": "y"}, "c": {"round": 2, "hash": "z"}}
+    assert canonical_member(gathered) == (3, "y")
+    gathered["d"] = {"round": 3, "hash": "x"}
+    assert canonical_member(gathered) == (3, "x")
+    assert canonical_member({"e": {"round": "3", "hash": 5}}) is None
+
+
+def test_data_from_txt_and_jsonl(tmp_path):
+    (tmp_path / "a.txt").write_text("hello world " * 10)
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "b.jsonl").write_text(json.dumps({"text": "bonjour"}) + "\n\n" + json.dumps({"text": "hola"}))
+    (tmp_path / "ignored.csv").write_text("x,y")
+    data = load_text_bytes(tmp_path, min_bytes=10)
+    assert data == ("hello world " * 10 + "\n\nbonjour\n\nhola").encode()
+    with pytest.raises(DataError, match="at least 1000"):
+        load_text_bytes(tmp_path, min_bytes=1000)
+
+
+def test_batches_are_next_byte_pairs_and_resumable():
+    data = bytes(range(256)) * 4
+    batches = ByteBatches(data, block_size=8, batch_size=4, seed=0)
+    state = batches.state_dict()
+    x, y = batches.next()
+    assert x.shape == y.shape == (4, 8)
+    assert torch.equal(x[:, 1:], y[:, :-1])
+    batches.load_state_dict(state)
+    x2, _ = batches.next()
+    assert torch.equal(x, x2)
+
+
+@pytest.mark.parametrize(
+    "make", [lambda: ModelConfig(n_embd=30, n_head=4), lambda: OuterConfig(momentum=1.0), lambda: OuterConfig(lr=0)]
+)
+def test_config_validation(make):
+    with pytest.raises(ValueError):
+        make()
+
+
+def test_node_config_validation(tmp_path):
+    with pytest.raises(ValueError, match="run id"):
+        NodeConfig(run_id="has.dot", data=tmp_path)
+    with pytest.raises(ValueError, match="inner steps"):
+        NodeConfig(run_id="ok", data=tmp_path, inner_steps=0)
+
+
+def test_checkpoint_resume_restores_every_tensor(tmp_path):
+    config = NodeConfig(
+        run_id="resume", data=write_text(tmp_path / "d.txt", seed=1), solo=True, inner_steps=3, max_rounds=2,
+        checkpoint_dir=tmp_path / "ckpt", model=TINY,
+    )
+    first = Node(config)
+    first.run()
+    resumed = Node(config)
+    assert resumed.resumed and resumed.shared.round == 2 and resumed.trainer.steps == 6
+    for a, b in zip(first.shared.model.state_dict().values(), resumed.shared.model.state_dict().values()):
+        assert torch.equal(a, b)
+    for a, b in zip(first.trainer.model.state_dict().values(), resumed.trainer.model.state_dict().values()):
+        assert torch.equal(a, b)
+    assert resumed.shared.hash() == first.shared.hash()
+    # the next step after resuming is the one the first node would have taken
+    assert first.trainer.step() == resumed.trainer.step()
+
+
+def test_truncated_checkpoint_is_refused_and_left_alone(tmp_path):
+    config = NodeConfig(
+        run_id="trunc", data=write_text(tmp_path / "d.txt", seed=1), solo=True, inner_steps=2, max_rounds=1,
+        checkpoint_dir=tmp_path / "ckpt", model=TINY,
+    )
+    Node(config).run()
+    model_file = tmp_path / "ckpt" / checkpoint.MODEL_FILE
+    model_file.write_bytes(model_file.read_bytes()[:100])
+    before = model_file.read_bytes()
+    with pytest.raises(checkpoint.CheckpointError, match="model.safetensors is unreadable"):
+        Node(config)
+    assert model_file.read_bytes() == before
+
+
+def test_model_state_dict_names_each_tensor_once():
+    model = GPT(TINY)
+    tensors = model.state_dict()
+    assert len({t.data_ptr() for t in tensors.values()}) == len(tensors)
