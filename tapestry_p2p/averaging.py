@@ -12,6 +12,7 @@ highest round (ties: the smallest peer id); `needs_resync` tells the other membe
 from __future__ import annotations
 
 import logging
+import math
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
@@ -73,6 +74,9 @@ class SoloAveraging:
     def publish_round(self, round_no: int) -> None:
         pass
 
+    def highest_round_online(self) -> int:
+        return -1
+
     def download_state(self) -> Optional[Tuple[Dict[str, Any], List[torch.Tensor]]]:
         return None
 
@@ -91,6 +95,7 @@ class SwarmAveraging:
         compression: str,
         state_fn: Callable[[], Tuple[Dict[str, Any], List[torch.Tensor]]],
     ):
+        self._dht = dht
         self._buffers = [torch.zeros(shape) for shape in shapes]
         self._averager = ExactAverager(
             self._buffers,
@@ -146,6 +151,18 @@ class SwarmAveraging:
     def publish_round(self, round_no: int) -> None:
         """Peers download state from whoever is furthest along: advertise our round as the priority."""
         self._averager.state_sharing_priority = float(round_no)
+
+    def highest_round_online(self) -> int:
+        """The highest round any peer of the run advertises for state sharing (-1 if none does).
+
+        Read from the DHT key where hivemind's averagers declare their state-sharing priority, which we set to our
+        round: checking it first saves downloading a whole state that is no newer than ours.
+        """
+        found = self._dht.get(f"{self._averager.prefix}.all_averagers", latest=True)
+        if found is None or not isinstance(found.value, dict):
+            return -1
+        rounds = [v.value for v in found.value.values() if isinstance(v.value, (int, float)) and math.isfinite(v.value)]
+        return int(max(rounds)) if rounds else -1
 
     def download_state(self) -> Optional[Tuple[Dict[str, Any], List[torch.Tensor]]]:
         """The shared state of the most advanced peer that answers, or None."""

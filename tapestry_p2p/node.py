@@ -230,10 +230,12 @@ class Node:
 
     def _catch_up(self, averaging: SwarmAveraging) -> None:
         """If the swarm is ahead of us (we are new, or were away), start from its shared state."""
-        downloaded = averaging.download_state()
-        if downloaded is not None and isinstance(downloaded[0], dict) and downloaded[0].get("round", -1) > self.shared.round:
-            if self._adopt(downloaded, self.shared.round + 1):
-                logger.info("caught up with the swarm at round %d", self.shared.round)
+        if averaging.highest_round_online() <= self.shared.round:
+            return
+        if self._adopt(averaging.download_state(), self.shared.round + 1):
+            logger.info("caught up with the swarm at round %d", self.shared.round)
+        else:
+            logger.warning("the swarm is ahead of us but nobody served its state; training from our own")
 
     def _inner_loop(self, clock: Optional[MeetingClock]) -> Tuple[List[float], Optional[float]]:
         """Train until H steps are done and the meeting is near; returns the losses and the meeting time."""

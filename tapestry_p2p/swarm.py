@@ -146,6 +146,9 @@ def start_dht(options: DHTOptions) -> DHT:
         announce_maddrs=options.announce or None,
         client_mode=options.client_mode,
         startup_timeout=STARTUP_TIMEOUT,
+        # No UPnP/NAT-PMP: it multicasts on every interface of the machine. Partners behind NAT forward a port
+        # and pass --announce instead, which also makes the address they are reached at explicit.
+        nat_port_map=False,
         start=False,
     )
     if options.identity is not None:

@@ -88,6 +88,19 @@ def test_a_peer_alone_keeps_training(procs, tmp_path):
     assert "stopped after 2 rounds" in procs.log("solo")
 
 
+def test_ctrl_c_ends_the_round_cleanly_with_a_summary(procs, tmp_path):
+    popen = procs.start("ctrlc", *join_args(tmp_path, "ctrlc", seed=4, bootstrap=None, rounds=100))
+    wait_for_file(tmp_path / "ctrlc" / "metrics.jsonl", 90, popen)
+    children = procs.remember_children(popen)
+    os.killpg(popen.pid, signal.SIGINT)  # what a terminal does: SIGINT to the whole foreground process group
+    assert popen.wait(timeout=60) == 0, procs.log("ctrlc")[-2000:]
+    assert "stopped after" in procs.log("ctrlc").strip().splitlines()[-1]
+    assert "Traceback" not in procs.log("ctrlc")
+    assert not wait_gone(children, timeout=15)
+    rounds = metrics(tmp_path, "ctrlc")
+    assert len(rounds) >= 1 and (tmp_path / "ctrlc" / "ckpt" / "model.safetensors").exists()
+
+
 def test_bootstrap_keeps_its_peer_id_across_restarts(procs, tmp_path):
     identity, addr_file = tmp_path / "boot.key", tmp_path / "boot.addr"
     args = ["bootstrap", "--listen", LOOPBACK, "--identity", str(identity), "--addr-file", str(addr_file)]
