@@ -4,9 +4,10 @@ hivemind picks a codec by a fixed protobuf enum (`runtime_pb2.CompressionType`),
 instance registered for an existing enum value. `register()` replaces BLOCKWISE_8BIT with `Blockwise8Bit` below:
 
 - hivemind's own BlockwiseQuantization fails *silently* with numpy >= 2.4 (the reducer raises inside, `step()`
-  returns as if all went well, and nothing is averaged), and it compresses at ~0.05 GB/s on our machines;
-- this one calls bitsandbytes' `quantize_blockwise` directly (~0.6 GB/s here) and leaves the 1 KiB code book off the
-  wire: both ends use bitsandbytes' fixed dynamic map.
+  returns as if all went well, and nothing is averaged);
+- this one calls bitsandbytes directly on torch tensors (1.4x hivemind's encode and 1.6x its decode throughput in
+  `scripts/codec_speed.py`, see BENCHMARKS.md), uses 1024-value blocks instead of 4096 (lower error), and leaves the
+  1 KiB code book off the wire: both ends use bitsandbytes' fixed dynamic map.
 
 Every tapestry process calls `register()` at import time (see `tapestry_p2p.allreduce`), before hivemind forks its
 averager process, so both ends of every stream use the same format. bitsandbytes is imported here, eagerly, for the
