@@ -1,0 +1,45 @@
+"""`tapestry demo`, shortened: the whole swarm on loopback, one shared model, the comparison, nothing left behind."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+import time
+
+import psutil
+
+from conftest import wait_gone
+
+
+def test_short_demo_runs_end_to_end_and_leaves_no_process(tmp_path):
+    out = tmp_path / "demo.out"
+    with open(out, "wb") as f:
+        popen = subprocess.Popen(
+            [sys.executable, "-m", "tapestry_p2p", "demo", "--rounds", "3", "--inner-steps", "15"],
+            stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
+        )
+    seen, names = {}, set()
+    deadline = time.monotonic() + 400
+    try:
+        while popen.poll() is None and time.monotonic() < deadline:
+            try:
+                for child in psutil.Process(popen.pid).children(recursive=True):
+                    seen[child.pid] = child
+                    names.add(child.name())
+            except psutil.NoSuchProcess:
+                pass
+            time.sleep(0.5)
+    finally:
+        if popen.poll() is None:
+            popen.kill()
+        popen.wait()
+    text = out.read_text()
+    assert popen.returncode == 0, text[-3000:]
+    assert "p2pd" in names and len(seen) >= 8  # the check below is about real process trees
+    hashes = re.search(r"final shared model hashes: ([0-9a-f, ]+)", text).group(1).split(", ")
+    assert len(hashes) == 1  # three partners, one shared model
+    for partner in ("north-lab (en)", "sur-uni (es)", "ost-gmbh (de)"):
+        assert partner in text
+    assert "beats its trained-alone model on the languages it" in text
+    assert not wait_gone(list(seen.values()), timeout=20)
