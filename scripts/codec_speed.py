@@ -34,7 +34,10 @@ def main() -> None:
     info = CompressionInfo.from_tensor(x)
     gb = x.numel() * 4 / 1e9
     rows = []
-    for name, codec in (("hivemind BlockwiseQuantization", BlockwiseQuantization()), ("tapestry Blockwise8Bit", Blockwise8Bit())):
+    for name, codec in (
+        ("hivemind BlockwiseQuantization", BlockwiseQuantization()),
+        ("tapestry Blockwise8Bit", Blockwise8Bit()),
+    ):
         message = codec.compress(x, info)
         encode = best_seconds(lambda: codec.compress(x, info), args.repeats)
         decode = best_seconds(lambda: codec.extract(message), args.repeats)

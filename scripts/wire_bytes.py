@@ -48,8 +48,25 @@ class Namespaces:
             sh("ip", "-n", ns, "addr", "add", f"{SUBNET}.{host}/24", "dev", dev)
             sh("ip", "-n", ns, "link", "set", dev, "mtu", "1500", "up")
             # burst above the MTU, or TCP stalls under tbf
-            sh("ip", "netns", "exec", ns, "tc", "qdisc", "add", "dev", dev, "root", "tbf", "rate", self.rate,
-               "burst", "64kb", "latency", "400ms")
+            sh(
+                "ip",
+                "netns",
+                "exec",
+                ns,
+                "tc",
+                "qdisc",
+                "add",
+                "dev",
+                dev,
+                "root",
+                "tbf",
+                "rate",
+                self.rate,
+                "burst",
+                "64kb",
+                "latency",
+                "400ms",
+            )
 
     def delete(self) -> None:
         for ns in (self.a, self.b):
@@ -61,7 +78,9 @@ class Namespaces:
         for direction in ("tx_bytes", "rx_bytes"):
             out = subprocess.run(
                 ["ip", "netns", "exec", self.b, "cat", f"/sys/class/net/tapveth-b/statistics/{direction}"],
-                check=True, capture_output=True, text=True,
+                check=True,
+                capture_output=True,
+                text=True,
             )
             total += int(out.stdout)
         return total
@@ -71,7 +90,9 @@ def spawn(ns: str, log: Path, *args: str) -> subprocess.Popen:
     with open(log, "wb") as out:
         return subprocess.Popen(
             ["ip", "netns", "exec", ns, sys.executable, "-m", "tapestry_p2p", *args],
-            stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
         )
 
 
@@ -84,19 +105,69 @@ def measure(nets: Namespaces, compression: str, rounds: int, workdir: Path) -> D
     run = workdir / compression
     run.mkdir()
     addr_file = run / "boot.addr"
-    procs = [spawn(nets.a, run / "boot.log", "bootstrap", "--listen", f"/ip4/{SUBNET}.1/tcp/0",
-                   "--identity", str(run / "boot.key"), "--addr-file", str(addr_file))]
+    procs = [
+        spawn(
+            nets.a,
+            run / "boot.log",
+            "bootstrap",
+            "--listen",
+            f"/ip4/{SUBNET}.1/tcp/0",
+            "--identity",
+            str(run / "boot.key"),
+            "--addr-file",
+            str(addr_file),
+        )
+    ]
     try:
         while not addr_file.exists():
             time.sleep(0.2)
         boot = addr_file.read_text().split()[0]
-        common = ["--initial-peers", boot, "--run-id", f"wire-{compression}", "--compression", compression,
-                  "--inner-steps", "20", "--max-rounds", str(rounds), "--threads", "1", "--round-window", "3", *MODEL]
+        common = [
+            "--initial-peers",
+            boot,
+            "--run-id",
+            f"wire-{compression}",
+            "--compression",
+            compression,
+            "--inner-steps",
+            "20",
+            "--max-rounds",
+            str(rounds),
+            "--threads",
+            "1",
+            "--round-window",
+            "3",
+            *MODEL,
+        ]
         text = Path(__file__).resolve().parent.parent / "tapestry_p2p" / "corpus"
-        procs.append(spawn(nets.a, run / "a.log", "join", *common, "--listen", f"/ip4/{SUBNET}.1/tcp/0",
-                           "--data", str(text / "en.txt"), "--metrics", str(run / "a.jsonl")))
-        procs.append(spawn(nets.b, run / "b.log", "join", *common, "--listen", f"/ip4/{SUBNET}.2/tcp/0",
-                           "--data", str(text / "es.txt"), "--metrics", str(run / "b.jsonl")))
+        procs.append(
+            spawn(
+                nets.a,
+                run / "a.log",
+                "join",
+                *common,
+                "--listen",
+                f"/ip4/{SUBNET}.1/tcp/0",
+                "--data",
+                str(text / "en.txt"),
+                "--metrics",
+                str(run / "a.jsonl"),
+            )
+        )
+        procs.append(
+            spawn(
+                nets.b,
+                run / "b.log",
+                "join",
+                *common,
+                "--listen",
+                f"/ip4/{SUBNET}.2/tcp/0",
+                "--data",
+                str(text / "es.txt"),
+                "--metrics",
+                str(run / "b.jsonl"),
+            )
+        )
         at_round: Dict[int, int] = {}
         while procs[2].poll() is None:  # sample B's link counters whenever a round completes
             done = len(records(run / "b.jsonl"))
@@ -135,13 +206,17 @@ def main() -> None:
         nets.delete()
         shutil.rmtree(workdir, ignore_errors=True)
     base = results["none"]["wire"]
-    print(f"two partners, {args.rate} link, model of 4 layers x 128 (0.8M params), {args.rounds} rounds, first excluded")
+    print(
+        f"two partners, {args.rate} link, model of 4 layers x 128 (0.8M params), {args.rounds} rounds, first excluded"
+    )
     print("| compression | all-reduce payload / round | on the wire / round | control and framing | wire vs float32 |")
     print("|---|---|---|---|---|")
     for name, r in results.items():
         control = r["wire"] - r["payload"]
-        print(f"| {name} | {r['payload'] / 1e6:.2f} MB | {r['wire'] / 1e6:.2f} MB | {control / 1e6:.2f} MB "
-              f"({control / r['wire']:.0%}) | {r['wire'] / base:.2f}x |")
+        print(
+            f"| {name} | {r['payload'] / 1e6:.2f} MB | {r['wire'] / 1e6:.2f} MB | {control / 1e6:.2f} MB "
+            f"({control / r['wire']:.0%}) | {r['wire'] / base:.2f}x |"
+        )
 
 
 if __name__ == "__main__":

@@ -24,8 +24,8 @@ from typing import Any, AsyncIterator, Callable, Dict, Optional, Sequence, Tuple
 
 import torch
 from hivemind.averaging import DecentralizedAverager
-from hivemind.averaging.allreduce import AllReduceRunner, AveragingMode
 from hivemind.averaging import matchmaking as hivemind_matchmaking
+from hivemind.averaging.allreduce import AllReduceRunner, AveragingMode
 from hivemind.averaging.group_info import GroupInfo
 from hivemind.compression import CompressionInfo, deserialize_torch_tensor
 from hivemind.p2p import P2PContext
@@ -244,4 +244,3 @@ class ExactAverager(DecentralizedAverager):
             logger.debug("some groupmates were not served their averaged parts in time")
         container = runner.tensor_part_container
         self._last_failed_fraction = container.failed_size / max(container.total_size, 1)
-

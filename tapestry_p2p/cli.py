@@ -63,25 +63,46 @@ def build_parser() -> Parser:
     sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
 
     boot = sub.add_parser("bootstrap", help="run a DHT node that helps peers find each other")
-    boot.add_argument("--listen", nargs="+", metavar="MADDR", default=[f"/ip4/0.0.0.0/tcp/{BOOTSTRAP_PORT}"],
-                      help=f"addresses to listen on (default: all IPv4 interfaces, TCP port {BOOTSTRAP_PORT})")
-    boot.add_argument("--announce", nargs="+", metavar="MADDR", default=[],
-                      help="public addresses to advertise, e.g. behind NAT")
-    boot.add_argument("--identity", type=Path, default=DEFAULT_BOOTSTRAP_IDENTITY,
-                      help=f"private key file, created on first run (default: {DEFAULT_BOOTSTRAP_IDENTITY})")
-    boot.add_argument("--initial-peers", nargs="+", metavar="MADDR", default=[],
-                      help="other bootstrap nodes of the same swarm")
+    boot.add_argument(
+        "--listen",
+        nargs="+",
+        metavar="MADDR",
+        default=[f"/ip4/0.0.0.0/tcp/{BOOTSTRAP_PORT}"],
+        help=f"addresses to listen on (default: all IPv4 interfaces, TCP port {BOOTSTRAP_PORT})",
+    )
+    boot.add_argument(
+        "--announce", nargs="+", metavar="MADDR", default=[], help="public addresses to advertise, e.g. behind NAT"
+    )
+    boot.add_argument(
+        "--identity",
+        type=Path,
+        default=DEFAULT_BOOTSTRAP_IDENTITY,
+        help=f"private key file, created on first run (default: {DEFAULT_BOOTSTRAP_IDENTITY})",
+    )
+    boot.add_argument(
+        "--initial-peers", nargs="+", metavar="MADDR", default=[], help="other bootstrap nodes of the same swarm"
+    )
     boot.add_argument("--addr-file", type=Path, help="write our full multiaddrs here, one per line, once ready")
 
     join = sub.add_parser("join", help="train with the swarm (or start a new one)")
     join.add_argument("--config", type=Path, help="TOML file with any of the options below (flags win)")
-    join.add_argument("--initial-peers", nargs="+", metavar="MADDR", default=[],
-                      help="a bootstrap node's (or any peer's) full multiaddr; omit to start a new swarm")
+    join.add_argument(
+        "--initial-peers",
+        nargs="+",
+        metavar="MADDR",
+        default=[],
+        help="a bootstrap node's (or any peer's) full multiaddr; omit to start a new swarm",
+    )
     join.add_argument("--run-id", default="tapestry", help="name of the training run; peers of one run average")
     join.add_argument("--data", type=Path, help="a .txt/.jsonl file or a folder of them (UTF-8)")
     join.add_argument("--identity", type=Path, help="private key file (default: a new identity each start)")
-    join.add_argument("--listen", nargs="+", metavar="MADDR", default=["/ip4/0.0.0.0/tcp/0"],
-                      help="addresses to listen on (default: all IPv4 interfaces, a free port)")
+    join.add_argument(
+        "--listen",
+        nargs="+",
+        metavar="MADDR",
+        default=["/ip4/0.0.0.0/tcp/0"],
+        help="addresses to listen on (default: all IPv4 interfaces, a free port)",
+    )
     join.add_argument("--announce", nargs="+", metavar="MADDR", default=[], help="public addresses to advertise")
     join.add_argument("--checkpoint-dir", type=Path, help="write (and resume from) checkpoints here")
     join.add_argument("--inner-steps", type=positive_int, default=50, metavar="H", help="inner steps per round")
@@ -90,8 +111,13 @@ def build_parser() -> Parser:
     join.add_argument("--metrics", type=Path, help="append one JSON line per outer round here")
     join.add_argument("--partner", default="partner", help="your organisation's name, shown to the swarm")
     join.add_argument("--region", default="unknown", help="where this node runs, shown to the swarm")
-    join.add_argument("--round-window", type=positive_float, default=4.0, metavar="SECONDS",
-                      help="how long the first peer to finish waits for the others")
+    join.add_argument(
+        "--round-window",
+        type=positive_float,
+        default=4.0,
+        metavar="SECONDS",
+        help="how long the first peer to finish waits for the others",
+    )
     join.add_argument("--threads", type=positive_int, help="torch CPU threads (default: torch's choice)")
     model = join.add_argument_group("model and optimizer")
     model.add_argument("--block-size", type=positive_int, default=64, help="context length in bytes")
@@ -281,7 +307,9 @@ def _node_config(args: argparse.Namespace):
 
 
 def cmd_monitor(args: argparse.Namespace) -> int:
-    raise UsageError("tapestry monitor is not built yet (the live peer table is planned); use --metrics files meanwhile")
+    raise UsageError(
+        "tapestry monitor is not built yet (the live peer table is planned); use --metrics files meanwhile"
+    )
 
 
 def cmd_demo(args: argparse.Namespace) -> int:

@@ -11,8 +11,8 @@ instance registered for an existing enum value. `register()` replaces BLOCKWISE_
 
 Every tapestry process calls `register()` at import time (see `tapestry_p2p.allreduce`), before hivemind forks its
 averager process, so both ends of every stream use the same format. bitsandbytes is imported here, eagerly, for the
-same reason: imported lazily inside the averager process it stalls the first all-reduce for ~3 s. A stock hivemind peer would not understand it;
-tapestry peers only average with tapestry peers.
+same reason: imported lazily inside the averager process it stalls the first all-reduce for ~3 s. A stock hivemind
+peer would not understand the format; tapestry peers only average with tapestry peers.
 
 Wire format of one part: `absmax` (float32, one per block of BLOCK_SIZE values) followed by one uint8 code per value.
 Tuning: a smaller block follows outliers better (relative error 1.1% at 256, 1.2% at 1024, 1.3% at 4096 on Gaussian

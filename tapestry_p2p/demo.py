@@ -105,8 +105,15 @@ def start_bootstrap(run: DemoRun) -> str:
     process = _spawn(
         run,
         "bootstrap",
-        ["bootstrap", "--listen", "/ip4/127.0.0.1/tcp/0", "--identity", str(run.workdir / "bootstrap.key"),
-         "--addr-file", str(addr_file)],
+        [
+            "bootstrap",
+            "--listen",
+            "/ip4/127.0.0.1/tcp/0",
+            "--identity",
+            str(run.workdir / "bootstrap.key"),
+            "--addr-file",
+            str(addr_file),
+        ],
     )
     deadline = time.monotonic() + STARTUP_TIMEOUT
     while not addr_file.exists():
@@ -125,11 +132,33 @@ def start_partners(run: DemoRun, bootstrap_addr: str) -> None:
         _spawn(
             run,
             partner.name,
-            ["join", "--run-id", "demo", "--initial-peers", bootstrap_addr, "--listen", "/ip4/127.0.0.1/tcp/0",
-             "--data", str(folder / "train.txt"), "--partner", partner.name, "--region", partner.region,
-             "--max-rounds", str(run.config.rounds), "--inner-steps", str(run.config.inner_steps),
-             "--checkpoint-dir", str(folder / "checkpoint"), "--metrics", str(folder / "metrics.jsonl"),
-             "--threads", "1", "--round-window", "3"],
+            [
+                "join",
+                "--run-id",
+                "demo",
+                "--initial-peers",
+                bootstrap_addr,
+                "--listen",
+                "/ip4/127.0.0.1/tcp/0",
+                "--data",
+                str(folder / "train.txt"),
+                "--partner",
+                partner.name,
+                "--region",
+                partner.region,
+                "--max-rounds",
+                str(run.config.rounds),
+                "--inner-steps",
+                str(run.config.inner_steps),
+                "--checkpoint-dir",
+                str(folder / "checkpoint"),
+                "--metrics",
+                str(folder / "metrics.jsonl"),
+                "--threads",
+                "1",
+                "--round-window",
+                "3",
+            ],
         )
 
 
@@ -170,7 +199,9 @@ def wait_for_partners(run: DemoRun, console: Console) -> None:
         live.update(progress_table(run))
     failed = [p for p in partners if p.popen.returncode != 0]
     if failed:
-        raise DemoError(f"partner {failed[0].name} exited with {failed[0].popen.returncode}: {_last_line(failed[0].log)}")
+        raise DemoError(
+            f"partner {failed[0].name} exited with {failed[0].popen.returncode}: {_last_line(failed[0].log)}"
+        )
 
 
 def stop_all(run: DemoRun) -> None:
@@ -193,8 +224,14 @@ def train_alone(partner: DemoPartner, folder: Path, steps_per_round: int, rounds
 
     out = folder / "alone"
     config = NodeConfig(
-        run_id="demo", data=folder / "train.txt", partner=partner.name, solo=True, threads=1,
-        inner_steps=steps_per_round, max_rounds=rounds, checkpoint_dir=out,
+        run_id="demo",
+        data=folder / "train.txt",
+        partner=partner.name,
+        solo=True,
+        threads=1,
+        inner_steps=steps_per_round,
+        max_rounds=rounds,
+        checkpoint_dir=out,
     )
     Node(config).run()
     return out
@@ -240,7 +277,9 @@ def held_out_loss(checkpoint_dir: Path, text: bytes) -> float:
 
 def results_table(run: DemoRun, results: Dict[str, Dict[str, Tuple[float, float]]]) -> Table:
     languages = [p.language for p in run.config.partners]
-    table = Table(title="held-out loss (nats/byte, lower is better): shared model / trained alone", title_justify="left")
+    table = Table(
+        title="held-out loss (nats/byte, lower is better): shared model / trained alone", title_justify="left"
+    )
     table.add_column("partner (own language)")
     for lang in languages:
         table.add_column(lang, justify="right")
@@ -276,7 +315,9 @@ def run_demo(config: DemoConfig, console: Console) -> int:
         wait_for_partners(run, console)
         stop_all(run)
         hashes = {read_metrics(run.partner_dir(p) / "metrics.jsonl")[-1]["model_hash"] for p in config.partners}
-        console.print(f"swarm done in {time.monotonic() - started:.0f}s; final shared model hashes: {', '.join(sorted(hashes))}")
+        console.print(
+            f"swarm done in {time.monotonic() - started:.0f}s; final shared model hashes: {', '.join(sorted(hashes))}"
+        )
         console.print("training each partner alone with the same number of inner steps, for comparison...")
         results = compare(run)
         console.print(results_table(run, results))

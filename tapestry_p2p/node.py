@@ -27,7 +27,7 @@ from tapestry_p2p import __version__, checkpoint
 from tapestry_p2p.averaging import RoundResult, SoloAveraging, SwarmAveraging
 from tapestry_p2p.codec import CHOICES
 from tapestry_p2p.data import ByteBatches, load_text_bytes
-from tapestry_p2p.model import GPT, ModelConfig, build_model
+from tapestry_p2p.model import ModelConfig, build_model
 from tapestry_p2p.outer import OuterConfig, SharedModel
 from tapestry_p2p.rounds import MATCHMAKING_LEAD, MeetingClock, RoundSchedule
 from tapestry_p2p.swarm import DEFAULT_PEER_LISTEN, DHTOptions, start_dht, stop_dht, visible_maddrs
@@ -121,7 +121,9 @@ class Node:
         seed = run_seed(config.run_id)
         self.shared = SharedModel(build_model(config.model, seed), config.outer)
         working = build_model(config.model, seed)
-        batches = ByteBatches(data, config.model.block_size, config.train.batch_size, seed=zlib.crc32(config.partner.encode()))
+        batches = ByteBatches(
+            data, config.model.block_size, config.train.batch_size, seed=zlib.crc32(config.partner.encode())
+        )
         self.trainer = InnerTrainer(working, batches, config.train)
         self.resumed = False
         if config.checkpoint_dir is not None and checkpoint.exists(config.checkpoint_dir):
@@ -210,7 +212,11 @@ class Node:
                 self.peer_id = dht.peer_id.to_base58()
                 logger.info("peer %s listening on %s", self.peer_id, " ".join(visible_maddrs(dht)))
                 averaging = SwarmAveraging(
-                    dht, self.config.run_id, [p.shape for p in self.shared.params], self.config.compression, self._share_state
+                    dht,
+                    self.config.run_id,
+                    [p.shape for p in self.shared.params],
+                    self.config.compression,
+                    self._share_state,
                 )
                 if self.config.initial_peers:
                     self._catch_up(averaging)
@@ -226,7 +232,9 @@ class Node:
             averaging.shutdown()
             if dht is not None:
                 stop_dht(dht)
-        return Summary(self.rounds_done, self.shared.round, self.trainer.steps, self.last_loss, time.monotonic() - started)
+        return Summary(
+            self.rounds_done, self.shared.round, self.trainer.steps, self.last_loss, time.monotonic() - started
+        )
 
     def _catch_up(self, averaging: SwarmAveraging) -> None:
         """If the swarm is ahead of us (we are new, or were away), start from its shared state."""

@@ -45,7 +45,8 @@ def parse_maddrs(values: Sequence[str], *, option: str, need_peer_id: bool) -> L
             maddr = multiaddr.Multiaddr(value)
         except Exception as e:
             raise SwarmError(
-                f"{option}: {value!r} is not a valid multiaddr ({e}); expected e.g. /ip4/203.0.113.5/tcp/31330/p2p/12D3Koo..."
+                f"{option}: {value!r} is not a valid multiaddr ({e}); "
+                "expected e.g. /ip4/203.0.113.5/tcp/31330/p2p/12D3Koo..."
             ) from None
         protocols = [p.name for p in maddr.protocols()]
         if need_peer_id and "p2p" not in protocols:
@@ -77,7 +78,9 @@ def check_ports_free(listen: Sequence[str]) -> None:
                     raise SwarmError(
                         f"port {port} is already in use: stop the process using it or pass --listen with another port"
                     ) from None
-                raise SwarmError(f"cannot listen on {value}: {e.strerror}; pass --listen with a local address") from None
+                raise SwarmError(
+                    f"cannot listen on {value}: {e.strerror}; pass --listen with a local address"
+                ) from None
 
 
 def _host_of(maddr: multiaddr.Multiaddr, protocols: List[str]):

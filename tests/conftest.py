@@ -29,7 +29,11 @@ class Processes:
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         popen = subprocess.Popen(
             [sys.executable, "-m", "tapestry_p2p", *args],
-            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, start_new_session=True,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=env,
+            start_new_session=True,
         )
         log.close()
         self.started.append(popen)
@@ -97,8 +101,14 @@ def bootstrap_addr(procs, tmp_path):
     """A real `tapestry bootstrap` on loopback; yields its full multiaddr."""
     addr_file = tmp_path / "bootstrap.addr"
     popen = procs.start(
-        "bootstrap", "bootstrap", "--listen", LOOPBACK, "--identity", str(tmp_path / "bootstrap.key"),
-        "--addr-file", str(addr_file),
+        "bootstrap",
+        "bootstrap",
+        "--listen",
+        LOOPBACK,
+        "--identity",
+        str(tmp_path / "bootstrap.key"),
+        "--addr-file",
+        str(addr_file),
     )
     return wait_for_file(addr_file, 60, popen).split()[0]
 

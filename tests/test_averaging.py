@@ -68,7 +68,9 @@ def test_peers_get_the_mean_and_identical_values(swarm, n_peers, compression):
     deltas = [[torch.randn(s, generator=generator) * (i + 1) for s in SHAPES] for i in range(n_peers)]
     results = average_together(peers, deltas)
 
-    assert all(r.group_size == n_peers and r.failure is None for r in results), [(r.group_size, r.failure) for r in results]
+    assert all(r.group_size == n_peers and r.failure is None for r in results), [
+        (r.group_size, r.failure) for r in results
+    ]
     for k in range(len(SHAPES)):
         mean = sum(d[k] for d in deltas) / n_peers
         if compression == "none":

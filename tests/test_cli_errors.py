@@ -8,15 +8,17 @@ import sys
 import time
 
 import pytest
+from conftest import write_text
 
 from tapestry_p2p.swarm import load_or_create_identity
-
-from conftest import write_text
 
 
 def tapestry(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "tapestry_p2p", *args], capture_output=True, text=True, timeout=timeout,
+        [sys.executable, "-m", "tapestry_p2p", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
         stdin=subprocess.DEVNULL,
     )
 
@@ -55,8 +57,13 @@ def test_initial_peers_that_do_not_answer(data, tmp_path, free_port):
     peer_id = load_or_create_identity(tmp_path / "someone.key").to_base58()
     started = time.monotonic()
     result = tapestry(
-        "join", "--data", data, "--listen", "/ip4/127.0.0.1/tcp/0",
-        "--initial-peers", f"/ip4/127.0.0.1/tcp/{free_port}/p2p/{peer_id}",
+        "join",
+        "--data",
+        data,
+        "--listen",
+        "/ip4/127.0.0.1/tcp/0",
+        "--initial-peers",
+        f"/ip4/127.0.0.1/tcp/{free_port}/p2p/{peer_id}",
     )
     assert_user_error(result, "none of the initial peers answered")
     assert time.monotonic() - started < 60
@@ -98,8 +105,8 @@ def test_port_already_in_use(data, tmp_path, command):
 
 
 @pytest.mark.parametrize(
-    "option,value", [("--inner-steps", "0"), ("--max-rounds", "-3"), ("--batch-size", "0"), ("--lr", "-1"),
-                     ("--inner-steps", "many")]
+    "option,value",
+    [("--inner-steps", "0"), ("--max-rounds", "-3"), ("--batch-size", "0"), ("--lr", "-1"), ("--inner-steps", "many")],
 )
 def test_non_positive_numbers(data, option, value):
     assert_user_error(tapestry("join", "--data", data, option, value), option, "positive")
@@ -109,7 +116,7 @@ def test_config_file_unknown_key_and_wrong_type(data, tmp_path):
     config = tmp_path / "partner.toml"
     config.write_text('data = "x"\nbatch_sise = 4\n')
     assert_user_error(tapestry("join", "--config", str(config)), "unknown key 'batch_sise'")
-    config.write_text("inner_steps = \"ten\"\n")
+    config.write_text('inner_steps = "ten"\n')
     assert_user_error(tapestry("join", "--config", str(config), "--data", data), "inner_steps", "positive integer")
 
 

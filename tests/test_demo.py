@@ -8,7 +8,6 @@ import sys
 import time
 
 import psutil
-
 from conftest import wait_gone
 
 
@@ -17,7 +16,10 @@ def test_short_demo_runs_end_to_end_and_leaves_no_process(tmp_path):
     with open(out, "wb") as f:
         popen = subprocess.Popen(
             [sys.executable, "-m", "tapestry_p2p", "demo", "--rounds", "3", "--inner-steps", "15"],
-            stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
+            stdout=f,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
         )
     seen, names = {}, set()
     deadline = time.monotonic() + 400

@@ -13,11 +13,10 @@ from pathlib import Path
 import psutil
 import pytest
 import torch
+from conftest import LOOPBACK, wait_for_file, wait_gone, write_text
 from safetensors.torch import load_file
 
 from tapestry_p2p.model import GPT, ModelConfig
-
-from conftest import LOOPBACK, wait_for_file, wait_gone, write_text
 
 ROUNDS = 3
 SMALL_MODEL = ["--n-layer", "2", "--n-embd", "64", "--n-head", "2", "--block-size", "32", "--batch-size", "8"]
@@ -27,10 +26,29 @@ def join_args(tmp_path: Path, name: str, seed: int, bootstrap: str | None, round
     folder = tmp_path / name
     folder.mkdir()
     args = [
-        "join", "--run-id", "e2e", "--data", str(write_text(folder / "data.txt", seed)), "--listen", LOOPBACK,
-        "--partner", name, "--max-rounds", str(rounds), "--inner-steps", "10", "--threads", "1",
-        "--round-window", "3", "--metrics", str(folder / "metrics.jsonl"),
-        "--checkpoint-dir", str(folder / "ckpt"), *SMALL_MODEL, *extra,
+        "join",
+        "--run-id",
+        "e2e",
+        "--data",
+        str(write_text(folder / "data.txt", seed)),
+        "--listen",
+        LOOPBACK,
+        "--partner",
+        name,
+        "--max-rounds",
+        str(rounds),
+        "--inner-steps",
+        "10",
+        "--threads",
+        "1",
+        "--round-window",
+        "3",
+        "--metrics",
+        str(folder / "metrics.jsonl"),
+        "--checkpoint-dir",
+        str(folder / "ckpt"),
+        *SMALL_MODEL,
+        *extra,
     ]
     if bootstrap:
         args[1:1] = ["--initial-peers", bootstrap]
@@ -121,8 +139,15 @@ def test_sigkill_leaves_no_orphans(procs, tmp_path, command):
     if command == "join":
         args = join_args(tmp_path, "victim", seed=5, bootstrap=None, rounds=100)
     else:
-        args = ["bootstrap", "--listen", LOOPBACK, "--identity", str(tmp_path / "b.key"),
-                "--addr-file", str(tmp_path / "b.addr")]
+        args = [
+            "bootstrap",
+            "--listen",
+            LOOPBACK,
+            "--identity",
+            str(tmp_path / "b.key"),
+            "--addr-file",
+            str(tmp_path / "b.addr"),
+        ]
     popen = procs.start("victim", *args)
     deadline = time.monotonic() + 60
     children = []

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
+from conftest import write_text
 
 from tapestry_p2p import checkpoint
 from tapestry_p2p.averaging import canonical_member
@@ -14,8 +16,6 @@ from tapestry_p2p.data import ByteBatches, DataError, load_text_bytes
 from tapestry_p2p.model import GPT, ModelConfig, build_model
 from tapestry_p2p.node import Node, NodeConfig
 from tapestry_p2p.outer import OuterConfig, SharedModel
-
-from conftest import write_text
 
 TINY = ModelConfig(block_size=16, n_layer=1, n_head=2, n_embd=32)
 
@@ -134,8 +134,13 @@ def test_node_config_validation(tmp_path):
 
 def test_checkpoint_resume_restores_every_tensor(tmp_path):
     config = NodeConfig(
-        run_id="resume", data=write_text(tmp_path / "d.txt", seed=1), solo=True, inner_steps=3, max_rounds=2,
-        checkpoint_dir=tmp_path / "ckpt", model=TINY,
+        run_id="resume",
+        data=write_text(tmp_path / "d.txt", seed=1),
+        solo=True,
+        inner_steps=3,
+        max_rounds=2,
+        checkpoint_dir=tmp_path / "ckpt",
+        model=TINY,
     )
     first = Node(config)
     first.run()
@@ -152,8 +157,13 @@ def test_checkpoint_resume_restores_every_tensor(tmp_path):
 
 def test_truncated_checkpoint_is_refused_and_left_alone(tmp_path):
     config = NodeConfig(
-        run_id="trunc", data=write_text(tmp_path / "d.txt", seed=1), solo=True, inner_steps=2, max_rounds=1,
-        checkpoint_dir=tmp_path / "ckpt", model=TINY,
+        run_id="trunc",
+        data=write_text(tmp_path / "d.txt", seed=1),
+        solo=True,
+        inner_steps=2,
+        max_rounds=1,
+        checkpoint_dir=tmp_path / "ckpt",
+        model=TINY,
     )
     Node(config).run()
     model_file = tmp_path / "ckpt" / checkpoint.MODEL_FILE
@@ -168,3 +178,15 @@ def test_model_state_dict_names_each_tensor_once():
     model = GPT(TINY)
     tensors = model.state_dict()
     assert len({t.data_ptr() for t in tensors.values()}) == len(tensors)
+
+
+@pytest.mark.parametrize("config_file", sorted((Path(__file__).parent.parent / "peers").glob("*.toml")))
+def test_example_partner_configs_parse(config_file):
+    from tapestry_p2p.cli import _node_config, apply_config_file, build_parser
+
+    parser = build_parser()
+    argv = ["join", "--config", str(config_file)]
+    apply_config_file(parser, "join", argv)
+    config = _node_config(parser.parse_args(argv))
+    assert config.run_id == "consortium-2026" and config.inner_steps == 100 and config.compression == "8bit"
+    assert config.listen == ["/ip4/0.0.0.0/tcp/31340"]
