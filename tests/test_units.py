@@ -132,16 +132,17 @@ def test_node_config_validation(tmp_path):
         NodeConfig(run_id="ok", data=tmp_path, inner_steps=0)
 
 
+def solo_config(tmp_path, inner_steps: int, max_rounds: int) -> NodeConfig:
+    """A tiny node with no network, checkpointing into tmp_path/ckpt."""
+    data = write_text(tmp_path / "d.txt", seed=1)
+    return NodeConfig(
+        run_id="solo", data=data, solo=True, inner_steps=inner_steps, max_rounds=max_rounds,
+        checkpoint_dir=tmp_path / "ckpt", model=TINY,
+    )  # fmt: skip
+
+
 def test_checkpoint_resume_restores_every_tensor(tmp_path):
-    config = NodeConfig(
-        run_id="resume",
-        data=write_text(tmp_path / "d.txt", seed=1),
-        solo=True,
-        inner_steps=3,
-        max_rounds=2,
-        checkpoint_dir=tmp_path / "ckpt",
-        model=TINY,
-    )
+    config = solo_config(tmp_path, inner_steps=3, max_rounds=2)
     first = Node(config)
     first.run()
     resumed = Node(config)
@@ -156,15 +157,7 @@ def test_checkpoint_resume_restores_every_tensor(tmp_path):
 
 
 def test_truncated_checkpoint_is_refused_and_left_alone(tmp_path):
-    config = NodeConfig(
-        run_id="trunc",
-        data=write_text(tmp_path / "d.txt", seed=1),
-        solo=True,
-        inner_steps=2,
-        max_rounds=1,
-        checkpoint_dir=tmp_path / "ckpt",
-        model=TINY,
-    )
+    config = solo_config(tmp_path, inner_steps=2, max_rounds=1)
     Node(config).run()
     model_file = tmp_path / "ckpt" / checkpoint.MODEL_FILE
     model_file.write_bytes(model_file.read_bytes()[:100])
