@@ -152,14 +152,14 @@ class Node:
         self.resumed = True
         logger.info("resumed from %s at round %d, step %d", directory, self.shared.round, self.trainer.steps)
 
-    def _save(self) -> None:
+    def _save(self, model_hash: str) -> None:
         if self.config.checkpoint_dir is None:
             return
         state = {
             "outer": self.shared.state_dict(),
             "inner": self.trainer.state_dict(),
             "torch_rng": torch.get_rng_state(),
-            "model_hash": self.shared.hash(),
+            "model_hash": model_hash,
             "version": __version__,
         }
         checkpoint.save(self.config.checkpoint_dir, self.shared.model.state_dict(), state)
@@ -273,9 +273,8 @@ class Node:
             return None
         if clock is not None and meeting is None:
             meeting = clock.agree()
-        theta_hash = self.shared.hash()
         delta = self.shared.pseudo_gradient(self.trainer.model)
-        gather = {"round": self.shared.round, "hash": theta_hash, "steps": len(losses)}
+        gather = {"round": self.shared.round, "hash": self.shared.hash(), "steps": len(losses)}
         result: RoundResult = averaging.average(delta, meeting or 0.0, gather)
         with self._lock:
             self.shared.apply(result.averaged)
@@ -285,7 +284,8 @@ class Node:
             resynced = self._adopt(averaging.download_state(), self.shared.round)
             logger.warning("our shared model disagreed with the group: re-sync %s", "done" if resynced else "failed")
         averaging.publish_round(self.shared.round)
-        self._save()
+        model_hash = self.shared.hash()
+        self._save(model_hash)
         self.rounds_done += 1
         self.last_loss = mean(losses)
         record = RoundRecord(
@@ -298,7 +298,7 @@ class Node:
             bytes_received=result.bytes_received,
             round_seconds=round(time.monotonic() - started, 3),
             time=time.time(),
-            model_hash=self.shared.hash(),
+            model_hash=model_hash,
             peer_id=self.peer_id,
             partner=self.config.partner,
             compression=self.config.compression,
