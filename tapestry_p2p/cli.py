@@ -83,6 +83,9 @@ def build_parser() -> Parser:
         "--initial-peers", nargs="+", metavar="MADDR", default=[], help="other bootstrap nodes of the same swarm"
     )
     boot.add_argument("--addr-file", type=Path, help="write our full multiaddrs here, one per line, once ready")
+    boot.add_argument("--run-id", default="tapestry", help="the run whose peer table lists this node")
+    boot.add_argument("--partner", default="bootstrap", help="name shown in the peer table")
+    boot.add_argument("--region", default="unknown", help="where this node runs, shown in the peer table")
 
     join = sub.add_parser("join", help="train with the swarm (or start a new one)")
     join.add_argument("--config", type=Path, help="TOML file with any of the options below (flags win)")
@@ -119,6 +122,7 @@ def build_parser() -> Parser:
         help="how long the first peer to finish waits for the others",
     )
     join.add_argument("--threads", type=positive_int, help="torch CPU threads (default: torch's choice)")
+    join.add_argument("--quiet", action="store_true", help="no progress bar: one line per round only")
     model = join.add_argument_group("model and optimizer")
     model.add_argument("--block-size", type=positive_int, default=64, help="context length in bytes")
     model.add_argument("--n-layer", type=positive_int, default=4)
@@ -129,12 +133,25 @@ def build_parser() -> Parser:
     model.add_argument("--outer-lr", type=positive_float, default=0.7, help="outer Nesterov SGD learning rate")
     model.add_argument("--outer-momentum", type=float, default=0.9)
 
-    sub.add_parser("monitor", help="live peer table (not built yet)")
+    mon = sub.add_parser("monitor", help="live peer table of a run")
+    mon.add_argument("--initial-peers", nargs="+", metavar="MADDR", required=True, help="any node of the swarm")
+    mon.add_argument("--run-id", default="tapestry", help="the run to watch")
+    mon.add_argument("--once", action="store_true", help="print one snapshot and exit")
+    mon.add_argument("--json", action="store_true", help="print one snapshot as JSON (a list of peers) and exit")
+
+    plot = sub.add_parser("plot", help="PNG of loss and bytes per round from --metrics files")
+    plot.add_argument("metrics", nargs="+", type=Path, metavar="METRICS.jsonl")
+    plot.add_argument("-o", "--output", type=Path, default=Path("tapestry-plot.png"), help="PNG file to write")
 
     demo = sub.add_parser("demo", help="a whole swarm on this machine: bootstrap + 3 partners, then a comparison")
     demo.add_argument("--rounds", type=positive_int, default=8, help="outer rounds per partner")
     demo.add_argument("--inner-steps", type=positive_int, default=30)
-    demo.add_argument("--workdir", type=Path, help="keep metrics and checkpoints here (default: a temporary folder)")
+    demo.add_argument(
+        "--workdir",
+        type=Path,
+        default=Path("tapestry-demo"),
+        help="logs, metrics, checkpoints and the plot (default: ./tapestry-demo, emptied each run)",
+    )
     return parser
 
 
@@ -188,7 +205,7 @@ def setup_logging(verbose: bool) -> None:
         datefmt="%H:%M:%S",
     )
     if not verbose:
-        for noisy in ("hivemind", "asyncio"):
+        for noisy in ("hivemind", "asyncio", "matplotlib"):
             logging.getLogger(noisy).setLevel(logging.ERROR)
 
 
@@ -215,33 +232,52 @@ def cmd_bootstrap(args: argparse.Namespace) -> int:
     import threading
 
     from tapestry_p2p.checkpoint import atomic_write
-    from tapestry_p2p.swarm import DHTOptions, parse_maddrs, start_dht, stop_dht, visible_maddrs
+    from tapestry_p2p.node import RUN_ID_PATTERN
+    from tapestry_p2p.swarm import (
+        DHTOptions,
+        load_or_create_identity,
+        parse_maddrs,
+        start_dht,
+        stop_dht,
+        visible_maddrs,
+    )
+    from tapestry_p2p.telemetry import StatusPublisher, signing_key, validators
 
+    if not RUN_ID_PATTERN.match(args.run_id):
+        raise UsageError(f"--run-id {args.run_id!r} must be 1-64 letters, digits, '-' or '_'")
+    if args.identity == DEFAULT_BOOTSTRAP_IDENTITY:
+        args.identity.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    if args.addr_file is not None and not args.addr_file.parent.is_dir():
+        raise UsageError(f"--addr-file: folder {args.addr_file.parent} does not exist; create it first")
+    load_or_create_identity(args.identity)
+    key = signing_key(args.identity)
     options = DHTOptions(
         initial_peers=parse_maddrs(args.initial_peers, option="--initial-peers", need_peer_id=True),
         listen=parse_maddrs(args.listen, option="--listen", need_peer_id=False),
         announce=parse_maddrs(args.announce, option="--announce", need_peer_id=False),
         identity=args.identity,
+        record_validators=validators(args.run_id, key),
     )
-    if args.identity == DEFAULT_BOOTSTRAP_IDENTITY:
-        args.identity.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    if args.addr_file is not None and not args.addr_file.parent.is_dir():
-        raise UsageError(f"--addr-file: folder {args.addr_file.parent} does not exist; create it first")
     stop = threading.Event()
     install_stop_handlers(stop)
     dht = start_dht(options)
+    peer_id = dht.peer_id.to_base58()
+    fields = dict(peer_id=peer_id, partner=args.partner, region=args.region, role="bootstrap")
+    status = StatusPublisher(dht, args.run_id, key, fields)
     try:
+        status.start()
         addrs = visible_maddrs(dht)
         if args.addr_file is not None:
             atomic_write(args.addr_file, lambda tmp: Path(tmp).write_text("".join(a + "\n" for a in addrs)))
         console = _console()
-        console.print(f"bootstrap node {dht.peer_id.to_base58()} is up. Partners join with:")
+        console.print(f"bootstrap node {peer_id} is up. Partners join with:")
         for addr in addrs:
             console.print(f"  tapestry join --initial-peers {addr} ...", soft_wrap=True)
         while not stop.wait(1.0):
             if not dht.is_alive():
                 raise UsageError("the DHT process died; see the log above, then restart the bootstrap node")
     finally:
+        status.stop()
         stop_dht(dht)
     return 0
 
@@ -258,22 +294,36 @@ def cmd_join(args: argparse.Namespace) -> int:
     if config.metrics is not None and not config.metrics.parent.is_dir():
         raise UsageError(f"--metrics: folder {config.metrics.parent} does not exist; create it first")
     console = _console()
+    progress = _round_progress(console, disabled=args.quiet or not console.is_terminal)
 
     def report(record) -> None:
         alone = " (alone)" if record.group_size == 1 else ""
-        console.print(
+        progress.console.print(
             f"round {record.round:4d}  loss {record.loss:6.3f}  group {record.group_size}{alone}  "
             f"sent {record.bytes_sent / 1e6:6.2f} MB  recv {record.bytes_received / 1e6:6.2f} MB  "
             f"{record.round_seconds:5.1f}s  model {record.model_hash}"
             + (f"  [yellow]{record.failure}[/]" if record.failure else ""),
             soft_wrap=True,
         )
+        progress.reset(task, description=f"round {record.round + 1}")
 
-    node = Node(config, on_round=report)
+    def step(done: int, target: int) -> None:
+        progress.update(task, completed=min(done, target))
+
+    node = Node(config, on_round=report, on_step=step)
+    task = progress.add_task(f"round {node.shared.round + 1}", total=args.inner_steps)
     install_stop_handlers(node.stop)
-    summary = node.run()
+    with progress:
+        summary = node.run()
     console.print(summary.line(), soft_wrap=True)
     return 0
+
+
+def _round_progress(console, disabled: bool):
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("inner steps"))
+    return Progress(*columns, TimeElapsedColumn(), console=console, disable=disabled, transient=True)
 
 
 def _node_config(args: argparse.Namespace):
@@ -307,9 +357,33 @@ def _node_config(args: argparse.Namespace):
 
 
 def cmd_monitor(args: argparse.Namespace) -> int:
-    raise UsageError(
-        "tapestry monitor is not built yet (the live peer table is planned); use --metrics files meanwhile"
-    )
+    from hivemind.utils import get_dht_time
+
+    from tapestry_p2p.monitor import MonitorConfig, monitor_dht, render, run_live, snapshot, snapshot_json
+    from tapestry_p2p.swarm import parse_maddrs
+
+    config = MonitorConfig(parse_maddrs(args.initial_peers, option="--initial-peers", need_peer_id=True), args.run_id)
+    console = _console()
+    with monitor_dht(config) as dht:
+        if args.json:
+            print(snapshot_json(snapshot(dht, args.run_id)))
+        elif args.once:
+            console.print(render(snapshot(dht, args.run_id), get_dht_time(), f"tapestry swarm '{args.run_id}'"))
+        else:
+            try:
+                run_live(dht, args.run_id, console)
+            except KeyboardInterrupt:
+                pass
+    return 0
+
+
+def cmd_plot(args: argparse.Namespace) -> int:
+    from tapestry_p2p.plot import plot
+
+    if not args.output.parent.is_dir():
+        raise UsageError(f"--output: folder {args.output.parent} does not exist; create it first")
+    _console().print(f"wrote {plot(args.metrics, args.output)}")
+    return 0
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -318,7 +392,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(DemoConfig(rounds=args.rounds, inner_steps=args.inner_steps, workdir=args.workdir), _console())
 
 
-COMMANDS = {"bootstrap": cmd_bootstrap, "join": cmd_join, "monitor": cmd_monitor, "demo": cmd_demo}
+COMMANDS = {
+    "bootstrap": cmd_bootstrap,
+    "join": cmd_join,
+    "monitor": cmd_monitor,
+    "plot": cmd_plot,
+    "demo": cmd_demo,
+}
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -344,9 +424,10 @@ def _is_user_error(error: Exception) -> bool:
     from tapestry_p2p.checkpoint import CheckpointError
     from tapestry_p2p.data import DataError
     from tapestry_p2p.demo import DemoError
+    from tapestry_p2p.plot import PlotError
     from tapestry_p2p.swarm import SwarmError
 
-    return isinstance(error, (UsageError, SwarmError, DataError, CheckpointError, DemoError))
+    return isinstance(error, (UsageError, SwarmError, DataError, CheckpointError, DemoError, PlotError))
 
 
 if __name__ == "__main__":

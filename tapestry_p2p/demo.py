@@ -16,17 +16,23 @@ import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Tuple
 
+from hivemind.utils import get_dht_time
 from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
+from tapestry_p2p.monitor import MonitorConfig, monitor_dht, render
+from tapestry_p2p.plot import plot
+from tapestry_p2p.telemetry import read_statuses
+
 CORPUS_DIR = Path(__file__).parent / "corpus"
+RUN_ID = "demo"
+MARKER = ".tapestry-demo"
 HELD_OUT_FRACTION = 0.15
 STARTUP_TIMEOUT = 60.0
 STOP_GRACE = 20.0  # seconds a process gets to exit after SIGTERM before SIGKILL
@@ -47,7 +53,7 @@ class DemoPartner:
 class DemoConfig:
     rounds: int = 8
     inner_steps: int = 30
-    workdir: Optional[Path] = None
+    workdir: Path = Path("tapestry-demo")  # logs, metrics, checkpoints and the plot stay here for a look
     run_timeout: float = 240.0  # seconds for the swarm's rounds, after which the demo gives up
     partners: Tuple[DemoPartner, ...] = (
         DemoPartner("north-lab", "en", "eu-west"),
@@ -113,6 +119,8 @@ def start_bootstrap(run: DemoRun) -> str:
             str(run.workdir / "bootstrap.key"),
             "--addr-file",
             str(addr_file),
+            "--run-id",
+            RUN_ID,
         ],
     )
     deadline = time.monotonic() + STARTUP_TIMEOUT
@@ -129,37 +137,15 @@ def start_partners(run: DemoRun, bootstrap_addr: str) -> None:
         folder.mkdir(parents=True, exist_ok=True)
         train, _ = split_corpus(partner.language)
         (folder / "train.txt").write_bytes(train)
-        _spawn(
-            run,
-            partner.name,
-            [
-                "join",
-                "--run-id",
-                "demo",
-                "--initial-peers",
-                bootstrap_addr,
-                "--listen",
-                "/ip4/127.0.0.1/tcp/0",
-                "--data",
-                str(folder / "train.txt"),
-                "--partner",
-                partner.name,
-                "--region",
-                partner.region,
-                "--max-rounds",
-                str(run.config.rounds),
-                "--inner-steps",
-                str(run.config.inner_steps),
-                "--checkpoint-dir",
-                str(folder / "checkpoint"),
-                "--metrics",
-                str(folder / "metrics.jsonl"),
-                "--threads",
-                "1",
-                "--round-window",
-                "3",
-            ],
-        )
+        options = {
+            "--run-id": RUN_ID, "--initial-peers": bootstrap_addr, "--listen": "/ip4/127.0.0.1/tcp/0",
+            "--data": folder / "train.txt", "--partner": partner.name, "--region": partner.region,
+            "--max-rounds": run.config.rounds, "--inner-steps": run.config.inner_steps,
+            "--checkpoint-dir": folder / "checkpoint", "--metrics": folder / "metrics.jsonl",
+            "--threads": 1, "--round-window": 3, "--quiet": None,
+        }  # fmt: skip
+        args = ["join"] + [str(x) for option, value in options.items() for x in (option, value) if x is not None]
+        _spawn(run, partner.name, args)
 
 
 def read_metrics(path: Path) -> List[dict]:
@@ -168,40 +154,22 @@ def read_metrics(path: Path) -> List[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def progress_table(run: DemoRun) -> Table:
-    table = Table(title="tapestry demo: 3 partners, 1 shared model", title_justify="left")
-    for column in ("partner", "lang", "round", "loss", "group", "MB sent", "model hash"):
-        table.add_column(column, justify="right" if column in ("round", "loss", "group", "MB sent") else "left")
-    for partner in run.config.partners:
-        records = read_metrics(run.partner_dir(partner) / "metrics.jsonl")
-        last = records[-1] if records else None
-        table.add_row(
-            partner.name,
-            partner.language,
-            f"{last['round']}/{run.config.rounds}" if last else f"0/{run.config.rounds}",
-            f"{last['loss']:.3f}" if last and last["loss"] is not None else "-",
-            str(last["group_size"]) if last else "-",
-            f"{sum(r['bytes_sent'] for r in records) / 1e6:.2f}",
-            last["model_hash"] if last else "-",
-        )
-    return table
-
-
-def wait_for_partners(run: DemoRun, console: Console) -> None:
+def wait_for_partners(run: DemoRun, bootstrap_addr: str, console: Console) -> None:
+    """Show the live peer table (the one `tapestry monitor` shows) until every partner has exited."""
     partners = [p for p in run.processes if p.name != "bootstrap"]
     deadline = time.monotonic() + run.config.run_timeout
-    with Live(progress_table(run), console=console, refresh_per_second=2) as live:
-        while any(p.popen.poll() is None for p in partners):
-            if time.monotonic() > deadline:
-                raise DemoError(f"the partners did not finish within {run.config.run_timeout:.0f}s")
-            time.sleep(0.5)
-            live.update(progress_table(run))
-        live.update(progress_table(run))
+    title = f"tapestry demo: {len(partners)} partners, 1 shared model, {run.config.rounds} rounds"
+    with monitor_dht(MonitorConfig([bootstrap_addr], RUN_ID)) as dht:
+        with Live(console=console, auto_refresh=False) as live:
+            while any(p.popen.poll() is None for p in partners):
+                if time.monotonic() > deadline:
+                    raise DemoError(f"the partners did not finish within {run.config.run_timeout:.0f}s")
+                live.update(render(read_statuses(dht, RUN_ID), get_dht_time(), title), refresh=True)
+                time.sleep(1.0)
     failed = [p for p in partners if p.popen.returncode != 0]
     if failed:
-        raise DemoError(
-            f"partner {failed[0].name} exited with {failed[0].popen.returncode}: {_last_line(failed[0].log)}"
-        )
+        name, code = failed[0].name, failed[0].popen.returncode
+        raise DemoError(f"partner {name} exited with {code}: {_last_line(failed[0].log)}")
 
 
 def stop_all(run: DemoRun) -> None:
@@ -224,7 +192,7 @@ def train_alone(partner: DemoPartner, folder: Path, steps_per_round: int, rounds
 
     out = folder / "alone"
     config = NodeConfig(
-        run_id="demo",
+        run_id=RUN_ID,
         data=folder / "train.txt",
         partner=partner.name,
         solo=True,
@@ -303,16 +271,28 @@ def consortium_wins(run: DemoRun, results: Dict[str, Dict[str, Tuple[float, floa
     )
 
 
-def run_demo(config: DemoConfig, console: Console) -> int:
-    workdir = config.workdir or Path(tempfile.mkdtemp(prefix="tapestry-demo-"))
+def prepare_workdir(workdir: Path) -> Path:
+    """An empty folder for this run; a folder left by an earlier demo (it has our marker file) is emptied first."""
+    marker = workdir / MARKER
+    if workdir.exists() and any(workdir.iterdir()):
+        if not marker.exists():
+            raise DemoError(f"--workdir {workdir} is not empty and not an earlier demo's folder; choose another one")
+        shutil.rmtree(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
+    marker.write_text("made by `tapestry demo`; the next demo run empties this folder\n")
+    return workdir
+
+
+def run_demo(config: DemoConfig, console: Console) -> int:
+    workdir = prepare_workdir(config.workdir)
     run = DemoRun(config, workdir)
     started = time.monotonic()
     previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         console.print(f"starting a bootstrap node and {len(config.partners)} partners on 127.0.0.1 (logs in {workdir})")
-        start_partners(run, start_bootstrap(run))
-        wait_for_partners(run, console)
+        bootstrap_addr = start_bootstrap(run)
+        start_partners(run, bootstrap_addr)
+        wait_for_partners(run, bootstrap_addr, console)
         stop_all(run)
         hashes = {read_metrics(run.partner_dir(p) / "metrics.jsonl")[-1]["model_hash"] for p in config.partners}
         console.print(
@@ -325,10 +305,10 @@ def run_demo(config: DemoConfig, console: Console) -> int:
             console.print("every partner's shared model beats its trained-alone model on the languages it never saw.")
         else:
             console.print("[red]the shared model did not beat training alone on every unseen language this time.[/]")
+        plot_file = plot([run.partner_dir(p) / "metrics.jsonl" for p in config.partners], workdir / "demo.png")
+        console.print(f"loss and traffic per round plotted in {plot_file}")
         console.print(f"demo finished in {time.monotonic() - started:.0f}s")
         return 0 if consortium_wins(run, results) else 1
     finally:
         stop_all(run)
         signal.signal(signal.SIGINT, previous)
-        if config.workdir is None:
-            shutil.rmtree(workdir, ignore_errors=True)

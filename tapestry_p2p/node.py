@@ -9,6 +9,7 @@ A round, as `Node.run_round` reads:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -21,6 +22,7 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
+from hivemind.dht import DHT
 from hivemind.utils import get_dht_time
 
 from tapestry_p2p import __version__, checkpoint
@@ -30,7 +32,15 @@ from tapestry_p2p.data import ByteBatches, load_text_bytes
 from tapestry_p2p.model import ModelConfig, build_model
 from tapestry_p2p.outer import OuterConfig, SharedModel
 from tapestry_p2p.rounds import MATCHMAKING_LEAD, MeetingClock, RoundSchedule
-from tapestry_p2p.swarm import DEFAULT_PEER_LISTEN, DHTOptions, start_dht, stop_dht, visible_maddrs
+from tapestry_p2p.swarm import (
+    DEFAULT_PEER_LISTEN,
+    DHTOptions,
+    ephemeral_identity,
+    start_dht,
+    stop_dht,
+    visible_maddrs,
+)
+from tapestry_p2p.telemetry import StatusPublisher, signing_key, validators
 from tapestry_p2p.train import InnerTrainer, TrainConfig, mean
 
 logger = logging.getLogger(__name__)
@@ -107,10 +117,19 @@ def run_seed(run_id: str) -> int:
 class Node:
     """A partner's training node. `run()` returns after max_rounds, or when `stop` is set."""
 
-    def __init__(self, config: NodeConfig, on_round: Optional[Callable[[RoundRecord], None]] = None):
+    def __init__(
+        self,
+        config: NodeConfig,
+        on_round: Optional[Callable[[RoundRecord], None]] = None,
+        on_step: Optional[Callable[[int, int], None]] = None,
+    ):
         self.config = config
         self.on_round = on_round or (lambda record: None)
+        self.on_step = on_step or (lambda done, target: None)  # inner steps done this round, and H
         self.stop = threading.Event()
+        self.dht: Optional[DHT] = None
+        self.status = StatusPublisher.disabled()
+        self.bytes_total = [0, 0]  # sent, received over this session
         self._lock = threading.Lock()  # theta and the outer optimizer, shared with the state-serving thread
         self.peer_id = "solo"
         self.rounds_done = 0
@@ -197,44 +216,51 @@ class Node:
 
     def run(self) -> "Summary":
         started = time.monotonic()
-        dht = None
-        averaging: Any = SoloAveraging()
-        try:
-            if not self.config.solo:
-                dht = start_dht(
-                    DHTOptions(
-                        initial_peers=self.config.initial_peers,
-                        listen=self.config.listen,
-                        announce=self.config.announce,
-                        identity=self.config.identity,
-                    )
-                )
-                self.peer_id = dht.peer_id.to_base58()
-                logger.info("peer %s listening on %s", self.peer_id, " ".join(visible_maddrs(dht)))
-                averaging = SwarmAveraging(
-                    dht,
-                    self.config.run_id,
-                    [p.shape for p in self.shared.params],
-                    self.config.compression,
-                    self._share_state,
-                )
-                if self.config.initial_peers:
-                    self._catch_up(averaging)
-                averaging.publish_round(self.shared.round)
+        with contextlib.ExitStack() as stack:
+            averaging = SoloAveraging() if self.config.solo else self._join_swarm(stack)
             while not self.stop.is_set() and (
                 self.config.max_rounds is None or self.rounds_done < self.config.max_rounds
             ):
-                record = self.run_round(dht, averaging)
+                record = self.run_round(averaging)
                 if record is None:
                     break
                 self.on_round(record)
-        finally:
-            averaging.shutdown()
-            if dht is not None:
-                stop_dht(dht)
         return Summary(
             self.rounds_done, self.shared.round, self.trainer.steps, self.last_loss, time.monotonic() - started
         )
+
+    def _join_swarm(self, stack: contextlib.ExitStack) -> SwarmAveraging:
+        """Start the DHT, status publisher and averager; `stack` stops them in reverse order when the run ends."""
+        identity = self.config.identity or stack.enter_context(ephemeral_identity())
+        key = signing_key(identity)
+        options = DHTOptions(
+            initial_peers=self.config.initial_peers,
+            listen=self.config.listen,
+            announce=self.config.announce,
+            identity=identity,
+            record_validators=validators(self.config.run_id, key),
+        )
+        self.dht = start_dht(options)
+        stack.callback(stop_dht, self.dht)
+        self.peer_id = self.dht.peer_id.to_base58()
+        logger.info("peer %s listening on %s", self.peer_id, " ".join(visible_maddrs(self.dht)))
+        self.status = StatusPublisher(
+            self.dht, self.config.run_id, key,
+            dict(peer_id=self.peer_id, partner=self.config.partner, region=self.config.region, role="trainer",
+                 compression=self.config.compression, round=self.shared.round, inner_step=self.trainer.steps),
+        )  # fmt: skip
+        self.status.start()
+        stack.callback(self.status.stop)
+        averaging = SwarmAveraging(
+            self.dht, self.config.run_id, [p.shape for p in self.shared.params], self.config.compression,
+            self._share_state,
+        )  # fmt: skip
+        stack.callback(averaging.shutdown)
+        if self.config.initial_peers:
+            self.status.update(state="loading state")
+            self._catch_up(averaging)
+        averaging.publish_round(self.shared.round)
+        return averaging
 
     def _catch_up(self, averaging: SwarmAveraging) -> None:
         """If the swarm is ahead of us (we are new, or were away), start from its shared state."""
@@ -261,13 +287,17 @@ class Node:
                 if get_dht_time() >= meeting - MATCHMAKING_LEAD:
                     break
             losses.append(self.trainer.step())
+            self.status.update(inner_step=self.trainer.steps, state="training")
+            self.on_step(len(losses), self.config.inner_steps)
         return losses, meeting
 
-    def run_round(self, dht, averaging) -> Optional[RoundRecord]:
+    def run_round(self, averaging) -> Optional[RoundRecord]:
         started = time.monotonic()
         round_no = self.shared.round + 1
-        clock = MeetingClock(dht, self.config.run_id, round_no, self.config.schedule) if dht is not None else None
+        clock = None if self.dht is None else MeetingClock(self.dht, self.config.run_id, round_no, self.config.schedule)
+        self.status.update(state="training")
         losses, meeting = self._inner_loop(clock)
+        training_seconds = time.monotonic() - started
         if self.stop.is_set() or not losses:
             logger.info("round %d abandoned: stopping", round_no)
             return None
@@ -275,12 +305,14 @@ class Node:
             meeting = clock.agree()
         delta = self.shared.pseudo_gradient(self.trainer.model)
         gather = {"round": self.shared.round, "hash": self.shared.hash(), "steps": len(losses)}
+        self.status.update(state="averaging")
         result: RoundResult = averaging.average(delta, meeting or 0.0, gather)
         with self._lock:
             self.shared.apply(result.averaged)
             self.shared.copy_into(self.trainer.model)
         resynced = False
         if result.needs_resync:
+            self.status.update(state="loading state")
             resynced = self._adopt(averaging.download_state(), self.shared.round)
             logger.warning("our shared model disagreed with the group: re-sync %s", "done" if resynced else "failed")
         averaging.publish_round(self.shared.round)
@@ -308,7 +340,22 @@ class Node:
         if self.config.metrics is not None:
             with open(self.config.metrics, "a") as f:
                 f.write(record.to_json() + "\n")
+        self._report(record, training_seconds)
         return record
+
+    def _report(self, record: RoundRecord, training_seconds: float) -> None:
+        self.bytes_total[0] += record.bytes_sent
+        self.bytes_total[1] += record.bytes_received
+        tokens = record.inner_steps * self.config.train.batch_size * self.config.model.block_size
+        self.status.update(
+            state="training", round=record.round, inner_step=record.step,
+            loss=record.loss if math.isfinite(record.loss) else None,
+            tokens_per_second=float(tokens / max(training_seconds, 1e-6)),
+            bytes_sent_round=record.bytes_sent, bytes_received_round=record.bytes_received,
+            bytes_sent_total=self.bytes_total[0], bytes_received_total=self.bytes_total[1],
+            group_size=record.group_size, round_seconds=float(record.round_seconds),
+            last_failure=record.failure[:200] if record.failure else None,
+        )  # fmt: skip
 
 
 @dataclass

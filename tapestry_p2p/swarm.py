@@ -6,15 +6,17 @@ a child process. Each check raises `SwarmError` with one line that names the fix
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
+import shutil
 import socket
 import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import List, Optional, Sequence
+from typing import Iterator, List, Optional, Sequence
 
 import multiaddr
 from hivemind.dht import DHT
@@ -102,6 +104,13 @@ def load_or_create_identity(path: Path) -> PeerID:
             ) from None
     if not path.parent.is_dir():
         raise SwarmError(f"--identity: folder {path.parent} does not exist; create it first")
+    _write_new_identity(path)
+    logger.info("created a new identity in %s", path)
+    return PeerID.from_identity(path.read_bytes())
+
+
+def _write_new_identity(path: Path) -> None:
+    """A new RSA libp2p identity at `path`, mode 0600, written atomically."""
     key = crypto_pb2.PrivateKey(key_type=crypto_pb2.KeyType.RSA, data=RSAPrivateKey().to_bytes())
     data = key.SerializeToString()
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
@@ -115,8 +124,21 @@ def load_or_create_identity(path: Path) -> PeerID:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    logger.info("created a new identity in %s", path)
-    return PeerID.from_identity(data)
+
+
+@contextlib.contextmanager
+def ephemeral_identity() -> Iterator[Path]:
+    """A fresh RSA identity in a private temporary folder, removed on exit (for nodes started without --identity).
+
+    Every tapestry node has an RSA identity, because the same key signs its status records (see telemetry).
+    """
+    folder = Path(tempfile.mkdtemp(prefix="tapestry-id-"))
+    try:
+        path = folder / "identity.key"
+        _write_new_identity(path)
+        yield path
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 class _TiedDHT(DHT):
@@ -137,6 +159,7 @@ class DHTOptions:
     announce: List[str] = field(default_factory=list)
     identity: Optional[Path] = None
     client_mode: bool = False
+    record_validators: list = field(default_factory=list)  # hivemind RecordValidatorBase instances
 
 
 def start_dht(options: DHTOptions) -> DHT:
@@ -152,6 +175,7 @@ def start_dht(options: DHTOptions) -> DHT:
         # No UPnP/NAT-PMP: it multicasts on every interface of the machine. Partners behind NAT forward a port
         # and pass --announce instead, which also makes the address they are reached at explicit.
         nat_port_map=False,
+        record_validators=options.record_validators,
         start=False,
     )
     if options.identity is not None:

@@ -15,7 +15,18 @@ def test_short_demo_runs_end_to_end_and_leaves_no_process(tmp_path):
     out = tmp_path / "demo.out"
     with open(out, "wb") as f:
         popen = subprocess.Popen(
-            [sys.executable, "-m", "tapestry_p2p", "demo", "--rounds", "3", "--inner-steps", "15"],
+            [
+                sys.executable,
+                "-m",
+                "tapestry_p2p",
+                "demo",
+                "--rounds",
+                "3",
+                "--inner-steps",
+                "15",
+                "--workdir",
+                str(tmp_path / "demo"),
+            ],
             stdout=f,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
