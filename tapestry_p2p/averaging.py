@@ -4,6 +4,8 @@
 of flat delta buffers; `SoloAveraging` has the same interface and no network (the trained-alone baseline). Neither
 knows what the tensors are: the node hands in a list of tensors and gets a list back.
 
+The average is weighted by each member's inner steps this round (see `average`).
+
 Agreement: every peer gathers `{round, hash}` from its group. If the group's members disagree on the shared model
 (a peer missed a round, or crashed and came back), the canonical state is the one held by most members of the
 highest round (ties: the smallest peer id); `needs_resync` tells the other members to download it afterwards.
@@ -32,7 +34,8 @@ REQUEST_TIMEOUT = 1.0  # hivemind's request_timeout for one matchmaking request
 MEETING_GRACE = 2.0  # after the meeting time, how long a peer keeps looking for its group before going alone
 ALLREDUCE_TIMEOUT = 60.0  # the longest an all-reduce may take once the group is formed, in seconds
 NEXT_CHUNK_TIMEOUT = 10.0  # a groupmate silent for this long is dropped from the round
-PART_SIZE_BYTES = 64 * 1024  # smaller parts balance the reducers' load better on small models
+PART_SIZE_BYTES = 64 * 1024
+ZERO_STEP_WEIGHT = 1e-6  # smaller parts balance the reducers' load better on small models
 
 
 @dataclass
@@ -119,9 +122,13 @@ class SwarmAveraging:
             for buffer, d in zip(buffers, delta):
                 buffer.copy_(d)
         timeout = max(meeting - get_dht_time(), 0.0) + MEETING_GRACE
+        # Weighted by inner steps: a partner that joined the meeting after fewer steps moves the average less.
+        # A peer with no steps still takes part (so it ends the round with the group's model) at a negligible
+        # weight, which keeps the total positive even if every member of a group arrived empty-handed.
+        weight = float(max(gather["steps"], ZERO_STEP_WEIGHT))
         try:
             outcome: RoundOutcome = self._averager.step(
-                gather=gather, scheduled_time=meeting, timeout=timeout, allow_retries=False
+                gather=gather, scheduled_time=meeting, weight=weight, timeout=timeout, allow_retries=False
             )
         except Exception as e:  # hivemind raises several types; all mean "no group this round"
             reason = str(e).splitlines()[0] if str(e) else type(e).__name__

@@ -298,7 +298,7 @@ class Node:
         self.status.update(state="training")
         losses, meeting = self._inner_loop(clock)
         training_seconds = time.monotonic() - started
-        if self.stop.is_set() or not losses:
+        if self.stop.is_set():
             logger.info("round %d abandoned: stopping", round_no)
             return None
         if clock is not None and meeting is None:

@@ -45,13 +45,14 @@ def swarm():
             stop_dht(item)
 
 
-def average_together(peers: List[SwarmAveraging], deltas) -> list:
+def average_together(peers: List[SwarmAveraging], deltas, steps=None) -> list:
     """All peers call `average` at once for the same meeting, each from its own thread, like separate nodes."""
     meeting = get_dht_time() + 3.0
     results = [None] * len(peers)
+    steps = steps or [10] * len(peers)
 
     def run(i):
-        results[i] = peers[i].average(deltas[i], meeting, {"round": 0, "hash": "same"})
+        results[i] = peers[i].average(deltas[i], meeting, {"round": 0, "hash": "same", "steps": steps[i]})
 
     threads = [threading.Thread(target=run, args=(i,)) for i in range(len(peers))]
     for t in threads:
@@ -82,6 +83,16 @@ def test_peers_get_the_mean_and_identical_values(swarm, n_peers, compression):
             assert (r.averaged[k] - mean).abs().max() <= tolerance
         for r in results[1:]:  # bit for bit, not merely close
             assert torch.equal(r.averaged[k], results[0].averaged[k])
+
+
+def test_the_average_is_weighted_by_inner_steps(swarm):
+    peers = swarm(3, "none", "weighted")
+    deltas = [[torch.full(s, float(i + 1)) for s in SHAPES] for i in range(3)]  # 1, 2, 3
+    results = average_together(peers, deltas, steps=[10, 30, 0])  # the third peer arrived with no steps
+    expected = (10 * 1 + 30 * 2 + 0 * 3) / 40
+    for r in results:
+        assert r.group_size == 3
+        assert all(torch.allclose(a, torch.full_like(a, expected), atol=1e-5) for a in r.averaged)
 
 
 def test_eight_bit_traffic_is_a_quarter_of_float32(swarm):

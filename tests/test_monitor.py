@@ -1,0 +1,72 @@
+"""`tapestry monitor` against a real swarm: three trainers and a bootstrap node, then one trainer killed."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+from conftest import LOOPBACK, wait_for_file, write_text
+
+from tapestry_p2p.telemetry import EXPIRY
+
+RUN = "watched"
+
+
+def monitor_json(bootstrap: str) -> list:
+    result = subprocess.run(
+        [sys.executable, "-m", "tapestry_p2p", "monitor", "--initial-peers", bootstrap, "--run-id", RUN, "--json"],
+        capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    return json.loads(result.stdout)
+
+
+def latest_round(path) -> int:
+    lines = path.read_text().splitlines() if path.exists() else []
+    return json.loads(lines[-1])["round"] if lines else 0
+
+
+def test_monitor_lists_exactly_the_running_peers_and_drops_a_dead_one(procs, tmp_path):
+    addr_file = tmp_path / "boot.addr"
+    boot = procs.start(
+        "boot", "bootstrap", "--listen", LOOPBACK, "--identity", str(tmp_path / "boot.key"),
+        "--addr-file", str(addr_file), "--run-id", RUN, "--partner", "the-bootstrap",
+    )  # fmt: skip
+    bootstrap = wait_for_file(addr_file, 60, boot).split()[0]
+    trainers = {}
+    for i, name in enumerate(["anna", "bert", "cleo"]):
+        folder = tmp_path / name
+        folder.mkdir()
+        trainers[name] = procs.start(
+            name, "join", "--run-id", RUN, "--initial-peers", bootstrap, "--listen", LOOPBACK, "--partner", name,
+            "--data", str(write_text(folder / "d.txt", seed=i)), "--metrics", str(folder / "m.jsonl"),
+            "--inner-steps", "10", "--threads", "1", "--round-window", "3", "--quiet",
+            "--n-layer", "1", "--n-embd", "32", "--n-head", "2", "--block-size", "32", "--batch-size", "4",
+        )  # fmt: skip
+    for name in trainers:  # everyone has finished a round
+        wait_for_file(tmp_path / name / "m.jsonl", 120, trainers[name])
+
+    peers = monitor_json(bootstrap)
+    by_partner = {p["partner"]: p for p in peers}
+    assert sorted(by_partner) == ["anna", "bert", "cleo", "the-bootstrap"], peers
+    assert by_partner["the-bootstrap"]["role"] == "bootstrap"
+    for name in trainers:
+        record, round_now = by_partner[name], latest_round(tmp_path / name / "m.jsonl")
+        assert record["role"] == "trainer" and record["state"] in ("training", "averaging")
+        assert round_now - 1 <= record["round"] <= round_now  # published at most one period ago
+        assert record["group_size"] == 3 and record["compression"] == "8bit"
+        assert record["bytes_sent_total"] > 0 and record["tokens_per_second"] > 0
+        assert record["peer_id"] in (tmp_path / name / "m.jsonl").read_text()
+
+    os.kill(trainers["bert"].pid, signal.SIGKILL)
+    killed = time.monotonic()
+    while True:
+        listed = {p["partner"] for p in monitor_json(bootstrap)}
+        if "bert" not in listed:
+            break
+        assert time.monotonic() - killed < EXPIRY + 15, "a dead peer is still listed after its record expired"
+    assert listed == {"anna", "cleo", "the-bootstrap"}
