@@ -19,11 +19,13 @@ from typing import Any, Callable, Dict, Tuple
 import torch
 from safetensors.torch import load_file, save_file
 
+from tapestry_p2p import UserError
+
 MODEL_FILE = "model.safetensors"
 STATE_FILE = "state.pt"
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError):
     """A checkpoint that cannot be used; the message names the file and the way out."""
 
 

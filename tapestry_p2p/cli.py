@@ -18,13 +18,15 @@ from typing import Any, Dict, List, Optional, Sequence
 
 os.environ.setdefault("HIVEMIND_LOGLEVEL", "ERROR")  # hivemind logs through its own handler; keep the terminal ours
 
+from tapestry_p2p import BOOTSTRAP_PORT, UserError  # noqa: E402 (after the environment is set up for hivemind)
+
 EXIT_USAGE = 2
 DEFAULT_BOOTSTRAP_IDENTITY = Path.home() / ".tapestry" / "bootstrap.key"
 
 logger = logging.getLogger("tapestry_p2p")
 
 
-class UsageError(Exception):
+class UsageError(UserError):
     """A mistake in the command line or a config file; the message names the fix."""
 
 
@@ -56,8 +58,6 @@ class Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> Parser:
-    from tapestry_p2p.swarm import BOOTSTRAP_PORT
-
     parser = Parser(prog="tapestry", description="Train one model together, peer to peer.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
@@ -413,21 +413,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    except Exception as e:
-        if not _is_user_error(e) or os.environ.get("TAPESTRY_DEBUG"):
+    except UserError as e:
+        if os.environ.get("TAPESTRY_DEBUG"):
             raise
         print(f"error: {e}", file=sys.stderr)
         return EXIT_USAGE
-
-
-def _is_user_error(error: Exception) -> bool:
-    from tapestry_p2p.checkpoint import CheckpointError
-    from tapestry_p2p.data import DataError
-    from tapestry_p2p.demo import DemoError
-    from tapestry_p2p.plot import PlotError
-    from tapestry_p2p.swarm import SwarmError
-
-    return isinstance(error, (UsageError, SwarmError, DataError, CheckpointError, DemoError, PlotError))
 
 
 if __name__ == "__main__":

@@ -12,10 +12,12 @@ from typing import Dict, Iterator, List, Tuple
 
 import torch
 
+from tapestry_p2p import UserError
+
 SUFFIXES = (".txt", ".jsonl")
 
 
-class DataError(ValueError):
+class DataError(UserError):
     """Unusable training data; the message names the file and the fix."""
 
 

@@ -26,6 +26,7 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
+from tapestry_p2p import UserError
 from tapestry_p2p.monitor import MonitorConfig, monitor_dht, render
 from tapestry_p2p.plot import plot
 from tapestry_p2p.telemetry import read_statuses
@@ -38,7 +39,7 @@ STARTUP_TIMEOUT = 60.0
 STOP_GRACE = 20.0  # seconds a process gets to exit after SIGTERM before SIGKILL
 
 
-class DemoError(RuntimeError):
+class DemoError(UserError):
     """The demo could not complete; the message says which process failed and where its log is."""
 
 

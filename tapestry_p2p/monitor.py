@@ -85,7 +85,7 @@ def render(peers: List[PeerStatus], now: float, title: str = "tapestry swarm") -
     """Header with totals, then one row per peer, sorted by partner; fits an 80-column terminal."""
     table = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
     table.add_column("partner", overflow="ellipsis", no_wrap=True, max_width=14)
-    table.add_column("region", overflow="ellipsis", no_wrap=True, max_width=10)
+    table.add_column("region", overflow="ellipsis", no_wrap=True, max_width=9)
     table.add_column("state", no_wrap=True, min_width=13)
     for numeric in ("round", "loss", "tok/s", "MB tx/rx", "grp", "s/rnd"):
         table.add_column(numeric, justify="right", no_wrap=True)

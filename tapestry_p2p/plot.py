@@ -6,8 +6,10 @@ import json
 from pathlib import Path
 from typing import Dict, List, Sequence
 
+from tapestry_p2p import UserError
 
-class PlotError(ValueError):
+
+class PlotError(UserError):
     """Unusable metrics input; the message names the file and the fix."""
 
 

@@ -25,17 +25,16 @@ from hivemind.p2p.p2p_daemon_bindings.utils import P2PDaemonError
 from hivemind.proto import crypto_pb2
 from hivemind.utils.crypto import RSAPrivateKey
 
+from tapestry_p2p import UserError
 from tapestry_p2p.processes import die_with_parent, spawn_children_that_die_with_us
 
 logger = logging.getLogger(__name__)
 
-BOOTSTRAP_PORT = 31330  # the documented default port of `tapestry bootstrap`
-DEFAULT_BOOTSTRAP_LISTEN = (f"/ip4/0.0.0.0/tcp/{BOOTSTRAP_PORT}",)
 DEFAULT_PEER_LISTEN = ("/ip4/0.0.0.0/tcp/0",)
 STARTUP_TIMEOUT = 30.0  # seconds to wait for the DHT (and the initial peers' answers) before giving up
 
 
-class SwarmError(Exception):
+class SwarmError(UserError):
     """A problem the user can fix; its message is one line that says how."""
 
 
