@@ -235,6 +235,7 @@ def cmd_bootstrap(args: argparse.Namespace) -> int:
     from tapestry_p2p.node import RUN_ID_PATTERN
     from tapestry_p2p.swarm import (
         DHTOptions,
+        check_ports_free,
         load_or_create_identity,
         parse_maddrs,
         start_dht,
@@ -245,15 +246,17 @@ def cmd_bootstrap(args: argparse.Namespace) -> int:
 
     if not RUN_ID_PATTERN.match(args.run_id):
         raise UsageError(f"--run-id {args.run_id!r} must be 1-64 letters, digits, '-' or '_'")
-    if args.identity == DEFAULT_BOOTSTRAP_IDENTITY:
-        args.identity.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     if args.addr_file is not None and not args.addr_file.parent.is_dir():
         raise UsageError(f"--addr-file: folder {args.addr_file.parent} does not exist; create it first")
+    listen = parse_maddrs(args.listen, option="--listen", need_peer_id=False)
+    check_ports_free(listen)  # before anything is written to disk
+    if args.identity == DEFAULT_BOOTSTRAP_IDENTITY:
+        args.identity.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     load_or_create_identity(args.identity)
     key = signing_key(args.identity)
     options = DHTOptions(
         initial_peers=parse_maddrs(args.initial_peers, option="--initial-peers", need_peer_id=True),
-        listen=parse_maddrs(args.listen, option="--listen", need_peer_id=False),
+        listen=listen,
         announce=parse_maddrs(args.announce, option="--announce", need_peer_id=False),
         identity=args.identity,
         record_validators=validators(args.run_id, key),

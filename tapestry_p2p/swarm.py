@@ -140,12 +140,24 @@ def ephemeral_identity() -> Iterator[Path]:
         shutil.rmtree(folder, ignore_errors=True)
 
 
+class _SenderGone(logging.Filter):
+    """Drop hivemind's traceback for a command whose sending process exited while the command was in flight.
+
+    The averager process talks to the DHT process through the DHT's pipe; when it shuts down with a request under
+    way, the DHT process logs ConnectionResetError with a traceback and carries on. Nothing is lost but the log.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.exc_info and isinstance(record.exc_info[1], ConnectionError))
+
+
 class _TiedDHT(DHT):
     """A hivemind DHT whose process and p2pd die with the process that started it."""
 
     def run(self) -> None:
         die_with_parent()
         spawn_children_that_die_with_us()
+        logging.getLogger("hivemind.dht.dht").addFilter(_SenderGone())
         super().run()
 
 

@@ -120,5 +120,5 @@ def test_config_file_unknown_key_and_wrong_type(data, tmp_path):
     assert_user_error(tapestry("join", "--config", str(config), "--data", data), "inner_steps", "positive integer")
 
 
-def test_monitor_says_it_is_not_built_yet():
-    assert_user_error(tapestry("monitor"), "not built yet")
+def test_monitor_needs_initial_peers():
+    assert_user_error(tapestry("monitor", "--run-id", "x"), "--initial-peers")

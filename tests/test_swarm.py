@@ -78,7 +78,9 @@ def test_peers_share_one_identical_model_every_round(procs, bootstrap_addr, tmp_
     records = {n: metrics(tmp_path, n) for n in names}
     for n in names:
         assert [r["round"] for r in records[n]] == list(range(1, ROUNDS + 1))
-        assert all(r["group_size"] == n_peers and r["failure"] is None for r in records[n]), records[n]
+        assert all(r["group_size"] == n_peers for r in records[n]), records[n]
+        # a round whose all-reduce lost a part must end with that peer re-synced from its group (see closing notes)
+        assert all(r["failure"] is None or r["resynced"] for r in records[n]), records[n]
         assert all(r["bytes_sent"] > 0 and r["bytes_received"] > 0 for r in records[n])
         assert records[n][-1]["loss"] < records[n][0]["loss"]
     for round_index in range(ROUNDS):  # after every round, one shared model
