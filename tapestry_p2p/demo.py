@@ -167,6 +167,7 @@ def wait_for_partners(run: DemoRun, bootstrap_addr: str, console: Console) -> No
                     raise DemoError(f"the partners did not finish within {run.config.run_timeout:.0f}s")
                 live.update(render(read_statuses(dht, RUN_ID), get_dht_time(), title), refresh=True)
                 time.sleep(1.0)
+        console.print()
     failed = [p for p in partners if p.popen.returncode != 0]
     if failed:
         name, code = failed[0].name, failed[0].popen.returncode
