@@ -24,7 +24,7 @@ from hivemind.dht import DHT
 from hivemind.utils import get_dht_time
 
 from tapestry_p2p.allreduce import ExactAverager, RoundOutcome
-from tapestry_p2p.codec import get_codec
+from tapestry_p2p.codec import compression_for
 from tapestry_p2p.rounds import MATCHMAKING_LEAD
 
 logger = logging.getLogger(__name__)
@@ -69,8 +69,6 @@ def canonical_member(gathered: Dict[str, Any]) -> Optional[Tuple[int, str]]:
 class SoloAveraging:
     """No network: the peer's own pseudo-gradient is the average (a peer alone, or the trained-alone baseline)."""
 
-    group_label = "solo"
-
     def average(self, delta: Sequence[torch.Tensor], meeting: float, gather: Dict[str, Any]) -> RoundResult:
         return RoundResult(averaged=[d.clone() for d in delta], group_size=1)
 
@@ -111,11 +109,10 @@ class SwarmAveraging:
             allreduce_timeout=ALLREDUCE_TIMEOUT,
             next_chunk_timeout=NEXT_CHUNK_TIMEOUT,
             part_size_bytes=PART_SIZE_BYTES,
-            compression=get_codec(compression).compression,
+            compression=compression_for(compression),
             state_fn=state_fn,
             declare_state_period=10,
         )
-        self.group_label = "swarm"
 
     def average(self, delta: Sequence[torch.Tensor], meeting: float, gather: Dict[str, Any]) -> RoundResult:
         with self._averager.get_tensors() as buffers:

@@ -22,7 +22,6 @@ data) but spends 4 bytes per block on its scale; 1024 costs 0.4% of the payload.
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -81,24 +80,15 @@ class Blockwise8Bit(CompressionBase):
         return (1 + 4 / BLOCK_SIZE) / 4
 
 
-@dataclass(frozen=True)
-class Codec:
-    """A named wire codec and the hivemind compression instance that implements it."""
-
-    name: str
-    compression: CompressionBase
-    bits_per_value: float
-
-
-def get_codec(name: str) -> Codec:
-    """Look up a codec by its CLI name (`8bit`, `fp16`, `none`)."""
+def compression_for(name: str) -> CompressionBase:
+    """The hivemind compression instance for a CLI codec name (`8bit`, `fp16`, `none`)."""
     register()
     if name == "8bit":
-        return Codec(name, hivemind_serialization._BASE_COMPRESSION_TYPES["BLOCKWISE_8BIT"], 8 + 32 / BLOCK_SIZE)
+        return hivemind_serialization._BASE_COMPRESSION_TYPES["BLOCKWISE_8BIT"]
     if name == "fp16":
-        return Codec(name, Float16Compression(), 16)
+        return Float16Compression()
     if name == "none":
-        return Codec(name, NoCompression(), 32)
+        return NoCompression()
     raise ValueError(f"unknown compression {name!r}: use one of {', '.join(CHOICES)}")
 
 

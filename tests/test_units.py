@@ -11,7 +11,7 @@ from conftest import write_text
 
 from tapestry_p2p import checkpoint
 from tapestry_p2p.averaging import canonical_member
-from tapestry_p2p.codec import BLOCK_SIZE, Blockwise8Bit, get_codec, max_relative_error
+from tapestry_p2p.codec import BLOCK_SIZE, Blockwise8Bit, compression_for, max_relative_error
 from tapestry_p2p.data import ByteBatches, DataError, load_text_bytes
 from tapestry_p2p.model import GPT, ModelConfig, build_model
 from tapestry_p2p.node import Node, NodeConfig
@@ -47,7 +47,7 @@ def test_8bit_wire_size_and_corrupt_input():
     with pytest.raises(ValueError, match="expected"):
         Blockwise8Bit().extract(message)
     with pytest.raises(ValueError, match="one of"):
-        get_codec("3bit")
+        compression_for("3bit")
 
 
 def test_outer_step_is_nesterov_sgd_and_reproducible():
