@@ -36,6 +36,7 @@ from tapestry_p2p.swarm import (
     DEFAULT_PEER_LISTEN,
     DHTOptions,
     ephemeral_identity,
+    load_or_create_identity,
     start_dht,
     stop_dht,
     visible_maddrs,
@@ -232,6 +233,7 @@ class Node:
     def _join_swarm(self, stack: contextlib.ExitStack) -> SwarmAveraging:
         """Start the DHT, status publisher and averager; `stack` stops them in reverse order when the run ends."""
         identity = self.config.identity or stack.enter_context(ephemeral_identity())
+        load_or_create_identity(identity)  # validates an existing file (corrupt, readable by others)
         key = signing_key(identity)
         options = DHTOptions(
             initial_peers=self.config.initial_peers,

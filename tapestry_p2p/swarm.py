@@ -12,6 +12,7 @@ import logging
 import os
 import shutil
 import socket
+import stat
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -95,6 +96,9 @@ def _host_of(maddr: multiaddr.Multiaddr, protocols: List[str]):
 def load_or_create_identity(path: Path) -> PeerID:
     """Return the peer id stored at `path`, creating a new RSA identity there (mode 0600, atomically) if absent."""
     if path.exists():
+        mode = stat.S_IMODE(path.stat().st_mode)
+        if mode & 0o077:
+            raise SwarmError(f"identity file {path} is readable by others (mode {mode:o}); run: chmod 600 {path}")
         try:
             return PeerID.from_identity(path.read_bytes())
         except Exception:

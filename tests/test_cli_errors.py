@@ -122,3 +122,20 @@ def test_config_file_unknown_key_and_wrong_type(data, tmp_path):
 
 def test_monitor_needs_initial_peers():
     assert_user_error(tapestry("monitor", "--run-id", "x"), "--initial-peers")
+
+
+@pytest.mark.parametrize("problem", ["readable-by-others", "corrupt"])
+def test_bad_identity_file(data, tmp_path, problem):
+    identity = tmp_path / "id.key"
+    load_or_create_identity(identity)
+    if problem == "readable-by-others":
+        identity.chmod(0o644)
+        expected = "readable by others"
+    else:
+        identity.write_bytes(b"not a key")
+        identity.chmod(0o600)
+        expected = "is corrupt"
+    before = identity.read_bytes()
+    result = tapestry("join", "--data", data, "--listen", "/ip4/127.0.0.1/tcp/0", "--identity", str(identity))
+    assert_user_error(result, expected, str(identity))
+    assert identity.read_bytes() == before

@@ -17,6 +17,7 @@ from conftest import LOOPBACK, wait_for_file, wait_gone, write_text
 from safetensors.torch import load_file
 
 from tapestry_p2p.model import GPT, ModelConfig
+from tapestry_p2p.swarm import load_or_create_identity
 
 ROUNDS = 3
 SMALL_MODEL = ["--n-layer", "2", "--n-embd", "64", "--n-head", "2", "--block-size", "32", "--batch-size", "8"]
@@ -98,9 +99,12 @@ def test_peers_share_one_identical_model_every_round(procs, bootstrap_addr, tmp_
 
 
 def test_a_peer_alone_keeps_training(procs, tmp_path):
-    popen = procs.start("solo", *join_args(tmp_path, "solo", seed=3, bootstrap=None, rounds=2))
+    identity = tmp_path / "solo.key"  # created on first use, and the peer id comes from it
+    popen = procs.start("solo", *join_args(tmp_path, "solo", 3, None, 2, "--identity", str(identity)))
     run_to_completion(procs, {"solo": popen})
     records = metrics(tmp_path, "solo")
+    assert stat.S_IMODE(identity.stat().st_mode) == 0o600
+    assert {r["peer_id"] for r in records} == {load_or_create_identity(identity).to_base58()}
     assert [r["round"] for r in records] == [1, 2]
     assert all(r["group_size"] == 1 and r["bytes_sent"] == 0 for r in records)
     assert records[1]["step"] > records[0]["step"] >= 10
