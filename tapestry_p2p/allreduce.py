@@ -37,6 +37,8 @@ from tapestry_p2p.processes import die_with_parent, keeping_sigint_handler
 
 logger = logging.getLogger(__name__)
 
+DIAL_STAGGER = 1.0  # seconds the larger peer id waits for a first connection (see _avoid_simultaneous_dial)
+
 codec.register()  # before hivemind forks the averager process, so both ends decode our 8-bit format
 
 
@@ -90,6 +92,30 @@ class ExactAllReduceRunner(AllReduceRunner):
     def _get_peer_stub(self, peer):
         return _CountingStub(super()._get_peer_stub(peer), self.traffic)
 
+    async def _generate_input_for_peer(self, peer_index: int):
+        try:
+            async for message in super()._generate_input_for_peer(peer_index):
+                yield message
+        except BaseException as e:  # hivemind keeps this inside its writer task until the reply times out
+            logger.debug("sending parts to peer #%d failed: %r", peer_index, e, exc_info=True)
+            raise
+
+    async def _avoid_simultaneous_dial(self, peer_id) -> None:
+        """Let the smaller peer id dial first when two groupmates are not connected yet.
+
+        In a butterfly all-reduce every member opens a stream to every other at the same instant. Between two peers
+        that never talked, both dials race (libp2p "simultaneous open") and one of the two streams was lost in about
+        one first round in three on our loopback tests: its sender waited for reducer_timeout and the round lost a
+        part. Waiting briefly on one side lets the first connection be reused by the second stream.
+        """
+        if self.peer_id.to_bytes() < peer_id.to_bytes():
+            return
+        deadline = asyncio.get_running_loop().time() + DIAL_STAGGER
+        while asyncio.get_running_loop().time() < deadline:
+            if any(info.peer_id == peer_id for info in await self._p2p.list_peers()):
+                return
+            await asyncio.sleep(0.05)
+
     async def _publish(self, part_index: int, averaged_part: torch.Tensor) -> runtime_pb2.Tensor:
         """Encode the average of one part once; every sender (and this peer) gets these same bytes."""
         if part_index not in self._published:
@@ -102,6 +128,7 @@ class ExactAllReduceRunner(AllReduceRunner):
 
     async def _communicate_with_peer(self, peer_id):
         if peer_id != self.peer_id:
+            await self._avoid_simultaneous_dial(peer_id)
             return await super()._communicate_with_peer(peer_id)
         peer_index = self.ordered_peer_ids.index(peer_id)
         sender_index = self.sender_peer_ids.index(peer_id)

@@ -123,6 +123,13 @@ def build_parser() -> Parser:
     )
     join.add_argument("--threads", type=positive_int, help="torch CPU threads (default: torch's choice)")
     join.add_argument("--quiet", action="store_true", help="no progress bar: one line per round only")
+    join.add_argument(
+        "--min-peers",
+        type=positive_int,
+        default=1,
+        metavar="N",
+        help="wait until N trainers (us included) are online before the first round",
+    )
     model = join.add_argument_group("model and optimizer")
     model.add_argument("--block-size", type=positive_int, default=64, help="context length in bytes")
     model.add_argument("--n-layer", type=positive_int, default=4)
@@ -350,6 +357,7 @@ def _node_config(args: argparse.Namespace):
         region=args.region,
         inner_steps=args.inner_steps,
         max_rounds=args.max_rounds,
+        min_peers=args.min_peers,
         compression=args.compression,
         threads=args.threads or 0,
         model=ModelConfig(block_size=args.block_size, n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd),

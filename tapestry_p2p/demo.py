@@ -143,7 +143,7 @@ def start_partners(run: DemoRun, bootstrap_addr: str) -> None:
             "--data": folder / "train.txt", "--partner": partner.name, "--region": partner.region,
             "--max-rounds": run.config.rounds, "--inner-steps": run.config.inner_steps,
             "--checkpoint-dir": folder / "checkpoint", "--metrics": folder / "metrics.jsonl",
-            "--threads": 1, "--round-window": 3, "--quiet": None,
+            "--threads": 1, "--round-window": 3, "--quiet": None, "--min-peers": len(run.config.partners),
         }  # fmt: skip
         args = ["join"] + [str(x) for option, value in options.items() for x in (option, value) if x is not None]
         _spawn(run, partner.name, args)

@@ -41,11 +41,13 @@ from tapestry_p2p.swarm import (
     stop_dht,
     visible_maddrs,
 )
-from tapestry_p2p.telemetry import StatusPublisher, signing_key, validators
+from tapestry_p2p.telemetry import StatusPublisher, read_statuses, signing_key, validators
 from tapestry_p2p.train import InnerTrainer, TrainConfig, mean
 
 logger = logging.getLogger(__name__)
 
+RESYNC_ATTEMPTS = 3
+RESYNC_RETRY_SECONDS = 1.0
 RUN_ID_PATTERN = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 
 
@@ -63,6 +65,7 @@ class NodeConfig:
     region: str = "unknown"
     inner_steps: int = 50  # H: inner steps before a peer calls the round's meeting
     max_rounds: Optional[int] = None  # stop after this many outer rounds; None: until interrupted
+    min_peers: int = 1  # trainers (us included) that must be online before our first round
     compression: str = "8bit"
     threads: int = 0  # torch threads; 0 keeps torch's default
     solo: bool = False  # no network at all: the trained-alone baseline
@@ -82,6 +85,8 @@ class NodeConfig:
             raise ValueError(f"compression must be one of {', '.join(CHOICES)}, got {self.compression!r}")
         if self.threads < 0:
             raise ValueError(f"threads must be >= 0, got {self.threads}")
+        if self.min_peers <= 0:
+            raise ValueError(f"min peers must be a positive integer, got {self.min_peers}")
 
 
 @dataclass
@@ -131,6 +136,7 @@ class Node:
         self.dht: Optional[DHT] = None
         self.status = StatusPublisher.disabled()
         self.bytes_total = [0, 0]  # sent, received over this session
+        self._behind = False  # our last round was alone or ended out of step with the group
         self._lock = threading.Lock()  # theta and the outer optimizer, shared with the state-serving thread
         self.peer_id = "solo"
         self.rounds_done = 0
@@ -262,7 +268,21 @@ class Node:
             self.status.update(state="loading state")
             self._catch_up(averaging)
         averaging.publish_round(self.shared.round)
+        self._wait_for_peers()
         return averaging
+
+    def _wait_for_peers(self) -> None:
+        """Before the first round, wait until `min_peers` trainers of the run (us included) report in the DHT."""
+        self.status.update(state="idle")
+        announced = False
+        while not self.stop.is_set():
+            online = sum(1 for p in read_statuses(self.dht, self.config.run_id) if p.role == "trainer")
+            if online >= self.config.min_peers:
+                return
+            if not announced:
+                logger.info("waiting for %d trainers to come online (%d so far)", self.config.min_peers, online)
+                announced = True
+            self.stop.wait(1.0)
 
     def _catch_up(self, averaging: SwarmAveraging) -> None:
         """If the swarm is ahead of us (we are new, or were away), start from its shared state."""
@@ -272,6 +292,15 @@ class Node:
             logger.info("caught up with the swarm at round %d", self.shared.round)
         else:
             logger.warning("the swarm is ahead of us but nobody served its state; training from our own")
+
+    def _resync(self, averaging: SwarmAveraging) -> bool:
+        """Adopt the group's state after a round that left us disagreeing with it. The peer that serves us may not
+        have finished the round yet, so a state older than ours is retried a few times."""
+        for attempt in range(RESYNC_ATTEMPTS):
+            if self._adopt(averaging.download_state(), self.shared.round):
+                return True
+            time.sleep(RESYNC_RETRY_SECONDS)
+        return False
 
     def _inner_loop(self, clock: Optional[MeetingClock]) -> Tuple[List[float], Optional[float]]:
         """Train until H steps are done and the meeting is near; returns the losses and the meeting time."""
@@ -295,6 +324,8 @@ class Node:
 
     def run_round(self, averaging) -> Optional[RoundRecord]:
         started = time.monotonic()
+        if self._behind:  # alone or out of step last round: rejoin the swarm's round if it has moved on
+            self._catch_up(averaging)
         round_no = self.shared.round + 1
         clock = None if self.dht is None else MeetingClock(self.dht, self.config.run_id, round_no, self.config.schedule)
         self.status.update(state="training")
@@ -315,8 +346,9 @@ class Node:
         resynced = False
         if result.needs_resync:
             self.status.update(state="loading state")
-            resynced = self._adopt(averaging.download_state(), self.shared.round)
+            resynced = self._resync(averaging)
             logger.warning("our shared model disagreed with the group: re-sync %s", "done" if resynced else "failed")
+        self._behind = result.group_size == 1 or (result.needs_resync and not resynced)
         averaging.publish_round(self.shared.round)
         model_hash = self.shared.hash()
         self._save(model_hash)

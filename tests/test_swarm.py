@@ -73,7 +73,10 @@ def run_to_completion(procs, names, timeout=180):
 @pytest.mark.parametrize("n_peers", [2, 3])
 def test_peers_share_one_identical_model_every_round(procs, bootstrap_addr, tmp_path, n_peers):
     names = [f"p{i}" for i in range(n_peers)]
-    popens = {n: procs.start(n, *join_args(tmp_path, n, seed=i, bootstrap=bootstrap_addr)) for i, n in enumerate(names)}
+    popens = {
+        n: procs.start(n, *join_args(tmp_path, n, i, bootstrap_addr, ROUNDS, "--min-peers", str(n_peers)))
+        for i, n in enumerate(names)
+    }
     run_to_completion(procs, popens)
 
     records = {n: metrics(tmp_path, n) for n in names}
@@ -83,7 +86,8 @@ def test_peers_share_one_identical_model_every_round(procs, bootstrap_addr, tmp_
         # a round whose all-reduce lost a part must end with that peer re-synced from its group (see closing notes)
         assert all(r["failure"] is None or r["resynced"] for r in records[n]), records[n]
         assert all(r["bytes_sent"] > 0 and r["bytes_received"] > 0 for r in records[n])
-        assert records[n][-1]["loss"] < records[n][0]["loss"]
+        losses = [r["loss"] for r in records[n] if r["loss"] is not None]  # None: joined a meeting with no steps
+        assert losses[-1] < losses[0]
     for round_index in range(ROUNDS):  # after every round, one shared model
         assert len({records[n][round_index]["model_hash"] for n in names}) == 1
 
