@@ -12,32 +12,44 @@ apart peer by peer. Here:
 So each member ends the round holding exactly the same float32 values, whatever the codec. Matchmaking, timeouts,
 part splitting and load balancing stay hivemind's. The runner also counts the bytes of every message it sends and
 receives, so a round's traffic is measured where it happens rather than estimated.
+
+When a reducer dies mid-round, the values it was averaging get *no* update this round on every member (a zero
+pseudo-gradient), instead of hivemind's "keep your own values", which would leave each survivor with a different
+model. The averager also serves and downloads the shared state in slices (see `statesync`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import signal
 import time
 from dataclasses import dataclass
-from typing import Any, AsyncIterator, Callable, Dict, Optional, Sequence, Tuple
+from typing import Any, AsyncIterator, Callable, Dict, List, Optional, Sequence, Set, Tuple
 
 import torch
 from hivemind.averaging import DecentralizedAverager
 from hivemind.averaging import matchmaking as hivemind_matchmaking
 from hivemind.averaging.allreduce import AllReduceRunner, AveragingMode
 from hivemind.averaging.group_info import GroupInfo
-from hivemind.compression import CompressionInfo, deserialize_torch_tensor
-from hivemind.p2p import P2PContext
+from hivemind.compression import CompressionInfo, deserialize_torch_tensor, serialize_torch_tensor
+from hivemind.p2p import P2PContext, PeerID
 from hivemind.proto import averaging_pb2, runtime_pb2
-from hivemind.utils.asyncio import amap_in_executor, as_aiter, azip
+from hivemind.utils.asyncio import aiter_with_timeout, amap_in_executor, as_aiter, azip
+from hivemind.utils.mpfuture import MPFuture
+from hivemind.utils.streaming import combine_from_streaming, split_for_streaming
 
-from tapestry_p2p import codec
+from tapestry_p2p import codec, statesync
 from tapestry_p2p.processes import die_with_parent, keeping_sigint_handler
 
 logger = logging.getLogger(__name__)
 
 DIAL_STAGGER = 1.0  # seconds the larger peer id waits for a first connection (see _avoid_simultaneous_dial)
+PROGRESS_PERIOD = 2.0  # seconds between progress lines of a state download
+# Fault injection for tests and the churn soak: "N" makes this node SIGKILL itself during its N-th all-reduce, right
+# after it has served one averaged part to a groupmate (so the groupmates see a reducer die mid-stream).
+CRASH_ENV = "TAPESTRY_CRASH_IN_ALLREDUCE"
 
 codec.register()  # before hivemind forks the averager process, so both ends decode our 8-bit format
 
@@ -76,9 +88,15 @@ class _CountingStub:
 class ExactAllReduceRunner(AllReduceRunner):
     """An AllReduceRunner whose outputs are the decoded averages, identical on every member of the group."""
 
-    def __init__(self, **kwargs):
+    def __init__(self, crash: bool = False, **kwargs):
         super().__init__(**kwargs)
-        self.tensor_part_container.return_deltas = False  # a failed reducer's part falls back to our own values
+        container = self.tensor_part_container
+        container.return_deltas = False  # outputs are averages, not deltas; a failed reducer's span is zeroed later
+        self.span_sizes = [sum(part.numel() for part, _ in parts) for parts in container._input_parts_by_peer]
+        self.failed_reducers: Set[int] = set()
+        register_failed = container.register_failed_reducer
+        container.register_failed_reducer = lambda index: (self.failed_reducers.add(index), register_failed(index))
+        self._crash = crash
         self.traffic = Traffic()
         self._published: Dict[int, asyncio.Future] = {}
         # Senders whose results we still have to stream back. hivemind's runner finishes as soon as its *own*
@@ -146,6 +164,10 @@ class ExactAllReduceRunner(AllReduceRunner):
             async for message in super().rpc_aggregate_part(stream, context):
                 self.traffic.sent += message.ByteSize()
                 yield message
+                if self._crash:
+                    logger.warning("%s is set: killing this node in the middle of an all-reduce", CRASH_ENV)
+                    os.kill(os.getppid(), signal.SIGKILL)  # the node; its other children die with it (PDEATHSIG)
+                    os.kill(os.getpid(), signal.SIGKILL)
         finally:
             self._unserved.discard(context.remote_id)
             if not self._unserved:
@@ -168,6 +190,42 @@ class ExactAllReduceRunner(AllReduceRunner):
         finally:
             if part_index != self.tensor_part_reducer.num_parts:
                 await self._ban_sender(self.sender_peer_ids[sender_index])
+
+    def failed_spans(self) -> List[Tuple[int, int]]:
+        """[start, end) ranges, in the flattened order of the tensors, of the reducers that failed this round."""
+        starts = [sum(self.span_sizes[:i]) for i in range(len(self.span_sizes))]
+        return [(starts[i], starts[i] + self.span_sizes[i]) for i in sorted(self.failed_reducers)]
+
+
+@torch.no_grad()
+def zero_spans(tensors: Sequence[torch.Tensor], spans: Sequence[Tuple[int, int]]) -> int:
+    """Zero the [start, end) ranges of the tensors' concatenated flat view; returns the number of values zeroed."""
+    zeroed, offset = 0, 0
+    for tensor in tensors:
+        flat = tensor.view(-1)
+        for start, end in spans:
+            lo, hi = max(start - offset, 0), min(end - offset, flat.numel())
+            if lo < hi:
+                flat[lo:hi] = 0
+                zeroed += hi - lo
+        offset += flat.numel()
+    return zeroed
+
+
+class _Progress:
+    """Logs a state download's progress every PROGRESS_PERIOD seconds."""
+
+    def __init__(self, total_bytes: int, servers: int):
+        self.total, self.servers, self.done, self._last = total_bytes, servers, 0, time.monotonic()
+
+    def add(self, n: int) -> None:
+        self.done += n
+        if time.monotonic() - self._last >= PROGRESS_PERIOD:
+            self._last = time.monotonic()
+            logger.info(
+                "downloading the shared state: %.0f%% of %.1f MB from %d peers",
+                100 * self.done / max(self.total, 1), self.total / 1e6, self.servers,
+            )  # fmt: skip
 
 
 class _RateLimitedKeys:
@@ -205,7 +263,8 @@ class RoundOutcome:
     gathered: Dict[str, Any]  # peer id (base58) -> the metadata that peer passed as `gather`
     bytes_sent: int
     bytes_received: int
-    failed_fraction: float  # share of values whose reducer failed (those values are our own, not the average)
+    failed_fraction: float  # share of values whose reducer failed (those values get no update this round)
+    senders_lost: int  # groupmates whose parts never reached us as a reducer (our span averages the others')
 
 
 class ExactAverager(DecentralizedAverager):
@@ -220,6 +279,10 @@ class ExactAverager(DecentralizedAverager):
         self._state_fn = state_fn
         self._last_traffic = Traffic()
         self._last_failed_fraction = 0.0
+        self._last_senders_lost = 0
+        self._allreduces = 0
+        crash_at = os.environ.get(CRASH_ENV, "")
+        self._crash_at = int(crash_at) if crash_at.isdigit() else None
         super().__init__(*args, allow_state_sharing=state_fn is not None, **kwargs)
 
     def run_in_background(self, await_ready: bool = True, timeout: Optional[float] = None) -> None:
@@ -244,13 +307,16 @@ class ExactAverager(DecentralizedAverager):
             bytes_sent=traffic.sent,
             bytes_received=traffic.received,
             failed_fraction=self._last_failed_fraction,
+            senders_lost=self._last_senders_lost,
         )
 
     async def _run_allreduce_inplace_(
         self, tensors: Sequence[torch.Tensor], group_info: GroupInfo, group_id: Optional[bytes] = None, **kwargs
     ):
         group_id = group_info.group_id if group_id is None else group_id
+        self._allreduces += 1
         runner = ExactAllReduceRunner(
+            crash=self._allreduces == self._crash_at,
             p2p=self._p2p,
             servicer_type=type(self),
             prefix=self.prefix,
@@ -269,5 +335,114 @@ class ExactAverager(DecentralizedAverager):
             await asyncio.wait_for(runner.all_served.wait(), timeout=runner.sender_timeout)
         except asyncio.TimeoutError:
             logger.debug("some groupmates were not served their averaged parts in time")
-        container = runner.tensor_part_container
-        self._last_failed_fraction = container.failed_size / max(container.total_size, 1)
+        # A reducer that failed may have sent part of its span to some members and not to others; nobody uses any of
+        # it, so all survivors end the round with the same values.
+        zeroed = zero_spans(tensors, runner.failed_spans())
+        self._last_failed_fraction = zeroed / max(runner.tensor_part_container.total_size, 1)
+        self._last_senders_lost = sum(after != float("inf") for after in runner.tensor_part_reducer.sender_failed_after)
+
+    # ---- the shared state, served and downloaded in slices (see statesync) ----
+
+    async def rpc_state_slice(
+        self, request: runtime_pb2.ExpertRequest, _context: P2PContext
+    ) -> AsyncIterator[averaging_pb2.DownloadData]:
+        if not self.allow_state_sharing:
+            return
+        metadata, tensors, _ = await self._get_current_state_from_host_process()
+        metadata = self.serializer.loads(metadata)
+        info = statesync.StateInfo(int(metadata["round"]), str(metadata["hash"]), tuple(t.numel() for t in tensors))
+        yield averaging_pb2.DownloadData(metadata=info.pack())
+        asked = statesync.unpack_request(request.metadata, len(tensors))
+        if asked is None or (asked[0] is not None and asked[0] != info.hash):
+            return
+        for index in asked[1]:
+            for part in split_for_streaming(serialize_torch_tensor(tensors[index].float())):
+                yield averaging_pb2.DownloadData(tensor_part=part)
+
+    async def _ask_for_state(
+        self, peer: str, want: Optional[str], indices: Sequence[int], timeout: float, progress: Optional[_Progress]
+    ) -> Tuple[Optional[statesync.StateInfo], List[torch.Tensor]]:
+        stub = type(self).get_stub(self._p2p, PeerID.from_base58(peer), namespace=self.prefix)
+        request = runtime_pb2.ExpertRequest(metadata=statesync.pack_request(want, indices))
+        stream = await asyncio.wait_for(stub.rpc_state_slice(request), timeout)
+        info, tensors, parts = None, [], []
+        async for message in aiter_with_timeout(stream, timeout=timeout):
+            if info is None:
+                info = statesync.StateInfo.unpack(message.metadata)
+                if info is None:
+                    return None, []
+                continue
+            if message.tensor_part.dtype and parts:
+                tensors.append(deserialize_torch_tensor(combine_from_streaming(parts)))
+                parts = []
+            parts.append(message.tensor_part)
+            if progress is not None:
+                progress.add(len(message.tensor_part.buffer))
+        if parts:
+            tensors.append(deserialize_torch_tensor(combine_from_streaming(parts)))
+        return info, tensors
+
+    def state_infos(self, peers: Sequence[str], timeout: float) -> Dict[str, statesync.StateInfo]:
+        """What each of `peers` holds (round, hash, sizes); peers that do not answer in time are left out."""
+        future = MPFuture()
+        self._outer_pipe.send(("_state_infos", [], dict(peers=list(peers), timeout=timeout, future=future)))
+        return future.result(timeout=timeout + 10)
+
+    async def _state_infos(self, peers: List[str], timeout: float, future: MPFuture) -> None:
+        answers = await asyncio.gather(
+            *(self._ask_for_state(peer, None, [], timeout, None) for peer in peers), return_exceptions=True
+        )
+        infos = {}
+        for peer, answer in zip(peers, answers):
+            if isinstance(answer, BaseException) or answer[0] is None:
+                logger.debug("no state info from %s: %r", peer, answer)
+            else:
+                infos[peer] = answer[0]
+        future.set_result(infos)
+
+    def fetch_state(
+        self, servers: Sequence[str], target: statesync.StateInfo, timeout: float
+    ) -> Optional[Tuple[List[torch.Tensor], List[str]]]:
+        """Download the state `target` describes, its tensors split across `servers` (who all hold it).
+
+        Returns the tensors and the servers that delivered, or None if they could not deliver it all.
+        """
+        future = MPFuture()
+        kwargs = dict(servers=list(servers), target=target, timeout=timeout, future=future)
+        self._outer_pipe.send(("_fetch_state", [], kwargs))
+        return future.result()
+
+    async def _fetch_state(
+        self, servers: List[str], target: statesync.StateInfo, timeout: float, future: MPFuture
+    ) -> None:
+        got: Dict[int, torch.Tensor] = {}
+        delivered: List[str] = []
+        progress = _Progress(target.nbytes, len(servers))
+        todo = list(range(len(target.numel)))
+        try:
+            while todo and servers:
+                plan = statesync.assign(target.numel, servers, todo)
+                answers = await asyncio.gather(
+                    *(self._ask_for_state(s, target.hash, chosen, timeout, progress) for s, chosen in plan.items()),
+                    return_exceptions=True,
+                )
+                for (server, chosen), answer in zip(plan.items(), answers):
+                    shapes_ok = not isinstance(answer, BaseException) and [t.numel() for t in answer[1]] == [
+                        target.numel[i] for i in chosen
+                    ]
+                    if shapes_ok and answer[0] is not None and answer[0].id == target.id:
+                        got.update(zip(chosen, answer[1]))
+                        delivered.append(server)
+                    else:
+                        logger.info(
+                            "peer %s did not serve its share of the state (%r); asking the others",
+                            server,
+                            answer if isinstance(answer, BaseException) else "wrong state",
+                        )
+                        servers = [s for s in servers if s != server]
+                todo = [i for i in todo if i not in got]
+            future.set_result(None if todo else ([got[i] for i in range(len(target.numel))], delivered))
+        except BaseException as e:
+            if not future.done():
+                future.set_exception(e)
+            raise

@@ -8,24 +8,28 @@ The average is weighted by each member's inner steps this round (see `average`).
 
 Agreement: every peer gathers `{round, hash}` from its group. If the group's members disagree on the shared model
 (a peer missed a round, or crashed and came back), the canonical state is the one held by most members of the
-highest round (ties: the smallest peer id); `needs_resync` tells the other members to download it afterwards.
+highest round (ties: the smallest peer id, see `statesync.canonical_state`); `needs_resync` tells the other members
+to download it afterwards. A round that lost a part (a groupmate died mid-stream) ends with a second comparison,
+`agreed_state`, among the members that finished it.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-from collections import Counter
+import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from hivemind.dht import DHT
+from hivemind.p2p import PeerID
 from hivemind.utils import get_dht_time
 
 from tapestry_p2p.allreduce import ExactAverager, RoundOutcome
 from tapestry_p2p.codec import compression_for
 from tapestry_p2p.rounds import MATCHMAKING_LEAD
+from tapestry_p2p.statesync import StateId, canonical_state
 
 logger = logging.getLogger(__name__)
 
@@ -35,7 +39,18 @@ MEETING_GRACE = 2.0  # after the meeting time, how long a peer keeps looking for
 ALLREDUCE_TIMEOUT = 60.0  # the longest an all-reduce may take once the group is formed, in seconds
 NEXT_CHUNK_TIMEOUT = 10.0  # a groupmate silent for this long is dropped from the round
 PART_SIZE_BYTES = 64 * 1024
+STATE_TIMEOUT = 10.0  # a serving peer silent for this long (per message) is dropped from a state download
+AGREEMENT_WAIT = 5.0  # after a failed round, how long to wait for groupmates to finish it before comparing states
 ZERO_STEP_WEIGHT = 1e-6  # smaller parts balance the reducers' load better on small models
+
+
+@dataclass
+class Download:
+    """A shared state downloaded from peers: its (round, hash), the tensors, and who served them."""
+
+    state: StateId
+    tensors: List[torch.Tensor]
+    servers: List[str]
 
 
 @dataclass
@@ -47,23 +62,6 @@ class RoundResult:
     peers: List[str] = field(default_factory=list)
     failure: Optional[str] = None  # why the round fell back to a solo step, if it did
     needs_resync: bool = False
-
-
-def canonical_member(gathered: Dict[str, Any]) -> Optional[Tuple[int, str]]:
-    """(round, hash) of the state the group should converge on; None if no member sent a valid record."""
-    valid = {
-        peer: (int(data["round"]), data["hash"])
-        for peer, data in gathered.items()
-        if isinstance(data, dict) and isinstance(data.get("round"), int) and isinstance(data.get("hash"), str)
-    }
-    if not valid:
-        return None
-    top_round = max(r for r, _ in valid.values())
-    counts = Counter(h for r, h in valid.values() if r == top_round)
-    best = max(counts.values())
-    tied = {h for h, c in counts.items() if c == best}
-    first_peer = min(peer for peer, (r, h) in valid.items() if r == top_round and h in tied)
-    return valid[first_peer]
 
 
 class SoloAveraging:
@@ -78,7 +76,7 @@ class SoloAveraging:
     def highest_round_online(self) -> int:
         return -1
 
-    def download_state(self) -> Optional[Tuple[Dict[str, Any], List[torch.Tensor]]]:
+    def download_state(self, min_round: int, peers: Optional[Sequence[str]] = None) -> Optional[Download]:
         return None
 
     def shutdown(self) -> None:
@@ -137,11 +135,13 @@ class SwarmAveraging:
             averaged = [b.clone() for b in buffers]
         if not all(torch.isfinite(a).all() for a in averaged):
             return RoundResult([d.clone() for d in delta], 1, failure="non-finite average; kept our own update")
-        canonical = canonical_member(outcome.gathered)
+        canonical = canonical_state(outcome.gathered)
         mine = (gather["round"], gather["hash"])
         failure = None
         if outcome.failed_fraction > 0:
-            failure = f"{outcome.failed_fraction:.0%} of values lost a reducer"
+            failure = f"{outcome.failed_fraction:.1%} of values lost their reducer (no update for them this round)"
+        elif outcome.senders_lost:
+            failure = f"{outcome.senders_lost} groupmates' parts never reached us"
         return RoundResult(
             averaged=averaged,
             group_size=len(outcome.gathered),
@@ -149,32 +149,62 @@ class SwarmAveraging:
             bytes_received=outcome.bytes_received,
             peers=sorted(outcome.gathered),
             failure=failure,
-            needs_resync=(canonical is not None and canonical != mine) or outcome.failed_fraction > 0,
+            needs_resync=canonical is not None and canonical != mine,
         )
 
     def publish_round(self, round_no: int) -> None:
         """Peers download state from whoever is furthest along: advertise our round as the priority."""
         self._averager.state_sharing_priority = float(round_no)
 
-    def highest_round_online(self) -> int:
-        """The highest round any peer of the run advertises for state sharing (-1 if none does).
-
-        Read from the DHT key where hivemind's averagers declare their state-sharing priority, which we set to our
-        round: checking it first saves downloading a whole state that is no newer than ours.
-        """
+    def _advertised(self) -> Dict[str, float]:
+        """Peer id -> round, for every peer that declares it can serve its state (hivemind's `all_averagers` key)."""
         found = self._dht.get(f"{self._averager.prefix}.all_averagers", latest=True)
         if found is None or not isinstance(found.value, dict):
-            return -1
-        rounds = [v.value for v in found.value.values() if isinstance(v.value, (int, float)) and math.isfinite(v.value)]
-        return int(max(rounds)) if rounds else -1
+            return {}
+        rounds = {}
+        for subkey, entry in found.value.items():
+            value = getattr(entry, "value", None)
+            if isinstance(subkey, bytes) and isinstance(value, (int, float)) and math.isfinite(value):
+                rounds[PeerID(subkey).to_base58()] = value
+        rounds.pop(self._averager.peer_id.to_base58(), None)
+        return rounds
 
-    def download_state(self) -> Optional[Tuple[Dict[str, Any], List[torch.Tensor]]]:
-        """The shared state of the most advanced peer that answers, or None."""
-        result = self._averager.load_state_from_peers(timeout=ALLREDUCE_TIMEOUT)
-        if result is None:
+    def highest_round_online(self) -> int:
+        """The highest round another peer of the run advertises for state sharing (-1 if none does).
+
+        We set the advertised priority to our round (`publish_round`): checking it first saves asking for a state
+        that is no newer than ours.
+        """
+        return int(max(self._advertised().values(), default=-1))
+
+    def download_state(self, min_round: int, peers: Optional[Sequence[str]] = None) -> Optional[Download]:
+        """The canonical state among `peers` (default: every peer advertising `min_round` or later), downloaded in
+        slices from all peers that hold it; None if nobody holds a state of `min_round` or later, or it failed."""
+        if peers is None:
+            peers = [peer for peer, r in self._advertised().items() if r >= min_round]
+        if not peers:
             return None
-        metadata, tensors = result
-        return metadata, tensors
+        infos = {p: i for p, i in self._averager.state_infos(peers, STATE_TIMEOUT).items() if i.round >= min_round}
+        target = canonical_state(infos)
+        if target is None:
+            return None
+        servers = sorted(p for p, info in infos.items() if info.id == target)
+        logger.info("downloading the state of round %d (%s) from %d peers", target[0], target[1], len(servers))
+        fetched = self._averager.fetch_state(servers, infos[servers[0]], STATE_TIMEOUT)
+        if fetched is None:
+            return None
+        return Download(state=target, tensors=fetched[0], servers=fetched[1])
+
+    def agreed_state(self, peers: Sequence[str], round_no: int) -> Optional[StateId]:
+        """The state the group `peers` converged on after round `round_no` (the canonical one among those that
+        finished it), waiting up to AGREEMENT_WAIT seconds for peers that have not finished yet."""
+        deadline = time.monotonic() + AGREEMENT_WAIT
+        while True:
+            infos = self._averager.state_infos(peers, STATE_TIMEOUT)
+            finished = {p: i for p, i in infos.items() if i.round >= round_no}
+            if len(finished) == len(infos) or time.monotonic() > deadline:
+                return canonical_state(finished)
+            time.sleep(0.5)
 
     def shutdown(self) -> None:
         self._averager.shutdown()

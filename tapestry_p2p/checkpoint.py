@@ -7,6 +7,11 @@ A checkpoint directory holds
 Each file is written to a temporary file in the same directory, fsynced, then renamed over the old one, so a crash
 leaves either the old or the new file, never half of one. `model.safetensors` is renamed first; `state.pt` records
 its hash, so a crash between the two renames is detected on resume instead of silently mixing rounds.
+
+Before a save replaces them, the current pair is hard-linked into `previous/` (no copy, and atomic per file), so a
+checkpoint damaged on disk after it was written (a truncated copy, a full disk, a bad restore) still leaves the one
+before it to resume from. A checkpoint that cannot be read is refused with the file's name and both ways out; the node
+never starts from scratch on its own and never writes over a checkpoint it could not read.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from tapestry_p2p import UserError
 
 MODEL_FILE = "model.safetensors"
 STATE_FILE = "state.pt"
+PREVIOUS = "previous"
 
 
 class CheckpointError(UserError):
@@ -45,9 +51,30 @@ def atomic_write(path: Path, write: Callable[[str], None]) -> None:
 
 def save(directory: Path, shared: Dict[str, torch.Tensor], state: Dict[str, Any]) -> None:
     directory.mkdir(parents=True, exist_ok=True)
+    _keep_previous(directory)
     tensors = {name: t.detach().to(torch.float32).contiguous() for name, t in shared.items()}
     atomic_write(directory / MODEL_FILE, lambda tmp: save_file(tensors, tmp))
     atomic_write(directory / STATE_FILE, lambda tmp: torch.save(state, tmp))
+
+
+def _keep_previous(directory: Path) -> None:
+    """Hard-link the current checkpoint files into `previous/` (each link made under a temporary name, then renamed)."""
+    if not ((directory / MODEL_FILE).exists() and (directory / STATE_FILE).exists()):
+        return
+    previous = directory / PREVIOUS
+    previous.mkdir(exist_ok=True)
+    for name in (MODEL_FILE, STATE_FILE):
+        tmp = previous / f".{name}.link"
+        tmp.unlink(missing_ok=True)
+        os.link(directory / name, tmp)
+        os.replace(tmp, previous / name)
+
+
+def way_out(directory: Path) -> str:
+    previous = directory / PREVIOUS
+    if (previous / MODEL_FILE).exists() and (previous / STATE_FILE).exists():
+        return f"to resume from the round before, run: cp {previous}/* {directory}/ ; or pass a new --checkpoint-dir"
+    return "restore it from a backup, or pass a new --checkpoint-dir to start fresh"
 
 
 def exists(directory: Path) -> bool:
@@ -55,22 +82,22 @@ def exists(directory: Path) -> bool:
 
 
 def load(directory: Path) -> Tuple[Dict[str, torch.Tensor], Dict[str, Any]]:
-    """Read a checkpoint back; raises CheckpointError naming the bad file."""
+    """Read a checkpoint back; raises CheckpointError naming the bad file and the way out."""
     model_path, state_path = directory / MODEL_FILE, directory / STATE_FILE
-    if not model_path.exists():
-        raise CheckpointError(f"{model_path} is missing; restore it or pass a new --checkpoint-dir to start fresh")
+    for path in (model_path, state_path):
+        if not path.exists():
+            raise CheckpointError(f"{path} is missing; {way_out(directory)}")
     try:
         shared = load_file(str(model_path))
     except Exception as e:
-        raise CheckpointError(
-            f"{model_path} is unreadable ({type(e).__name__}); restore it or pass a new --checkpoint-dir"
-        ) from None
-    if not state_path.exists():
-        raise CheckpointError(f"{state_path} is missing; restore it or pass a new --checkpoint-dir to start fresh")
+        raise CheckpointError(f"{model_path} is truncated or corrupt ({_reason(e)}); {way_out(directory)}") from None
     try:
         state = torch.load(str(state_path), weights_only=True)
     except Exception as e:
-        raise CheckpointError(
-            f"{state_path} is unreadable ({type(e).__name__}); restore it or pass a new --checkpoint-dir"
-        ) from None
+        raise CheckpointError(f"{state_path} is truncated or corrupt ({_reason(e)}); {way_out(directory)}") from None
     return shared, state
+
+
+def _reason(error: Exception) -> str:
+    text = str(error).splitlines()[0] if str(error) else ""
+    return f"{type(error).__name__}: {text[:80]}" if text else type(error).__name__

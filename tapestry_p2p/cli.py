@@ -130,6 +130,11 @@ def build_parser() -> Parser:
         metavar="N",
         help="wait until N trainers (us included) are online before the first round",
     )
+    join.add_argument(
+        "--start-fresh",
+        action="store_true",
+        help="if the swarm is ahead of us and nobody serves its state, train from ours instead of waiting",
+    )
     model = join.add_argument_group("model and optimizer")
     model.add_argument("--block-size", type=positive_int, default=64, help="context length in bytes")
     model.add_argument("--n-layer", type=positive_int, default=4)
@@ -189,6 +194,10 @@ def apply_config_file(parser: Parser, subparser_name: str, argv: Sequence[str]) 
 
 
 def _config_value(path: Path, key: str, value: Any, action: argparse.Action) -> Any:
+    if action.nargs == 0:  # a switch such as --quiet
+        if not isinstance(value, bool):
+            raise UsageError(f"--config: {key} in {path} must be true or false, not {value!r}")
+        return value
     items = value if isinstance(value, list) else [value]
     if action.nargs is None and isinstance(value, list):
         raise UsageError(f"--config: {key} in {path} must be a single value, not a list")
@@ -358,6 +367,7 @@ def _node_config(args: argparse.Namespace):
         inner_steps=args.inner_steps,
         max_rounds=args.max_rounds,
         min_peers=args.min_peers,
+        start_fresh=args.start_fresh,
         compression=args.compression,
         threads=args.threads or 0,
         model=ModelConfig(block_size=args.block_size, n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd),

@@ -5,6 +5,9 @@ A round, as `Node.run_round` reads:
 2. pseudo-gradient `theta - working`, averaged with the peers that meet (bit-exact, compressed on the wire);
 3. outer Nesterov step on `theta`; the working copy restarts from it;
 4. re-sync from the group if our shared model disagreed with it; checkpoint; one metrics record.
+
+A node that joins a run already under way (or comes back to one) first downloads the swarm's shared state
+(`_catch_up`). On stop (Ctrl-C, SIGTERM) the node checkpoints where it is, mid-round included, and resumes from there.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from hivemind.dht import DHT
 from hivemind.utils import get_dht_time
 
 from tapestry_p2p import __version__, checkpoint
-from tapestry_p2p.averaging import RoundResult, SoloAveraging, SwarmAveraging
+from tapestry_p2p.averaging import Download, RoundResult, SoloAveraging, SwarmAveraging
 from tapestry_p2p.codec import CHOICES
 from tapestry_p2p.data import ByteBatches, load_text_bytes
 from tapestry_p2p.model import ModelConfig, build_model
@@ -46,8 +49,7 @@ from tapestry_p2p.train import InnerTrainer, TrainConfig, mean
 
 logger = logging.getLogger(__name__)
 
-RESYNC_ATTEMPTS = 3
-RESYNC_RETRY_SECONDS = 1.0
+CATCH_UP_RETRY_SECONDS = 10.0  # a joiner that finds the swarm ahead but nobody serving its state asks again this often
 RUN_ID_PATTERN = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 
 
@@ -69,6 +71,7 @@ class NodeConfig:
     compression: str = "8bit"
     threads: int = 0  # torch threads; 0 keeps torch's default
     solo: bool = False  # no network at all: the trained-alone baseline
+    start_fresh: bool = False  # if the swarm is ahead and nobody serves its state: train from our own, don't wait
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     outer: OuterConfig = field(default_factory=OuterConfig)
@@ -141,6 +144,7 @@ class Node:
         self.peer_id = "solo"
         self.rounds_done = 0
         self.last_loss = float("nan")
+        self._round_losses: List[float] = []  # inner-step losses of the round under way (kept across a stop/resume)
         if config.threads:
             torch.set_num_threads(config.threads)
         data = load_text_bytes(config.data, min_bytes=config.model.block_size + 2)
@@ -162,32 +166,48 @@ class Node:
         expected = {k: tuple(v.shape) for k, v in self.shared.model.state_dict().items()}
         found = {k: tuple(v.shape) for k, v in shared.items()}
         if found != expected:
+            differs = next((k for k in expected if found.get(k) != expected[k]), next(iter(found.keys() - expected)))
             raise checkpoint.CheckpointError(
-                f"{directory / checkpoint.MODEL_FILE} holds a model of another shape; pass the model options it was "
-                f"trained with, or a new --checkpoint-dir"
+                f"{directory / checkpoint.MODEL_FILE} holds a model of another shape ({differs}: {found.get(differs)} "
+                f"there, {expected.get(differs)} with these options); pass the model options it was trained with, "
+                f"or a new --checkpoint-dir"
             )
         self.shared.model.load_state_dict(shared)
-        self.shared.load_state_dict(state["outer"])
-        self.trainer.load_state_dict(state["inner"])
-        torch.set_rng_state(state["torch_rng"])
-        if self.shared.hash() != state["model_hash"]:
+        try:
+            self.shared.load_state_dict(state["outer"])
+            self.trainer.load_state_dict(state["inner"])
+            torch.set_rng_state(state["torch_rng"])
+            self._round_losses = [float(x) for x in state.get("round_losses", [])]
+            model_hash = state["model_hash"]
+        except (KeyError, TypeError, ValueError, RuntimeError) as e:
+            raise checkpoint.CheckpointError(
+                f"{directory / checkpoint.STATE_FILE} does not fit this model or version ({type(e).__name__}); "
+                f"{checkpoint.way_out(directory)}"
+            ) from None
+        if self.shared.hash() != model_hash:
             raise checkpoint.CheckpointError(
                 f"{directory / checkpoint.STATE_FILE} belongs to another {checkpoint.MODEL_FILE} (interrupted write?);"
-                " restore both files together or pass a new --checkpoint-dir"
+                f" {checkpoint.way_out(directory)}"
             )
         self.resumed = True
-        logger.info("resumed from %s at round %d, step %d", directory, self.shared.round, self.trainer.steps)
+        logger.info(
+            "resumed from %s at round %d, step %d (%d steps into the next round)",
+            directory, self.shared.round, self.trainer.steps, len(self._round_losses),
+        )  # fmt: skip
 
-    def _save(self, model_hash: str) -> None:
+    def _save(self) -> None:
+        """Checkpoint everything resuming needs: after each round, after a catch-up, and when stopping mid-round."""
         if self.config.checkpoint_dir is None:
             return
-        state = {
-            "outer": self.shared.state_dict(),
-            "inner": self.trainer.state_dict(),
-            "torch_rng": torch.get_rng_state(),
-            "model_hash": model_hash,
-            "version": __version__,
-        }
+        with self._lock:
+            state = {
+                "outer": self.shared.state_dict(),
+                "inner": self.trainer.state_dict(),
+                "torch_rng": torch.get_rng_state(),
+                "round_losses": list(self._round_losses),
+                "model_hash": self.shared.hash(),
+                "version": __version__,
+            }
         checkpoint.save(self.config.checkpoint_dir, self.shared.model.state_dict(), state)
 
     def _share_state(self) -> Tuple[Dict[str, Any], List[torch.Tensor]]:
@@ -198,25 +218,31 @@ class Node:
             tensors += [m.clone() for m in self.shared.momentum_buffers()]
             return metadata, tensors
 
-    def _adopt(self, downloaded: Optional[Tuple[Dict[str, Any], List[torch.Tensor]]], min_round: int) -> bool:
-        """Take a downloaded shared state if it is well-formed and at least `min_round`; returns whether we did."""
-        if downloaded is None:
+    def _adopt(self, download: Optional[Download], min_round: int) -> bool:
+        """Take a downloaded shared state if it is well-formed, at least `min_round`, and hashes to what its servers
+        announced; returns whether we did. The working model restarts from it."""
+        if download is None:
             return False
-        metadata, tensors = downloaded
-        n = len(self.shared.params)
+        round_no, tensors, n = download.state[0], download.tensors, len(self.shared.params)
         shapes_ok = len(tensors) == 2 * n and all(
             t.shape == p.shape for t, p in zip(tensors, self.shared.params + self.shared.params)
         )
-        round_no = metadata.get("round") if isinstance(metadata, dict) else None
-        if not shapes_ok or not isinstance(round_no, int) or round_no < min_round:
-            logger.warning("ignored a downloaded state (round %r, %d tensors)", round_no, len(tensors))
-            return False
-        if not all(torch.isfinite(t).all() for t in tensors):
-            logger.warning("ignored a downloaded state with non-finite values")
+        if not shapes_ok or round_no < min_round or not all(torch.isfinite(t).all() for t in tensors):
+            logger.warning("ignored a downloaded state (round %d, %d tensors): malformed or too old", round_no, n)
             return False
         with self._lock:
+            before = (
+                [p.detach().clone() for p in self.shared.params],
+                self.shared.momentum_buffers(),
+                self.shared.round,
+            )
             self.shared.load(tensors[:n], tensors[n:], round_no)
+            if self.shared.hash() != download.state[1]:
+                self.shared.load(*before)
+                logger.warning("ignored a downloaded state whose hash differs from what its servers announced")
+                return False
             self.shared.copy_into(self.trainer.model)
+            self._round_losses = []
         return True
 
     # ---- the loop ----
@@ -230,6 +256,7 @@ class Node:
             ):
                 record = self.run_round(averaging)
                 if record is None:
+                    self._save()  # stopped mid-round: keep the inner steps done so far
                     break
                 self.on_round(record)
         return Summary(
@@ -264,10 +291,10 @@ class Node:
             self._share_state,
         )  # fmt: skip
         stack.callback(averaging.shutdown)
+        averaging.publish_round(self.shared.round)
         if self.config.initial_peers:
             self.status.update(state="loading state")
-            self._catch_up(averaging)
-        averaging.publish_round(self.shared.round)
+            self._first_catch_up(averaging)
         self._wait_for_peers()
         return averaging
 
@@ -284,27 +311,61 @@ class Node:
                 announced = True
             self.stop.wait(1.0)
 
-    def _catch_up(self, averaging: SwarmAveraging) -> None:
-        """If the swarm is ahead of us (we are new, or were away), start from its shared state."""
-        if averaging.highest_round_online() <= self.shared.round:
-            return
-        if self._adopt(averaging.download_state(), self.shared.round + 1):
-            logger.info("caught up with the swarm at round %d", self.shared.round)
-        else:
-            logger.warning("the swarm is ahead of us but nobody served its state; training from our own")
+    def _first_catch_up(self, averaging: SwarmAveraging) -> None:
+        """On joining: if the swarm is ahead of us, start from its state. If nobody serves it, wait and ask again
+        (a joiner that trains from its own state would only be overwritten later), unless told to start fresh."""
+        while not self.stop.is_set():
+            ahead = averaging.highest_round_online()
+            if ahead <= self.shared.round:
+                if ahead < 0 and not self._others_online():
+                    logger.warning(
+                        "nobody else is in run %r yet: training alone until partners join "
+                        "(check --run-id if you expected a running swarm)", self.config.run_id,
+                    )  # fmt: skip
+                return
+            if self._catch_up(averaging):
+                return
+            if self.config.start_fresh:
+                logger.warning("the swarm is at round %d but nobody served its state: training from ours", ahead)
+                return
+            logger.warning(
+                "the swarm is at round %d but nobody served its state; asking again in %.0fs "
+                "(pass --start-fresh to train from our own state instead)", ahead, CATCH_UP_RETRY_SECONDS,
+            )  # fmt: skip
+            self.stop.wait(CATCH_UP_RETRY_SECONDS)
 
-    def _resync(self, averaging: SwarmAveraging) -> bool:
-        """Adopt the group's state after a round that left us disagreeing with it. The peer that serves us may not
-        have finished the round yet, so a state older than ours is retried a few times."""
-        for attempt in range(RESYNC_ATTEMPTS):
-            if self._adopt(averaging.download_state(), self.shared.round):
-                return True
-            time.sleep(RESYNC_RETRY_SECONDS)
-        return False
+    def _others_online(self) -> bool:
+        """Whether any other node (trainer or bootstrap) reports in this run's peer table."""
+        return any(p.peer_id != self.peer_id for p in read_statuses(self.dht, self.config.run_id))
+
+    def _catch_up(self, averaging) -> bool:
+        """Adopt the swarm's state if some peer is ahead of us and serves it; returns whether we did."""
+        if averaging.highest_round_online() <= self.shared.round:
+            return False
+        download = averaging.download_state(min_round=self.shared.round + 1)
+        if not self._adopt(download, self.shared.round + 1):
+            return False
+        logger.info(
+            "caught up with the swarm at round %d (model %s), downloaded from %d peers",
+            self.shared.round, download.state[1], len(download.servers),
+        )  # fmt: skip
+        averaging.publish_round(self.shared.round)
+        self._save()
+        return True
+
+    def _resync(self, averaging, peers: List[str]) -> bool:
+        """After a round that may have left us out of step with our group (we disagreed with it going in, or some
+        values lost their reducer), compare states with the group and download the agreed one if ours differs.
+        Returns whether we downloaded."""
+        others = [p for p in peers if p != self.peer_id]
+        agreed = averaging.agreed_state(others + [self.peer_id], self.shared.round)
+        if agreed is None or agreed == (self.shared.round, self.shared.hash()):
+            return False
+        return self._adopt(averaging.download_state(min_round=self.shared.round, peers=others), self.shared.round)
 
     def _inner_loop(self, clock: Optional[MeetingClock]) -> Tuple[List[float], Optional[float]]:
-        """Train until H steps are done and the meeting is near; returns the losses and the meeting time."""
-        losses: List[float] = []
+        """Train until H steps are done and the meeting is near; returns the round's losses and the meeting time."""
+        losses = self._round_losses  # not empty when we resumed mid-round
         meeting = None
         while not self.stop.is_set():
             if clock is not None and clock.should_stop_training():
@@ -317,7 +378,9 @@ class Node:
                     meeting = clock.agree()  # we are the first (or alone): call the meeting, train until it nears
                 if get_dht_time() >= meeting - MATCHMAKING_LEAD:
                     break
-            losses.append(self.trainer.step())
+            loss = self.trainer.step()
+            with self._lock:
+                losses.append(loss)
             self.status.update(inner_step=self.trainer.steps, state="training")
             self.on_step(len(losses), self.config.inner_steps)
         return losses, meeting
@@ -343,15 +406,17 @@ class Node:
         with self._lock:
             self.shared.apply(result.averaged)
             self.shared.copy_into(self.trainer.model)
+            self._round_losses = []
         resynced = False
-        if result.needs_resync:
+        if result.group_size > 1 and (result.needs_resync or result.failure):
             self.status.update(state="loading state")
-            resynced = self._resync(averaging)
-            logger.warning("our shared model disagreed with the group: re-sync %s", "done" if resynced else "failed")
+            resynced = self._resync(averaging, result.peers)
+            if resynced:
+                logger.warning("round %d left us out of step with the group: re-synced from it", self.shared.round)
         self._behind = result.group_size == 1 or (result.needs_resync and not resynced)
         averaging.publish_round(self.shared.round)
         model_hash = self.shared.hash()
-        self._save(model_hash)
+        self._save()
         self.rounds_done += 1
         self.last_loss = mean(losses)
         record = RoundRecord(

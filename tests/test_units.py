@@ -10,12 +10,12 @@ import torch
 from conftest import write_text
 
 from tapestry_p2p import checkpoint
-from tapestry_p2p.averaging import canonical_member
 from tapestry_p2p.codec import BLOCK_SIZE, Blockwise8Bit, compression_for, max_relative_error
 from tapestry_p2p.data import ByteBatches, DataError, load_text_bytes
 from tapestry_p2p.model import GPT, ModelConfig, build_model
 from tapestry_p2p.node import Node, NodeConfig
 from tapestry_p2p.outer import OuterConfig, SharedModel
+from tapestry_p2p.statesync import canonical_state
 
 TINY = ModelConfig(block_size=16, n_layer=1, n_head=2, n_embd=32)
 
@@ -86,12 +86,12 @@ def test_shared_state_can_be_adopted_exactly():
     assert b.hash() == a.hash()
 
 
-def test_canonical_member_prefers_highest_round_then_majority_then_smallest_peer():
+def test_canonical_state_prefers_highest_round_then_majority_then_smallest_peer():
     gathered = {"b": {"round": 3, "hash": "x"}, "a": {"round": 3, "hash": "y"}, "c": {"round": 2, "hash": "z"}}
-    assert canonical_member(gathered) == (3, "y")
+    assert canonical_state(gathered) == (3, "y")
     gathered["d"] = {"round": 3, "hash": "x"}
-    assert canonical_member(gathered) == (3, "x")
-    assert canonical_member({"e": {"round": "3", "hash": 5}}) is None
+    assert canonical_state(gathered) == (3, "x")
+    assert canonical_state({"e": {"round": "3", "hash": 5}}) is None
 
 
 def test_data_from_txt_and_jsonl(tmp_path):
