@@ -41,7 +41,7 @@ from hivemind.utils.mpfuture import MPFuture
 from hivemind.utils.streaming import combine_from_streaming, split_for_streaming
 
 from tapestry_p2p import codec, statesync
-from tapestry_p2p.processes import die_with_parent, keeping_sigint_handler
+from tapestry_p2p.processes import die_with_parent, keep_tasks_alive, keeping_sigint_handler
 
 logger = logging.getLogger(__name__)
 
@@ -290,6 +290,7 @@ class ExactAverager(DecentralizedAverager):
 
     def run(self):
         die_with_parent()
+        keep_tasks_alive()
         hivemind_matchmaking.PotentialLeaders = _PoliteLeaders  # this averager process only
         # a round without a group is reported by the node; hivemind would log it as an error with a traceback
         logging.getLogger("hivemind.averaging.averager").setLevel(logging.CRITICAL)

@@ -139,7 +139,6 @@ class Node:
         self.dht: Optional[DHT] = None
         self.status = StatusPublisher.disabled()
         self.bytes_total = [0, 0]  # sent, received over this session
-        self._behind = False  # our last round was alone or ended out of step with the group
         self._lock = threading.Lock()  # theta and the outer optimizer, shared with the state-serving thread
         self.peer_id = "solo"
         self.rounds_done = 0
@@ -387,8 +386,7 @@ class Node:
 
     def run_round(self, averaging) -> Optional[RoundRecord]:
         started = time.monotonic()
-        if self._behind:  # alone or out of step last round: rejoin the swarm's round if it has moved on
-            self._catch_up(averaging)
+        self._catch_up(averaging)  # if the swarm has moved on (we were alone, away, or out of step), rejoin it
         round_no = self.shared.round + 1
         clock = None if self.dht is None else MeetingClock(self.dht, self.config.run_id, round_no, self.config.schedule)
         self.status.update(state="training")
@@ -413,7 +411,6 @@ class Node:
             resynced = self._resync(averaging, result.peers)
             if resynced:
                 logger.warning("round %d left us out of step with the group: re-synced from it", self.shared.round)
-        self._behind = result.group_size == 1 or (result.needs_resync and not resynced)
         averaging.publish_round(self.shared.round)
         model_hash = self.shared.hash()
         self._save()

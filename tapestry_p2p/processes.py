@@ -9,6 +9,11 @@ thread that created it exits. It must be set in the child itself (it is cleared 
 - `spawn_children_that_die_with_us()` makes the DHT process start `p2pd` with the same flag (via `preexec_fn`),
   in a process group of its own, so that a Ctrl-C in the terminal (SIGINT to the whole foreground group) reaches
   only our main process, which then finishes the round it is in, instead of killing p2pd under the all-reduce.
+
+`keep_tasks_alive()` fixes a hivemind hazard in the same child processes: their request loops start each request as
+`asyncio.create_task(...)` and keep no reference to it, while asyncio itself keeps only weak ones, so the garbage
+collector can destroy a request in flight ("Task was destroyed but it is pending!") and its caller waits forever.
+We saw it hang a bootstrap node's start-up (`get_visible_maddrs` never answered) about once per full test run.
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ import functools
 import os
 import signal
 import sys
-from typing import Callable, TypeVar
+from typing import Callable, Set, TypeVar
 
 _PR_SET_PDEATHSIG = 1
 
@@ -45,6 +50,26 @@ def die_with_parent(sig: int = signal.SIGKILL) -> None:
         raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
     if os.getppid() == 1:  # the parent died before we got here
         os.kill(os.getpid(), sig)
+
+
+_running_tasks: Set[asyncio.Task] = set()
+
+
+def keep_tasks_alive() -> None:
+    """In this process, hold a strong reference to every task made by `asyncio.create_task` until it is done."""
+    original = asyncio.create_task
+    if getattr(original, "_tapestry_patched", False):
+        return
+
+    @functools.wraps(original)
+    def create_task(coro, **kwargs):
+        task = original(coro, **kwargs)
+        _running_tasks.add(task)
+        task.add_done_callback(_running_tasks.discard)
+        return task
+
+    create_task._tapestry_patched = True
+    asyncio.create_task = create_task
 
 
 def _detach_and_die_with_parent() -> None:

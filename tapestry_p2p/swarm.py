@@ -16,6 +16,7 @@ import stat
 import tempfile
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Iterator, List, Optional, Sequence
 
@@ -27,7 +28,7 @@ from hivemind.proto import crypto_pb2
 from hivemind.utils.crypto import RSAPrivateKey
 
 from tapestry_p2p import UserError
-from tapestry_p2p.processes import die_with_parent, spawn_children_that_die_with_us
+from tapestry_p2p.processes import die_with_parent, keep_tasks_alive, spawn_children_that_die_with_us
 
 logger = logging.getLogger(__name__)
 
@@ -160,6 +161,7 @@ class _TiedDHT(DHT):
 
     def run(self) -> None:
         die_with_parent()
+        keep_tasks_alive()
         spawn_children_that_die_with_us()
         logging.getLogger("hivemind.dht.dht").addFilter(_SenderGone())
         super().run()
@@ -234,6 +236,13 @@ def stop_dht(dht: DHT) -> None:
         dht.kill()
 
 
-def visible_maddrs(dht: DHT) -> List[str]:
-    """This node's dialable addresses, each ending in /p2p/<peer id>."""
-    return [str(m) for m in dht.get_visible_maddrs(latest=True)]
+def visible_maddrs(dht: DHT, attempts: int = 3, timeout: float = 10.0) -> List[str]:
+    """This node's dialable addresses, each ending in /p2p/<peer id>; asks again if the DHT process does not answer."""
+    for _ in range(attempts):
+        future = dht.run_coroutine(partial(DHT._get_visible_maddrs, latest=True), return_future=True)
+        try:
+            return [str(m) for m in future.result(timeout=timeout)]
+        except TimeoutError:
+            future.cancel()
+            logger.debug("the DHT process did not report our addresses within %.0fs; asking again", timeout)
+    raise SwarmError(f"the DHT process did not report our addresses {attempts} times; restart the node")

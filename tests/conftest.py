@@ -8,7 +8,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import List
+from typing import Dict, List, Optional
 
 import psutil
 import pytest
@@ -24,9 +24,9 @@ class Processes:
         self.started: List[subprocess.Popen] = []
         self.descendants: List[psutil.Process] = []
 
-    def start(self, name: str, *args: str) -> subprocess.Popen:
+    def start(self, name: str, *args: str, env: Optional[Dict[str, str]] = None) -> subprocess.Popen:
         log = open(self.workdir / f"{name}.log", "wb")
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        env = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
         popen = subprocess.Popen(
             [sys.executable, "-m", "tapestry_p2p", *args],
             stdout=log,
@@ -75,15 +75,19 @@ def procs(tmp_path):
     processes.stop_all()
 
 
-def wait_for_file(path: Path, timeout: float, popen: subprocess.Popen | None = None) -> str:
+def wait_for_file(path: Path, timeout: float, popen: subprocess.Popen | None = None, log: Path | None = None) -> str:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if path.exists() and path.read_text().strip():
             return path.read_text()
         if popen is not None and popen.poll() is not None:
-            raise AssertionError(f"process exited with {popen.returncode} before writing {path}")
+            raise AssertionError(f"process exited with {popen.returncode} before writing {path}{_tail(log)}")
         time.sleep(0.2)
-    raise AssertionError(f"{path} did not appear within {timeout}s")
+    raise AssertionError(f"{path} did not appear within {timeout}s{_tail(log)}")
+
+
+def _tail(log: Path | None) -> str:
+    return f"; its log ends:\n{log.read_text(errors='replace')[-3000:]}" if log is not None and log.exists() else ""
 
 
 def wait_gone(processes: List[psutil.Process], timeout: float) -> List[psutil.Process]:
@@ -96,21 +100,26 @@ def wait_gone(processes: List[psutil.Process], timeout: float) -> List[psutil.Pr
     return alive
 
 
-@pytest.fixture
-def bootstrap_addr(procs, tmp_path):
-    """A real `tapestry bootstrap` on loopback; yields its full multiaddr."""
-    addr_file = tmp_path / "bootstrap.addr"
+def start_bootstrap(procs: Processes, tmp_path: Path, name: str = "bootstrap") -> str:
+    """Start a real `tapestry bootstrap` on loopback; returns its full multiaddr once it is up."""
+    addr_file = tmp_path / f"{name}.addr"
     popen = procs.start(
-        "bootstrap",
+        name,
         "bootstrap",
         "--listen",
         LOOPBACK,
         "--identity",
-        str(tmp_path / "bootstrap.key"),
+        str(tmp_path / f"{name}.key"),
         "--addr-file",
         str(addr_file),
     )
-    return wait_for_file(addr_file, 60, popen).split()[0]
+    return wait_for_file(addr_file, 90, popen, tmp_path / f"{name}.log").split()[0]
+
+
+@pytest.fixture
+def bootstrap_addr(procs, tmp_path):
+    """A real `tapestry bootstrap` on loopback; yields its full multiaddr."""
+    return start_bootstrap(procs, tmp_path)
 
 
 def write_text(path: Path, seed: int, n_bytes: int = 6000) -> Path:
