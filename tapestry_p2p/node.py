@@ -165,7 +165,7 @@ class Node:
         expected = {k: tuple(v.shape) for k, v in self.shared.model.state_dict().items()}
         found = {k: tuple(v.shape) for k, v in shared.items()}
         if found != expected:
-            differs = next((k for k in expected if found.get(k) != expected[k]), next(iter(found.keys() - expected)))
+            differs = sorted(k for k in expected.keys() | found.keys() if found.get(k) != expected.get(k))[0]
             raise checkpoint.CheckpointError(
                 f"{directory / checkpoint.MODEL_FILE} holds a model of another shape ({differs}: {found.get(differs)} "
                 f"there, {expected.get(differs)} with these options); pass the model options it was trained with, "
@@ -255,9 +255,10 @@ class Node:
             ):
                 record = self.run_round(averaging)
                 if record is None:
-                    self._save()  # stopped mid-round: keep the inner steps done so far
                     break
                 self.on_round(record)
+            if self.stop.is_set():
+                self._save()  # stopped (mid-round, too): keep everything done so far
         return Summary(
             self.rounds_done, self.shared.round, self.trainer.steps, self.last_loss, time.monotonic() - started
         )

@@ -83,8 +83,6 @@ def test_peers_share_one_identical_model_every_round(procs, bootstrap_addr, tmp_
     for n in names:
         assert [r["round"] for r in records[n]] == list(range(1, ROUNDS + 1))
         assert all(r["group_size"] == n_peers for r in records[n]), records[n]
-        # a round whose all-reduce lost a part must end with that peer re-synced from its group (see closing notes)
-        assert all(r["failure"] is None or r["resynced"] for r in records[n]), records[n]
         assert all(r["bytes_sent"] > 0 and r["bytes_received"] > 0 for r in records[n])
         losses = [r["loss"] for r in records[n] if r["loss"] is not None]  # None: joined a meeting with no steps
         assert losses[-1] < losses[0]
@@ -114,19 +112,6 @@ def test_a_peer_alone_keeps_training(procs, tmp_path):
     assert records[1]["step"] > records[0]["step"] >= 10
     assert records[1]["loss"] < records[0]["loss"]
     assert "stopped after 2 rounds" in procs.log("solo")
-
-
-def test_ctrl_c_ends_the_round_cleanly_with_a_summary(procs, tmp_path):
-    popen = procs.start("ctrlc", *join_args(tmp_path, "ctrlc", seed=4, bootstrap=None, rounds=100))
-    wait_for_file(tmp_path / "ctrlc" / "metrics.jsonl", 90, popen)
-    children = procs.remember_children(popen)
-    os.killpg(popen.pid, signal.SIGINT)  # what a terminal does: SIGINT to the whole foreground process group
-    assert popen.wait(timeout=60) == 0, procs.log("ctrlc")[-2000:]
-    assert "stopped after" in procs.log("ctrlc").strip().splitlines()[-1]
-    assert "Traceback" not in procs.log("ctrlc")
-    assert not wait_gone(children, timeout=15)
-    rounds = metrics(tmp_path, "ctrlc")
-    assert len(rounds) >= 1 and (tmp_path / "ctrlc" / "ckpt" / "model.safetensors").exists()
 
 
 def test_bootstrap_keeps_its_peer_id_across_restarts(procs, tmp_path):
