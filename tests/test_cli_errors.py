@@ -118,6 +118,10 @@ def test_config_file_unknown_key_and_wrong_type(data, tmp_path):
     assert_user_error(tapestry("join", "--config", str(config)), "unknown key 'batch_sise'")
     config.write_text('inner_steps = "ten"\n')
     assert_user_error(tapestry("join", "--config", str(config), "--data", data), "inner_steps", "positive integer")
+    config.write_text("quiet = 1\n")
+    assert_user_error(tapestry("join", "--config", str(config), "--data", data), "quiet", "true or false")
+    config.write_text("outer_momentum = 1.5\n")
+    assert_user_error(tapestry("join", "--config", str(config), "--data", data), "momentum", "[0, 1)")
 
 
 def test_monitor_needs_initial_peers():

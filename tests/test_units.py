@@ -5,17 +5,19 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import msgpack
 import pytest
 import torch
 from conftest import write_text
 
 from tapestry_p2p import checkpoint
+from tapestry_p2p.allreduce import zero_spans
 from tapestry_p2p.codec import BLOCK_SIZE, Blockwise8Bit, compression_for, max_relative_error
 from tapestry_p2p.data import ByteBatches, DataError, load_text_bytes
 from tapestry_p2p.model import GPT, ModelConfig, build_model
 from tapestry_p2p.node import Node, NodeConfig
 from tapestry_p2p.outer import OuterConfig, SharedModel
-from tapestry_p2p.statesync import canonical_state
+from tapestry_p2p.statesync import StateInfo, assign, canonical_state, pack_request, unpack_request
 
 TINY = ModelConfig(block_size=16, n_layer=1, n_head=2, n_embd=32)
 
@@ -94,6 +96,38 @@ def test_canonical_state_prefers_highest_round_then_majority_then_smallest_peer(
     assert canonical_state({"e": {"round": "3", "hash": 5}}) is None
 
 
+def test_state_download_is_split_evenly_across_servers():
+    numel = [100, 5, 80, 20, 60, 1]
+    plan = assign(numel, ["a", "b"])
+    assert sorted(i for chosen in plan.values() for i in chosen) == list(range(len(numel)))  # each tensor once
+    loads = sorted(sum(numel[i] for i in chosen) for chosen in plan.values())
+    assert loads == [126, 140]  # largest first, each to the least-loaded server
+    assert assign(numel, ["a", "b", "c"], indices=[1, 3]) == {"a": [3], "b": [1]}  # a failed server's share
+    with pytest.raises(ValueError):
+        assign(numel, [])
+
+
+def test_state_messages_from_peers_are_validated():
+    info = StateInfo(7, "abc", (3, 4))
+    assert StateInfo.unpack(info.pack()) == info and info.nbytes == 28
+    for bad in (
+        b"junk",
+        msgpack.packb({"round": -1, "hash": "x", "numel": []}),
+        msgpack.packb({"round": 1, "hash": 5, "numel": []}),
+        msgpack.packb({"round": 1, "hash": "x"}),
+    ):
+        assert StateInfo.unpack(bad) is None  # fmt: skip
+    assert unpack_request(pack_request("h", [0, 2]), 3) == ("h", [0, 2])
+    assert unpack_request(pack_request(None, [3]), 3) is None  # out of range
+    assert unpack_request(b"\x93", 3) is None
+
+
+def test_a_failed_reducers_span_is_zeroed_across_tensor_boundaries():
+    tensors = [torch.ones(2, 3), torch.ones(4)]
+    assert zero_spans(tensors, [(4, 8)]) == 4  # the last 2 values of the first tensor, the first 2 of the second
+    assert tensors[0].flatten().tolist() == [1, 1, 1, 1, 0, 0] and tensors[1].tolist() == [0, 0, 1, 1]
+
+
 def test_data_from_txt_and_jsonl(tmp_path):
     (tmp_path / "a.txt").write_text("hello world " * 10)
     (tmp_path / "sub").mkdir()
@@ -162,7 +196,7 @@ def test_truncated_checkpoint_is_refused_and_left_alone(tmp_path):
     model_file = tmp_path / "ckpt" / checkpoint.MODEL_FILE
     model_file.write_bytes(model_file.read_bytes()[:100])
     before = model_file.read_bytes()
-    with pytest.raises(checkpoint.CheckpointError, match="model.safetensors is unreadable"):
+    with pytest.raises(checkpoint.CheckpointError, match="model.safetensors is truncated or corrupt"):
         Node(config)
     assert model_file.read_bytes() == before
 
