@@ -1,7 +1,15 @@
-"""Mistakes a user will make: each is one line on stderr naming the fix, exit status 2, no traceback."""
+"""Mistakes a user will make: each is one line on stderr naming the fix, exit status 2, no traceback.
+
+Most cases call the CLI's entry point in this process (`tapestry`): they fail before any process or network starts,
+and a subprocess would spend its time importing torch. `tapestry_process` runs the real `python -m tapestry_p2p`,
+for the cases that start a DHT and to check the entry point itself.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import io
+import signal
 import socket
 import subprocess
 import sys
@@ -10,10 +18,26 @@ import time
 import pytest
 from conftest import write_text
 
+from tapestry_p2p.cli import main
 from tapestry_p2p.swarm import load_or_create_identity
 
 
-def tapestry(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
+def tapestry(*args: str) -> subprocess.CompletedProcess:
+    """`tapestry ARGS` through `cli.main`, in this process; an unexpected exception propagates (and fails the test)."""
+    out, err = io.StringIO(), io.StringIO()
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            code = main(list(args))
+    except SystemExit as e:
+        code = e.code
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+    return subprocess.CompletedProcess(list(args), code, out.getvalue(), err.getvalue())
+
+
+def tapestry_process(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "tapestry_p2p", *args],
         capture_output=True,
@@ -45,7 +69,8 @@ def free_port():
 
 
 def test_malformed_multiaddr(data):
-    assert_user_error(tapestry("join", "--data", data, "--initial-peers", "127.0.0.1:31330"), "not a valid multiaddr")
+    result = tapestry_process("join", "--data", data, "--initial-peers", "127.0.0.1:31330")
+    assert_user_error(result, "not a valid multiaddr")
 
 
 def test_multiaddr_without_peer_id(data):
@@ -56,7 +81,7 @@ def test_multiaddr_without_peer_id(data):
 def test_initial_peers_that_do_not_answer(data, tmp_path, free_port):
     peer_id = load_or_create_identity(tmp_path / "someone.key").to_base58()
     started = time.monotonic()
-    result = tapestry(
+    result = tapestry_process(
         "join",
         "--data",
         data,
