@@ -76,7 +76,7 @@ class SoloAveraging:
     def highest_round_online(self) -> int:
         return -1
 
-    def download_state(self, min_round: int, peers: Optional[Sequence[str]] = None) -> Optional[Download]:
+    def download_state(self, min_round: int, peers=None, want=None) -> Optional[Download]:
         return None
 
     def shutdown(self) -> None:
@@ -177,16 +177,18 @@ class SwarmAveraging:
         """
         return int(max(self._advertised().values(), default=-1))
 
-    def download_state(self, min_round: int, peers: Optional[Sequence[str]] = None) -> Optional[Download]:
-        """The canonical state among `peers` (default: every peer advertising `min_round` or later), downloaded in
-        slices from all peers that hold it; None if nobody holds a state of `min_round` or later, or it failed."""
+    def download_state(
+        self, min_round: int, peers: Optional[Sequence[str]] = None, want: Optional[StateId] = None
+    ) -> Optional[Download]:
+        """The state `want` (default: the canonical one) among `peers` (default: every peer advertising `min_round` or
+        later), downloaded in slices from all peers that hold it; None if nobody serves it, or the download failed."""
         if peers is None:
             peers = [peer for peer, r in self._advertised().items() if r >= min_round]
         if not peers:
             return None
         infos = {p: i for p, i in self._averager.state_infos(peers, STATE_TIMEOUT).items() if i.round >= min_round}
-        target = canonical_state(infos)
-        if target is None:
+        target = canonical_state(infos) if want is None else want
+        if target is None or not any(info.id == target for info in infos.values()):
             return None
         servers = sorted(p for p, info in infos.items() if info.id == target)
         logger.info("downloading the state of round %d (%s) from %d peers", target[0], target[1], len(servers))
@@ -195,15 +197,15 @@ class SwarmAveraging:
             return None
         return Download(state=target, tensors=fetched[0], servers=fetched[1])
 
-    def agreed_state(self, peers: Sequence[str], round_no: int) -> Optional[StateId]:
-        """The state the group `peers` converged on after round `round_no` (the canonical one among those that
-        finished it), waiting up to AGREEMENT_WAIT seconds for peers that have not finished yet."""
+    def agreed_state(self, me: str, mine: StateId, others: Sequence[str]) -> Optional[StateId]:
+        """The state our group converged on after the round we just finished (`mine` is ours): the canonical one
+        among us and the groupmates that finished it too, waiting up to AGREEMENT_WAIT seconds for the others."""
         deadline = time.monotonic() + AGREEMENT_WAIT
         while True:
-            infos = self._averager.state_infos(peers, STATE_TIMEOUT)
-            finished = {p: i for p, i in infos.items() if i.round >= round_no}
+            infos = self._averager.state_infos(others, STATE_TIMEOUT)
+            finished = {peer: {"round": i.round, "hash": i.hash} for peer, i in infos.items() if i.round >= mine[0]}
             if len(finished) == len(infos) or time.monotonic() > deadline:
-                return canonical_state(finished)
+                return canonical_state({**finished, me: {"round": mine[0], "hash": mine[1]}})
             time.sleep(0.5)
 
     def shutdown(self) -> None:

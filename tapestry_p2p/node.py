@@ -358,10 +358,12 @@ class Node:
         values lost their reducer), compare states with the group and download the agreed one if ours differs.
         Returns whether we downloaded."""
         others = [p for p in peers if p != self.peer_id]
-        agreed = averaging.agreed_state(others + [self.peer_id], self.shared.round)
-        if agreed is None or agreed == (self.shared.round, self.shared.hash()):
+        mine = (self.shared.round, self.shared.hash())
+        agreed = averaging.agreed_state(self.peer_id, mine, others)
+        if agreed is None or agreed == mine:
             return False
-        return self._adopt(averaging.download_state(min_round=self.shared.round, peers=others), self.shared.round)
+        download = averaging.download_state(min_round=mine[0], peers=others, want=agreed)
+        return self._adopt(download, mine[0])
 
     def _inner_loop(self, clock: Optional[MeetingClock]) -> Tuple[List[float], Optional[float]]:
         """Train until H steps are done and the meeting is near; returns the round's losses and the meeting time."""
