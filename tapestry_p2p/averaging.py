@@ -62,6 +62,7 @@ class RoundResult:
     peers: List[str] = field(default_factory=list)
     failure: Optional[str] = None  # why the round fell back to a solo step, if it did
     needs_resync: bool = False
+    group_round: int = 0  # the round the group's canonical members reach with this round (0 if unknown)
 
 
 class SoloAveraging:
@@ -126,7 +127,10 @@ class SwarmAveraging:
                 gather=gather, scheduled_time=meeting, weight=weight, timeout=timeout, allow_retries=False
             )
         except Exception as e:  # hivemind raises several types; all mean "no group this round"
-            reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+            reason = str(e).splitlines()[0].rstrip(": ") if str(e).strip() else type(e).__name__
+            cause = e.__cause__ or e.__context__
+            if reason.startswith("Unable to run All-Reduce") and cause is not None:
+                reason = f"{reason}: {type(cause).__name__} {str(cause)[:80]}".rstrip()
             if "could not find a group" in reason:
                 reason = "no other peer came to the meeting"
             logger.info("round without a group (%s): applying our own update", reason)
@@ -150,6 +154,7 @@ class SwarmAveraging:
             peers=sorted(outcome.gathered),
             failure=failure,
             needs_resync=canonical is not None and canonical != mine,
+            group_round=canonical[0] + 1 if canonical is not None else 0,
         )
 
     def publish_round(self, round_no: int) -> None:
@@ -197,13 +202,15 @@ class SwarmAveraging:
             return None
         return Download(state=target, tensors=fetched[0], servers=fetched[1])
 
-    def agreed_state(self, me: str, mine: StateId, others: Sequence[str]) -> Optional[StateId]:
-        """The state our group converged on after the round we just finished (`mine` is ours): the canonical one
-        among us and the groupmates that finished it too, waiting up to AGREEMENT_WAIT seconds for the others."""
+    def agreed_state(self, me: str, mine: StateId, others: Sequence[str], group_round: int) -> Optional[StateId]:
+        """The state our group converged on after the round we just finished (`mine` is ours; `group_round` the round
+        the group reached): the canonical one among us and the groupmates that reached it, waiting up to
+        AGREEMENT_WAIT seconds for those that have not yet."""
         deadline = time.monotonic() + AGREEMENT_WAIT
+        target_round = max(mine[0], group_round)
         while True:
             infos = self._averager.state_infos(others, STATE_TIMEOUT)
-            finished = {peer: {"round": i.round, "hash": i.hash} for peer, i in infos.items() if i.round >= mine[0]}
+            finished = {p: {"round": i.round, "hash": i.hash} for p, i in infos.items() if i.round >= target_round}
             if len(finished) == len(infos) or time.monotonic() > deadline:
                 return canonical_state({**finished, me: {"round": mine[0], "hash": mine[1]}})
             time.sleep(0.5)

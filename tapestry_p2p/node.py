@@ -353,13 +353,13 @@ class Node:
         self._save()
         return True
 
-    def _resync(self, averaging, peers: List[str]) -> bool:
+    def _resync(self, averaging, peers: List[str], group_round: int) -> bool:
         """After a round that may have left us out of step with our group (we disagreed with it going in, or some
         values lost their reducer), compare states with the group and download the agreed one if ours differs.
         Returns whether we downloaded."""
         others = [p for p in peers if p != self.peer_id]
         mine = (self.shared.round, self.shared.hash())
-        agreed = averaging.agreed_state(self.peer_id, mine, others)
+        agreed = averaging.agreed_state(self.peer_id, mine, others, group_round)
         if agreed is None or agreed == mine:
             return False
         download = averaging.download_state(min_round=mine[0], peers=others, want=agreed)
@@ -411,7 +411,7 @@ class Node:
         resynced = False
         if result.group_size > 1 and (result.needs_resync or result.failure):
             self.status.update(state="loading state")
-            resynced = self._resync(averaging, result.peers)
+            resynced = self._resync(averaging, result.peers, result.group_round)
             if resynced:
                 logger.warning("round %d left us out of step with the group: re-synced from it", self.shared.round)
         averaging.publish_round(self.shared.round)
