@@ -351,7 +351,8 @@ class ExactAverager(DecentralizedAverager):
             return
         metadata, tensors, _ = await self._get_current_state_from_host_process()
         metadata = self.serializer.loads(metadata)
-        info = statesync.StateInfo(int(metadata["round"]), str(metadata["hash"]), tuple(t.numel() for t in tensors))
+        numel = tuple(t.numel() for t in tensors)
+        info = statesync.StateInfo(int(metadata["round"]), str(metadata["hash"]), numel, bool(metadata["clean"]))
         yield averaging_pb2.DownloadData(metadata=info.pack())
         asked = statesync.unpack_request(request.metadata, len(tensors))
         if asked is None or (asked[0] is not None and asked[0] != info.hash):

@@ -29,7 +29,7 @@ from hivemind.utils import get_dht_time
 from tapestry_p2p.allreduce import ExactAverager, RoundOutcome
 from tapestry_p2p.codec import compression_for
 from tapestry_p2p.rounds import MATCHMAKING_LEAD
-from tapestry_p2p.statesync import StateId, canonical_state
+from tapestry_p2p.statesync import StateId, agreed_after_failure, canonical_state
 
 logger = logging.getLogger(__name__)
 
@@ -63,6 +63,7 @@ class RoundResult:
     failure: Optional[str] = None  # why the round fell back to a solo step, if it did
     needs_resync: bool = False
     group_round: int = 0  # the round the group's canonical members reach with this round (0 if unknown)
+    clean: bool = True  # we received every averaged part (no span zeroed for a lost reducer)
 
 
 class SoloAveraging:
@@ -134,11 +135,13 @@ class SwarmAveraging:
             if "could not find a group" in reason:
                 reason = "no other peer came to the meeting"
             logger.info("round without a group (%s): applying our own update", reason)
-            return RoundResult(averaged=[d.clone() for d in delta], group_size=1, failure=reason)
+            return RoundResult(averaged=[d.clone() for d in delta], group_size=1, failure=reason, clean=False)
         with self._averager.get_tensors() as buffers:
             averaged = [b.clone() for b in buffers]
         if not all(torch.isfinite(a).all() for a in averaged):
-            return RoundResult([d.clone() for d in delta], 1, failure="non-finite average; kept our own update")
+            return RoundResult(
+                [d.clone() for d in delta], 1, failure="non-finite average; kept our own update", clean=False
+            )
         canonical = canonical_state(outcome.gathered)
         mine = (gather["round"], gather["hash"])
         failure = None
@@ -155,6 +158,7 @@ class SwarmAveraging:
             failure=failure,
             needs_resync=canonical is not None and canonical != mine,
             group_round=canonical[0] + 1 if canonical is not None else 0,
+            clean=outcome.failed_fraction == 0,
         )
 
     def publish_round(self, round_no: int) -> None:
@@ -202,18 +206,23 @@ class SwarmAveraging:
             return None
         return Download(state=target, tensors=fetched[0], servers=fetched[1])
 
-    def agreed_state(self, me: str, mine: StateId, others: Sequence[str], group_round: int) -> Optional[StateId]:
-        """The state our group converged on after the round we just finished (`mine` is ours; `group_round` the round
-        the group reached): the canonical one among us and the groupmates that reached it, waiting up to
-        AGREEMENT_WAIT seconds for those that have not yet."""
+    def agreed_state(
+        self, me: str, mine: StateId, clean: bool, others: Sequence[str], group_round: int
+    ) -> Optional[StateId]:
+        """The state our group converged on after the round we just finished (`mine` is ours, `clean` whether our
+        round lost no part; `group_round` the round the group reached), waiting up to AGREEMENT_WAIT seconds for
+        groupmates that have not reached it yet (see `statesync.agreed_after_failure`)."""
         deadline = time.monotonic() + AGREEMENT_WAIT
         target_round = max(mine[0], group_round)
         while True:
             infos = self._averager.state_infos(others, STATE_TIMEOUT)
-            finished = {p: {"round": i.round, "hash": i.hash} for p, i in infos.items() if i.round >= target_round}
+            finished = {p: i for p, i in infos.items() if i.round >= target_round}
             if len(finished) == len(infos) or time.monotonic() > deadline:
-                return canonical_state({**finished, me: {"round": mine[0], "hash": mine[1]}})
+                break
             time.sleep(0.5)
+        states = {p: {"round": i.round, "hash": i.hash, "clean": i.clean} for p, i in finished.items()}
+        states[me] = {"round": mine[0], "hash": mine[1], "clean": clean}
+        return agreed_after_failure(states)
 
     def shutdown(self) -> None:
         self._averager.shutdown()

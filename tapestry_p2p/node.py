@@ -144,6 +144,7 @@ class Node:
         self.rounds_done = 0
         self.last_loss = float("nan")
         self._round_losses: List[float] = []  # inner-step losses of the round under way (kept across a stop/resume)
+        self._clean = True  # our last round received every averaged part (peers comparing states ask for it)
         if config.threads:
             torch.set_num_threads(config.threads)
         data = load_text_bytes(config.data, min_bytes=config.model.block_size + 2)
@@ -212,7 +213,7 @@ class Node:
     def _share_state(self) -> Tuple[Dict[str, Any], List[torch.Tensor]]:
         """What a peer downloads from us: theta and the outer momentum (runs in hivemind's helper thread)."""
         with self._lock:
-            metadata = {"round": self.shared.round, "hash": self.shared.hash()}
+            metadata = {"round": self.shared.round, "hash": self.shared.hash(), "clean": self._clean}
             tensors = [p.detach().clone() for p in self.shared.params]
             tensors += [m.clone() for m in self.shared.momentum_buffers()]
             return metadata, tensors
@@ -242,6 +243,7 @@ class Node:
                 return False
             self.shared.copy_into(self.trainer.model)
             self._round_losses = []
+            self._clean = True  # we now hold a state the group agreed on
         return True
 
     # ---- the loop ----
@@ -359,7 +361,7 @@ class Node:
         Returns whether we downloaded."""
         others = [p for p in peers if p != self.peer_id]
         mine = (self.shared.round, self.shared.hash())
-        agreed = averaging.agreed_state(self.peer_id, mine, others, group_round)
+        agreed = averaging.agreed_state(self.peer_id, mine, self._clean, others, group_round)
         if agreed is None or agreed == mine:
             return False
         download = averaging.download_state(min_round=mine[0], peers=others, want=agreed)
@@ -408,6 +410,7 @@ class Node:
             self.shared.apply(result.averaged)
             self.shared.copy_into(self.trainer.model)
             self._round_losses = []
+            self._clean = result.clean
         resynced = False
         if result.group_size > 1 and (result.needs_resync or result.failure):
             self.status.update(state="loading state")

@@ -5,14 +5,15 @@ state (theta and the outer momentum, as `(metadata, tensors)` from the node's st
 
 - every candidate first answers a small *info* request: its round, the hash of its theta, and its tensor sizes;
 - the canonical copy is the one held by most peers of the highest round (ties: the smallest peer id), as in
-  `canonical_state`; only peers holding it serve;
+  `canonical_state`; only peers holding it serve. After a round that lost parts, peers whose round went through
+  without a failure ("clean") all hold the same model, so the others defer to them (`agreed_state` in averaging);
 - the tensors are split across those peers (largest first, to the least-loaded peer), fetched concurrently, and a
   peer that fails mid-way has its share handed to the others;
 - the downloader checks the result against the canonical hash before using it (the node does, see `Node._adopt`).
 
 Wire format (hivemind p2p streams, protobufs hivemind already has): the request is a `runtime_pb2.ExpertRequest`
 whose `metadata` is msgpack `{"hash": str | None, "tensors": [index, ...]}`; the answer is a stream of
-`averaging_pb2.DownloadData`, the first carrying msgpack `{"round", "hash", "numel": [...]}` and the rest the
+`averaging_pb2.DownloadData`, the first carrying msgpack `{"round", "hash", "numel": [...], "clean"}` and the rest the
 requested tensors in order, uncompressed float32, split for streaming. A server whose hash is not the requested one
 sends the info and nothing else.
 """
@@ -35,6 +36,7 @@ class StateInfo:
     round: int
     hash: str
     numel: Tuple[int, ...]
+    clean: bool = True  # the peer's last round went through without losing any part
 
     @property
     def id(self) -> StateId:
@@ -45,21 +47,23 @@ class StateInfo:
         return 4 * sum(self.numel)
 
     def pack(self) -> bytes:
-        return msgpack.packb({"round": self.round, "hash": self.hash, "numel": list(self.numel)})
+        return msgpack.packb({"round": self.round, "hash": self.hash, "numel": list(self.numel), "clean": self.clean})
 
     @classmethod
     def unpack(cls, raw: bytes) -> Optional["StateInfo"]:
         """Parse an untrusted info message; None if it is malformed."""
         try:
             data = msgpack.unpackb(raw)
-            round_no, digest, numel = data["round"], data["hash"], data["numel"]
+            round_no, digest, numel, clean = data["round"], data["hash"], data["numel"], data.get("clean", True)
         except Exception:
+            return None
+        if not isinstance(clean, bool):
             return None
         if not (isinstance(round_no, int) and round_no >= 0 and isinstance(digest, str) and len(digest) <= 64):
             return None
         if not (isinstance(numel, list) and all(isinstance(n, int) and n >= 0 for n in numel)):
             return None
-        return cls(round_no, digest, tuple(numel))
+        return cls(round_no, digest, tuple(numel), clean)
 
 
 def pack_request(want_hash: Optional[str], tensors: Sequence[int]) -> bytes:
@@ -99,6 +103,16 @@ def canonical_state(states: Mapping[str, Any]) -> Optional[StateId]:
     tied = {h for h, c in counts.items() if c == best}
     first_peer = min(peer for peer, (r, h) in valid.items() if r == top_round and h in tied)
     return valid[first_peer]
+
+
+def agreed_after_failure(states: Mapping[str, Dict[str, Any]]) -> Optional[StateId]:
+    """The state a group should agree on after a round that lost parts, from each member's `{round, hash, clean}`.
+
+    A member whose round was clean received every part, and each part's bytes were the same for every member that
+    received it, so all clean members hold one model: it wins if there is one. Otherwise the canonical state.
+    """
+    clean = {peer: s for peer, s in states.items() if s.get("clean") is True}
+    return canonical_state(clean or states)
 
 
 def assign(

@@ -17,7 +17,14 @@ from tapestry_p2p.data import ByteBatches, DataError, load_text_bytes
 from tapestry_p2p.model import GPT, ModelConfig, build_model
 from tapestry_p2p.node import Node, NodeConfig
 from tapestry_p2p.outer import OuterConfig, SharedModel
-from tapestry_p2p.statesync import StateInfo, assign, canonical_state, pack_request, unpack_request
+from tapestry_p2p.statesync import (
+    StateInfo,
+    agreed_after_failure,
+    assign,
+    canonical_state,
+    pack_request,
+    unpack_request,
+)
 
 TINY = ModelConfig(block_size=16, n_layer=1, n_head=2, n_embd=32)
 
@@ -96,6 +103,17 @@ def test_canonical_state_prefers_highest_round_then_majority_then_smallest_peer(
     assert canonical_state({"e": {"round": "3", "hash": 5}}) is None
 
 
+def test_after_a_failed_round_members_that_lost_nothing_win():
+    states = {
+        "a": {"round": 5, "hash": "zeroed", "clean": False},  # lost a reducer's answer: its span got no update
+        "b": {"round": 5, "hash": "full", "clean": True},  # received everything
+        "c": {"round": 5, "hash": "zeroed", "clean": False},
+    }
+    assert agreed_after_failure(states) == (5, "full")  # even against a majority
+    states["b"]["clean"] = False
+    assert agreed_after_failure(states) == (5, "zeroed")  # nobody clean: the canonical state
+
+
 def test_state_download_is_split_evenly_across_servers():
     numel = [100, 5, 80, 20, 60, 1]
     plan = assign(numel, ["a", "b"])
@@ -110,6 +128,7 @@ def test_state_download_is_split_evenly_across_servers():
 def test_state_messages_from_peers_are_validated():
     info = StateInfo(7, "abc", (3, 4))
     assert StateInfo.unpack(info.pack()) == info and info.nbytes == 28
+    assert StateInfo.unpack(msgpack.packb({"round": 1, "hash": "x", "numel": [], "clean": "yes"})) is None
     for bad in (
         b"junk",
         msgpack.packb({"round": -1, "hash": "x", "numel": []}),
