@@ -69,13 +69,16 @@ async def _counted(stream: AsyncIterator[Any], add: Callable[[int], None]) -> As
 
 
 class _CountingStub:
-    """Wraps a peer's RPC stub so that both directions of `rpc_aggregate_part` are counted."""
+    """Wraps a peer's RPC stub so that both directions of `rpc_aggregate_part` are counted, and opening the stream
+    is bounded: hivemind waits for it without a timeout, and we saw a member wait there for the whole all-reduce
+    timeout after a groupmate was killed mid-round, while the rest of its group had long moved on."""
 
-    def __init__(self, stub: Any, traffic: Traffic):
-        self._stub, self._traffic = stub, traffic
+    def __init__(self, stub: Any, traffic: Traffic, open_timeout: Optional[float]):
+        self._stub, self._traffic, self._open_timeout = stub, traffic, open_timeout
 
     async def rpc_aggregate_part(self, inputs: AsyncIterator[averaging_pb2.AveragingData]):
-        stream = await self._stub.rpc_aggregate_part(_counted(inputs, self._add_sent))
+        opening = self._stub.rpc_aggregate_part(_counted(inputs, self._add_sent))
+        stream = await asyncio.wait_for(opening, self._open_timeout)
         return _counted(stream, self._add_received)
 
     def _add_sent(self, n: int) -> None:
@@ -108,7 +111,7 @@ class ExactAllReduceRunner(AllReduceRunner):
             self.all_served.set()
 
     def _get_peer_stub(self, peer):
-        return _CountingStub(super()._get_peer_stub(peer), self.traffic)
+        return _CountingStub(super()._get_peer_stub(peer), self.traffic, open_timeout=self.sender_timeout)
 
     async def _generate_input_for_peer(self, peer_index: int):
         try:

@@ -4,7 +4,8 @@ all-reduce, and a partner arriving half-way through the run.
 One swarm plays the whole story, in order, because each act needs the state the previous one left:
 1. three partners start from two bootstrap nodes; after round 2 both bootstrap nodes are SIGKILLed;
 2. in round 3, partner c SIGKILLs itself right after serving one averaged part to a groupmate (fault injection through
-   TAPESTRY_CRASH_IN_ALLREDUCE): the survivors record the failure, and finish round 4 together with one model;
+   TAPESTRY_CRASH_IN_ALLREDUCE): the survivors record the failure within a bounded time, go on, and average together
+   again with one model (usually in round 4);
 3. partner d joins through partner a's address (no bootstrap is left): it downloads the shared state from both
    survivors, its model then equals theirs, and it averages with them from its first round.
 """
@@ -21,6 +22,7 @@ from conftest import start_bootstrap, wait_gone
 from test_swarm import join_args, metrics
 
 from tapestry_p2p.allreduce import CRASH_ENV
+from tapestry_p2p.averaging import ALLREDUCE_TIMEOUT
 
 CRASH_ROUND = 3
 
@@ -59,18 +61,25 @@ def test_swarm_survives_bootstrap_loss_a_crash_mid_allreduce_and_a_late_joiner(p
     assert wait_gone(boot_children, 10) == [], "a bootstrap node's process outlived it"
     c_children = procs.remember_children(popens["c"])
 
-    # 2. c dies in the middle of round 3's all-reduce; nothing of it survives; a and b finish round 4 together
+    # 2. c dies in the middle of round 3's all-reduce; nothing of it survives; a and b go on, and average together
     popens["c"].wait(timeout=120)
     assert popens["c"].returncode == -signal.SIGKILL
     assert "killing this node in the middle of an all-reduce" in procs.log("c")
     assert wait_gone(c_children, 10) == [], "a process of the killed peer outlived it"
-    survivors = {name: by_round(wait_for_round(tmp_path, name, CRASH_ROUND + 1, procs)) for name in ("a", "b")}
+    survivors = {name: by_round(wait_for_round(tmp_path, name, CRASH_ROUND, procs)) for name in ("a", "b")}
     crash_round = [survivors[name][CRASH_ROUND] for name in ("a", "b")]
     assert any(r["failure"] for r in crash_round), crash_round  # the metrics say what went wrong
     assert all(r["loss"] is None or math.isfinite(r["loss"]) for r in crash_round)
-    next_round = [survivors[name][CRASH_ROUND + 1] for name in ("a", "b")]
-    assert [r["group_size"] for r in next_round] == [2, 2], next_round  # averaging without any bootstrap node
-    assert next_round[0]["model_hash"] == next_round[1]["model_hash"], next_round
+    assert all(r["round_seconds"] < ALLREDUCE_TIMEOUT + 30 for r in crash_round)  # nobody hangs
+    # the survivors average together again, with one model, within a few rounds (usually the very next one)
+    together = None
+    for round_no in range(CRASH_ROUND + 1, CRASH_ROUND + 15):
+        records = [by_round(wait_for_round(tmp_path, name, round_no, procs)).get(round_no) for name in ("a", "b")]
+        if None not in records and [r["group_size"] for r in records] == [2, 2]:  # without any bootstrap node
+            together = records
+            break
+    assert together is not None, survivors
+    assert together[0]["model_hash"] == together[1]["model_hash"], together
 
     # 3. a late joiner, through a peer's address: it downloads the state from both survivors and then equals them
     a_addr = re.search(r"listening on (\S+)", procs.log("a")).group(1)
