@@ -153,13 +153,20 @@ class ExactAllReduceRunner(AllReduceRunner):
             return await super()._communicate_with_peer(peer_id)
         peer_index = self.ordered_peer_ids.index(peer_id)
         sender_index = self.sender_peer_ids.index(peer_id)
-        for part_index, tensor_part in enumerate(self.parts_for_local_averaging):
-            averaged = await self.tensor_part_reducer.accumulate_part(
-                sender_index, part_index, tensor_part, weight=self.weight
-            )
-            wire = await self._publish(part_index, averaged)
-            decoded = deserialize_torch_tensor(wire)
-            self.tensor_part_container.register_processed_part(peer_index, part_index, decoded)
+        try:
+            for part_index, tensor_part in enumerate(self.parts_for_local_averaging):
+                averaged = await self.tensor_part_reducer.accumulate_part(
+                    sender_index, part_index, tensor_part, weight=self.weight
+                )
+                wire = await self._publish(part_index, averaged)
+                decoded = deserialize_torch_tensor(wire)
+                self.tensor_part_container.register_processed_part(peer_index, part_index, decoded)
+        except BaseException as e:
+            # e.g. cancelled when a groupmate dies mid-round. hivemind registers nothing here, so the round used to
+            # wait for the whole allreduce_timeout (60 s) for a part that could no longer come.
+            logger.info("averaging our own part failed (%r): it gets no update this round", e)
+            self.tensor_part_container.register_failed_reducer(peer_index)
+            raise
 
     async def rpc_aggregate_part(self, stream, context: P2PContext):
         stream = _counted(stream, lambda n: setattr(self.traffic, "received", self.traffic.received + n))
