@@ -129,9 +129,6 @@ class SwarmAveraging:
             )
         except Exception as e:  # hivemind raises several types; all mean "no group this round"
             reason = str(e).splitlines()[0].rstrip(": ") if str(e).strip() else type(e).__name__
-            cause = e.__cause__ or e.__context__
-            if reason.startswith("Unable to run All-Reduce") and cause is not None:
-                reason = f"{reason}: {type(cause).__name__} {str(cause)[:80]}".rstrip()
             if "could not find a group" in reason:
                 reason = "no other peer came to the meeting"
             logger.info("round without a group (%s): applying our own update", reason)
