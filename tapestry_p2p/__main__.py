@@ -2,6 +2,6 @@
 
 import sys
 
-from tapestry_p2p.cli import main
+from tapestry_p2p.app.cli import main
 
 sys.exit(main())

@@ -14,7 +14,7 @@ from typing import Dict, List, Sequence
 
 import torch
 
-from tapestry_p2p.model import GPT
+from tapestry_p2p.training.model import GPT
 
 
 @dataclass

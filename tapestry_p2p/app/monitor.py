@@ -1,8 +1,9 @@
 """`tapestry monitor`: the live peer table, read from the signed status records in the DHT.
 
 The monitor joins as a DHT client only (it trains nothing and serves nothing), reads `<run_id>_status` about once a
-second and renders one row per peer. `render` is also what `tapestry demo` shows. Peers silent for more than
-STALE_AFTER seconds are greyed out; their records expire from the DHT a few seconds later and the row goes.
+second and renders one row per peer, then one line per peer whose last round failed (with the reason). `render` is
+also what `tapestry demo` shows. Peers silent for more than STALE_AFTER seconds are greyed out; their records expire
+from the DHT a few seconds later and the row goes. Everything a record says is printed literally, never as markup.
 """
 
 from __future__ import annotations
@@ -17,10 +18,9 @@ import termios
 import threading
 import time
 import tty
-from dataclasses import dataclass
-from typing import Iterator, List
+from collections.abc import Iterator
+from typing import Literal
 
-from hivemind.dht import DHT
 from hivemind.utils import get_dht_time
 from rich import box
 from rich.console import Console, Group
@@ -28,44 +28,39 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
-from tapestry_p2p.swarm import DHTOptions, ephemeral_identity, start_dht, stop_dht
-from tapestry_p2p.telemetry import STALE_AFTER, PeerStatus, read_statuses, signing_key, validators
+from tapestry_p2p.node.session import SessionOptions, SwarmSession
+from tapestry_p2p.telemetry.status import STALE_AFTER, PeerStatus
 
 REFRESH_SECONDS = 1.0
-STATE_STYLES = {"training": "green", "averaging": "cyan", "loading state": "yellow", "idle": "white"}
+STATE_STYLES = {"training": "green", "averaging": "cyan", "loading state": "yellow", "idle": "white", "left": "dim"}
+CLIENT_LISTEN = ["/ip4/127.0.0.1/tcp/0"]  # a DHT client dials out only
 
 
-@dataclass
-class MonitorConfig:
-    initial_peers: List[str]
-    run_id: str
+def monitor_session(initial_peers: list[str], run_id: str) -> SwarmSession:
+    """A client-mode DHT node of the run, with a throwaway identity (use as a context manager)."""
+    return SwarmSession(SessionOptions(run_id, initial_peers, CLIENT_LISTEN, client_mode=True))
 
 
-@contextlib.contextmanager
-def monitor_dht(config: MonitorConfig) -> Iterator[DHT]:
-    """A client-mode DHT node with the run's record validators, stopped on exit."""
-    with ephemeral_identity() as identity:
-        options = DHTOptions(
-            initial_peers=config.initial_peers,
-            listen=["/ip4/127.0.0.1/tcp/0"],
-            identity=identity,
-            client_mode=True,
-            record_validators=validators(config.run_id, signing_key(identity)),
-        )
-        dht = start_dht(options)
-    try:
-        yield dht
-    finally:
-        stop_dht(dht)
+def watch(initial_peers: list[str], run_id: str, mode: Literal["live", "once", "json"], console: Console) -> int:
+    """`tapestry monitor`: the live table, one snapshot, or one JSON snapshot."""
+    with monitor_session(initial_peers, run_id) as session:
+        if mode == "json":
+            print(snapshot_json(snapshot(session)))
+        elif mode == "once":
+            console.print(render(snapshot(session), get_dht_time(), f"tapestry swarm '{run_id}'"))
+        else:
+            with contextlib.suppress(KeyboardInterrupt):
+                run_live(session, console)
+    return 0
 
 
 def _megabytes(n: int) -> str:
     return f"{n / 1e6:.1f}"
 
 
-def header(peers: List[PeerStatus], now: float) -> Text:
+def header(peers: list[PeerStatus], now: float) -> Text:
     """The swarm's totals over the peers that are not stale."""
-    live = [p for p in peers if now - p.time <= STALE_AFTER]
+    live = [p for p in peers if now - p.time <= STALE_AFTER and p.state != "left"]
     trainers = [p for p in live if p.role == "trainer"]
     tokens = sum(p.tokens_per_second for p in trainers)
     current = max((p.round for p in trainers), default=0)
@@ -81,8 +76,8 @@ def header(peers: List[PeerStatus], now: float) -> Text:
     )  # fmt: skip
 
 
-def render(peers: List[PeerStatus], now: float, title: str = "tapestry swarm") -> Group:
-    """Header with totals, then one row per peer, sorted by partner; fits an 80-column terminal."""
+def render(peers: list[PeerStatus], now: float, title: str = "tapestry swarm") -> Group:
+    """Header with totals, one row per peer sorted by partner, then the failures; fits an 80-column terminal."""
     table = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
     table.add_column("partner", overflow="ellipsis", no_wrap=True, max_width=14)
     table.add_column("region", overflow="ellipsis", no_wrap=True, max_width=9)
@@ -92,10 +87,10 @@ def render(peers: List[PeerStatus], now: float, title: str = "tapestry swarm") -
     for p in sorted(peers, key=lambda p: (p.partner, p.peer_id)):
         silent = now - p.time
         stale = silent > STALE_AFTER
-        state = f"silent {silent:.0f}s" if stale else (p.role if p.role != "trainer" else p.state)
+        state = f"silent {silent:.0f}s" if stale else p.state if p.role == "trainer" or p.state == "left" else p.role
         table.add_row(
-            p.partner,
-            p.region,
+            Text(p.partner),
+            Text(p.region),
             Text(state, style="dim" if stale else STATE_STYLES.get(p.state, "white")),
             str(p.round) if p.role == "trainer" else "-",
             f"{p.loss:.3f}" if p.loss is not None else "-",
@@ -105,10 +100,19 @@ def render(peers: List[PeerStatus], now: float, title: str = "tapestry swarm") -
             f"{p.round_seconds:.1f}" if p.round_seconds else "-",
             style="dim" if stale else None,
         )
-    return Group(header(peers, now), table)
+    return Group(header(peers, now), table, *failures(peers))
 
 
-def snapshot_json(peers: List[PeerStatus]) -> str:
+def failures(peers: list[PeerStatus]) -> list[Text]:
+    """One line per peer whose last round failed, with the reason it reports."""
+    return [
+        Text(f"{p.partner} round {p.round} failed: {p.last_failure}", style="yellow", overflow="fold")
+        for p in sorted(peers, key=lambda p: (p.partner, p.peer_id))
+        if p.last_failure
+    ]
+
+
+def snapshot_json(peers: list[PeerStatus]) -> str:
     return json.dumps([p.dict() for p in peers], indent=2)
 
 
@@ -141,20 +145,20 @@ def _keys_pressed() -> Iterator[threading.Event]:
         termios.tcsetattr(fd, termios.TCSADRAIN, saved)
 
 
-def run_live(dht: DHT, run_id: str, console: Console) -> None:
+def run_live(session: SwarmSession, console: Console) -> None:
     """Refresh the table about once a second until Ctrl-C or `q`."""
-    title = f"tapestry swarm '{run_id}' (q or Ctrl-C to quit)"
+    title = f"tapestry swarm '{session.options.run_id}' (q or Ctrl-C to quit)"
     with _keys_pressed() as quit_pressed, Live(console=console, auto_refresh=False, screen=False) as live:
         while not quit_pressed.is_set():
-            live.update(render(read_statuses(dht, run_id), get_dht_time(), title), refresh=True)
+            live.update(render(session.peers(), get_dht_time(), title), refresh=True)
             quit_pressed.wait(REFRESH_SECONDS)
 
 
-def snapshot(dht: DHT, run_id: str, settle_seconds: float = 3.0) -> List[PeerStatus]:
+def snapshot(session: SwarmSession, settle_seconds: float = 3.0) -> list[PeerStatus]:
     """One reading, retried for a few seconds while the DHT returns nothing (it may still be joining)."""
     deadline = time.monotonic() + settle_seconds
-    peers = read_statuses(dht, run_id)
+    peers = session.peers()
     while not peers and time.monotonic() < deadline:
         time.sleep(0.5)
-        peers = read_statuses(dht, run_id)
+        peers = session.peers()
     return peers

@@ -9,27 +9,25 @@ never see the other languages' data, yet the shared model has learned them: that
 from __future__ import annotations
 
 import concurrent.futures
-import json
 import math
 import multiprocessing
 import shutil
 import signal
-import subprocess
-import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Tuple
 
 from hivemind.utils import get_dht_time
 from rich.console import Console
 from rich.live import Live
 from rich.table import Table
+from rich.text import Text
 
-from tapestry_p2p import UserError
-from tapestry_p2p.monitor import MonitorConfig, monitor_dht, render
-from tapestry_p2p.plot import plot
-from tapestry_p2p.telemetry import read_statuses
+from tapestry_p2p.app.monitor import monitor_session, render
+from tapestry_p2p.app.plot import plot
+from tapestry_p2p.errors import UserError
+from tapestry_p2p.node.metrics import read_jsonl
+from tapestry_p2p.testing.local_swarm import LOOPBACK, LocalSwarm, LocalSwarmError, last_line
 
 CORPUS_DIR = Path(__file__).parent / "corpus"
 RUN_ID = "demo"
@@ -37,6 +35,7 @@ MARKER = ".tapestry-demo"
 HELD_OUT_FRACTION = 0.15
 STARTUP_TIMEOUT = 60.0
 STOP_GRACE = 20.0  # seconds a process gets to exit after SIGTERM before SIGKILL
+Results = dict[str, dict[str, tuple[float, float]]]  # partner -> language -> (shared model's loss, trained alone)
 
 
 class DemoError(UserError):
@@ -56,7 +55,7 @@ class DemoConfig:
     inner_steps: int = 30
     workdir: Path = Path("tapestry-demo")  # logs, metrics, checkpoints and the plot stay here for a look
     run_timeout: float = 240.0  # seconds for the swarm's rounds, after which the demo gives up
-    partners: Tuple[DemoPartner, ...] = (
+    partners: tuple[DemoPartner, ...] = (
         DemoPartner("north-lab", "en", "eu-west"),
         DemoPartner("sur-uni", "es", "sa-east"),
         DemoPartner("ost-gmbh", "de", "eu-central"),
@@ -64,72 +63,27 @@ class DemoConfig:
 
 
 @dataclass
-class Process:
-    name: str
-    popen: subprocess.Popen
-    log: Path
-
-
-@dataclass
 class DemoRun:
     config: DemoConfig
     workdir: Path
-    processes: List[Process] = field(default_factory=list)
+    swarm: LocalSwarm
 
     def partner_dir(self, partner: DemoPartner) -> Path:
         return self.workdir / partner.name
 
 
-def split_corpus(language: str) -> Tuple[bytes, bytes]:
+def split_corpus(language: str) -> tuple[bytes, bytes]:
     """(train, held-out): the held-out part is the last paragraphs, cut at a paragraph boundary."""
     text = (CORPUS_DIR / f"{language}.txt").read_text(encoding="utf-8")
     cut = text.rfind("\n\n", 0, int(len(text) * (1 - HELD_OUT_FRACTION)))
     return text[:cut].encode("utf-8"), text[cut:].strip().encode("utf-8")
 
 
-def _spawn(run: DemoRun, name: str, args: List[str]) -> Process:
-    log = run.workdir / f"{name}.log"
-    with open(log, "wb") as out:
-        popen = subprocess.Popen(
-            [sys.executable, "-m", "tapestry_p2p", *args],
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            start_new_session=True,  # our Ctrl-C is handled here, not by each child
-        )
-    process = Process(name, popen, log)
-    run.processes.append(process)
-    return process
-
-
-def _last_line(path: Path) -> str:
-    lines = path.read_text(errors="replace").strip().splitlines() if path.exists() else []
-    return lines[-1] if lines else "(no output)"
-
-
 def start_bootstrap(run: DemoRun) -> str:
-    addr_file = run.workdir / "bootstrap.addr"
-    process = _spawn(
-        run,
-        "bootstrap",
-        [
-            "bootstrap",
-            "--listen",
-            "/ip4/127.0.0.1/tcp/0",
-            "--identity",
-            str(run.workdir / "bootstrap.key"),
-            "--addr-file",
-            str(addr_file),
-            "--run-id",
-            RUN_ID,
-        ],
-    )
-    deadline = time.monotonic() + STARTUP_TIMEOUT
-    while not addr_file.exists():
-        if process.popen.poll() is not None or time.monotonic() > deadline:
-            raise DemoError(f"the bootstrap node did not start: {_last_line(process.log)}")
-        time.sleep(0.2)
-    return addr_file.read_text().split()[0]
+    try:
+        return run.swarm.start_bootstrap("bootstrap", run_id=RUN_ID, timeout=STARTUP_TIMEOUT)
+    except LocalSwarmError:
+        raise DemoError(f"the bootstrap node did not start: {last_line(run.swarm.log_path('bootstrap'))}") from None
 
 
 def start_partners(run: DemoRun, bootstrap_addr: str) -> None:
@@ -139,58 +93,43 @@ def start_partners(run: DemoRun, bootstrap_addr: str) -> None:
         train, _ = split_corpus(partner.language)
         (folder / "train.txt").write_bytes(train)
         options = {
-            "--run-id": RUN_ID, "--initial-peers": bootstrap_addr, "--listen": "/ip4/127.0.0.1/tcp/0",
+            "--run-id": RUN_ID, "--initial-peers": bootstrap_addr, "--listen": LOOPBACK,
             "--data": folder / "train.txt", "--partner": partner.name, "--region": partner.region,
             "--max-rounds": run.config.rounds, "--inner-steps": run.config.inner_steps,
             "--checkpoint-dir": folder / "checkpoint", "--metrics": folder / "metrics.jsonl",
             "--threads": 1, "--round-window": 3, "--quiet": None, "--min-peers": len(run.config.partners),
         }  # fmt: skip
         args = ["join"] + [str(x) for option, value in options.items() for x in (option, value) if x is not None]
-        _spawn(run, partner.name, args)
-
-
-def read_metrics(path: Path) -> List[dict]:
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        run.swarm.start(partner.name, *args)
 
 
 def wait_for_partners(run: DemoRun, bootstrap_addr: str, console: Console) -> None:
     """Show the live peer table (the one `tapestry monitor` shows) until every partner has exited."""
-    partners = [p for p in run.processes if p.name != "bootstrap"]
+    partners = dict(zip((p.name for p in run.config.partners), run.swarm.started[1:], strict=True))
     deadline = time.monotonic() + run.config.run_timeout
     title = f"tapestry demo: {len(partners)} partners, 1 shared model, {run.config.rounds} rounds"
-    with monitor_dht(MonitorConfig([bootstrap_addr], RUN_ID)) as dht:
+    with monitor_session([bootstrap_addr], RUN_ID) as session:
         with Live(console=console, auto_refresh=False) as live:
-            while any(p.popen.poll() is None for p in partners):
+            while any(p.poll() is None for p in partners.values()):
                 if time.monotonic() > deadline:
                     raise DemoError(f"the partners did not finish within {run.config.run_timeout:.0f}s")
-                live.update(render(read_statuses(dht, RUN_ID), get_dht_time(), title), refresh=True)
+                live.update(render(session.peers(), get_dht_time(), title), refresh=True)
                 time.sleep(1.0)
         console.print()
-    failed = [p for p in partners if p.popen.returncode != 0]
+    failed = [name for name, popen in partners.items() if popen.returncode != 0]
     if failed:
-        name, code = failed[0].name, failed[0].popen.returncode
-        raise DemoError(f"partner {name} exited with {code}: {_last_line(failed[0].log)}")
-
-
-def stop_all(run: DemoRun) -> None:
-    """SIGTERM every process we started (by pid), then SIGKILL what is left after STOP_GRACE."""
-    for process in run.processes:
-        if process.popen.poll() is None:
-            process.popen.send_signal(signal.SIGTERM)
-    deadline = time.monotonic() + STOP_GRACE
-    for process in run.processes:
-        try:
-            process.popen.wait(timeout=max(0.1, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            process.popen.kill()
-            process.popen.wait()
+        name, code = failed[0], partners[failed[0]].returncode
+        raise DemoError(f"partner {name} exited with {code}: {last_line(run.swarm.log_path(name))}")
 
 
 def train_alone(partner: DemoPartner, folder: Path, steps_per_round: int, rounds: int) -> Path:
-    """The baseline: the same DiLoCo loop on the partner's data alone, no network. Returns its checkpoint folder."""
-    from tapestry_p2p.node import Node, NodeConfig
+    """The baseline: the same DiLoCo loop on the partner's data alone, no network. Returns its checkpoint folder.
+    Runs in a worker process of its own."""
+    from tapestry_p2p.node.config import NodeConfig
+    from tapestry_p2p.node.node import Node
+    from tapestry_p2p.p2p import hivemind_compat
+
+    hivemind_compat.install("main")
 
     out = folder / "alone"
     config = NodeConfig(
@@ -207,10 +146,10 @@ def train_alone(partner: DemoPartner, folder: Path, steps_per_round: int, rounds
     return out
 
 
-def compare(run: DemoRun) -> Dict[str, Dict[str, Tuple[float, float]]]:
+def compare(run: DemoRun) -> Results:
     """partner -> language -> (shared model's held-out loss, trained-alone model's held-out loss)."""
     partners = run.config.partners
-    steps = {p.name: read_metrics(run.partner_dir(p) / "metrics.jsonl")[-1]["step"] for p in partners}
+    steps = {p.name: read_jsonl(run.partner_dir(p) / "metrics.jsonl")[-1]["step"] for p in partners}
     rounds = run.config.rounds
     context = multiprocessing.get_context("spawn")
     with concurrent.futures.ProcessPoolExecutor(max_workers=2, mp_context=context) as pool:
@@ -233,19 +172,15 @@ def compare(run: DemoRun) -> Dict[str, Dict[str, Tuple[float, float]]]:
 
 
 def held_out_loss(checkpoint_dir: Path, text: bytes) -> float:
-    from safetensors.torch import load_file
+    from tapestry_p2p.training.checkpoint import load_model
+    from tapestry_p2p.training.data import eval_windows
+    from tapestry_p2p.training.inner import evaluate
 
-    from tapestry_p2p.data import eval_windows
-    from tapestry_p2p.model import GPT, ModelConfig
-    from tapestry_p2p.train import evaluate
-
-    config = ModelConfig()
-    model = GPT(config)
-    model.load_state_dict(load_file(str(checkpoint_dir / "model.safetensors")))
-    return evaluate(model, eval_windows(text, config.block_size))
+    model = load_model(checkpoint_dir)
+    return evaluate(model, eval_windows(text, model.config.block_size))
 
 
-def results_table(run: DemoRun, results: Dict[str, Dict[str, Tuple[float, float]]]) -> Table:
+def results_table(run: DemoRun, results: Results) -> Table:
     languages = [p.language for p in run.config.partners]
     table = Table(
         title="held-out loss (nats/byte, lower is better): shared model / trained alone", title_justify="left"
@@ -257,13 +192,13 @@ def results_table(run: DemoRun, results: Dict[str, Dict[str, Tuple[float, float]
         cells = []
         for lang in languages:
             shared, alone = results[p.name][lang]
-            mark = "[green]" if shared < alone else "[red]"
-            cells.append(f"{mark}{shared:.2f}[/] / {alone:.2f}")
+            cell = Text(f"{shared:.2f}", style="green" if shared < alone else "red")
+            cells.append(cell.append(f" / {alone:.2f}", style="default"))
         table.add_row(f"{p.name} ({p.language})", *cells)
     return table
 
 
-def consortium_wins(run: DemoRun, results: Dict[str, Dict[str, Tuple[float, float]]]) -> bool:
+def consortium_wins(run: DemoRun, results: Results) -> bool:
     """Does every partner's shared model beat its trained-alone model on every language it never saw?"""
     return all(
         results[p.name][lang][0] < results[p.name][lang][1]
@@ -287,16 +222,16 @@ def prepare_workdir(workdir: Path) -> Path:
 
 def run_demo(config: DemoConfig, console: Console) -> int:
     workdir = prepare_workdir(config.workdir)
-    run = DemoRun(config, workdir)
     started = time.monotonic()
     previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
-        console.print(f"starting a bootstrap node and {len(config.partners)} partners on 127.0.0.1 (logs in {workdir})")
-        bootstrap_addr = start_bootstrap(run)
-        start_partners(run, bootstrap_addr)
-        wait_for_partners(run, bootstrap_addr, console)
-        stop_all(run)
-        hashes = {read_metrics(run.partner_dir(p) / "metrics.jsonl")[-1]["model_hash"] for p in config.partners}
+        with LocalSwarm(workdir, stop_grace=STOP_GRACE) as swarm:
+            run = DemoRun(config, workdir, swarm)
+            console.print(f"starting a bootstrap node and {len(config.partners)} partners on 127.0.0.1 (logs in {workdir})")
+            bootstrap_addr = start_bootstrap(run)
+            start_partners(run, bootstrap_addr)
+            wait_for_partners(run, bootstrap_addr, console)
+        hashes = {read_jsonl(run.partner_dir(p) / "metrics.jsonl")[-1]["model_hash"] for p in config.partners}
         console.print(
             f"swarm done in {time.monotonic() - started:.0f}s; final shared model hashes: {', '.join(sorted(hashes))}"
         )
@@ -312,5 +247,4 @@ def run_demo(config: DemoConfig, console: Console) -> int:
         console.print(f"demo finished in {time.monotonic() - started:.0f}s")
         return 0 if consortium_wins(run, results) else 1
     finally:
-        stop_all(run)
         signal.signal(signal.SIGINT, previous)

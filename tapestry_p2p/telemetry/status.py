@@ -12,26 +12,21 @@ claims is the one its signing key derives: a peer can only speak for itself.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import threading
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Dict, List, Literal, Optional
+from typing import Any, Literal, Optional
 
-import multihash
 import pydantic.v1 as pydantic
-from cryptography.hazmat.primitives import serialization
 from hivemind.dht import DHT
 from hivemind.dht.crypto import RSASignatureValidator
-from hivemind.dht.schema import BytesWithPublicKey, SchemaValidator
-from hivemind.p2p import PeerID
-from hivemind.proto import crypto_pb2
+from hivemind.dht.schema import BytesWithPublicKey
 from hivemind.utils import get_dht_time
-from hivemind.utils.crypto import RSAPrivateKey
 
 from tapestry_p2p import __version__
+from tapestry_p2p.security.identity import peer_id_of
+from tapestry_p2p.security.records import record_validators
 
 logger = logging.getLogger(__name__)
 
@@ -40,7 +35,8 @@ EXPIRY = 3 * PUBLISH_PERIOD + 1  # a record outlives its publication by this man
 STALE_AFTER = 2 * PUBLISH_PERIOD  # a peer silent for longer is shown greyed out until its record expires
 
 Role = Literal["trainer", "bootstrap", "monitor"]
-State = Literal["training", "averaging", "loading state", "idle"]
+# "left": the last record of a node that stopped; it stays readable until it expires, and counts as nobody.
+State = Literal["training", "averaging", "loading state", "idle", "left"]
 _Name = pydantic.constr(strict=True, max_length=64)
 _Count = pydantic.conint(strict=True, ge=0, le=2**62)
 _Seconds = pydantic.confloat(strict=True, ge=0, le=1e9)
@@ -77,44 +73,19 @@ class PeerStatus(pydantic.BaseModel):
 class StatusSchema(pydantic.BaseModel):
     """The DHT schema: key `status` (prefixed with the run id) maps owner public keys to PeerStatus records."""
 
-    status: Dict[BytesWithPublicKey, PeerStatus]
+    status: dict[BytesWithPublicKey, PeerStatus]
 
 
 def status_key(run_id: str) -> str:
     return f"{run_id}_status"
 
 
-def signing_key(identity: Path) -> RSAPrivateKey:
-    """The RSA key of a libp2p identity file, as hivemind's signature validator wants it."""
-    key = crypto_pb2.PrivateKey.FromString(identity.read_bytes())
-    if key.key_type != crypto_pb2.KeyType.RSA:
-        raise ValueError(f"{identity} is not an RSA identity; delete it to get a new one")
-    private = RSAPrivateKey.__new__(RSAPrivateKey)
-    private.__setstate__({"_private_key": key.data})  # hivemind's own unpickling path: DER bytes -> key
-    return private
+def status_validators(run_id: str, key: Any) -> list[Any]:
+    """The record validators every tapestry DHT node of a run runs (signatures, then the status schema)."""
+    return record_validators(key, StatusSchema, prefix=run_id)
 
 
-def validators(run_id: str, key: RSAPrivateKey) -> list:
-    """The record validators every tapestry DHT node runs: signatures first, then the schema."""
-    return [RSASignatureValidator(key), SchemaValidator(StatusSchema, prefix=run_id)]
-
-
-def peer_id_of(owner: bytes) -> Optional[str]:
-    """The libp2p peer id (base58) derived from a `[owner:ssh-rsa ...]` subkey, or None if it is not one."""
-    found = RSASignatureValidator._PUBLIC_KEY_RE.findall(owner)
-    if len(found) != 1:
-        return None
-    try:
-        public = serialization.load_ssh_public_key(found[0])
-    except (ValueError, TypeError):
-        return None
-    der = public.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
-    encoded = crypto_pb2.PublicKey(key_type=crypto_pb2.RSA, data=der).SerializeToString()
-    digest = multihash.encode(hashlib.sha256(encoded).digest(), multihash.coerce_code("sha2-256"))
-    return PeerID(digest).to_base58()
-
-
-def parse_records(found: Any) -> List[PeerStatus]:
+def parse_records(found: Any) -> list[PeerStatus]:
     """Validate what a DHT read returned (untrusted): drop malformed records and peers speaking for others."""
     if found is None or not isinstance(found.value, dict):
         return []
@@ -129,18 +100,31 @@ def parse_records(found: Any) -> List[PeerStatus]:
     return sorted(peers, key=lambda s: (s.partner, s.peer_id))
 
 
-def read_statuses(dht: DHT, run_id: str) -> List[PeerStatus]:
+def read_statuses(dht: DHT, run_id: str) -> list[PeerStatus]:
     return parse_records(dht.get(status_key(run_id), latest=True))
+
+
+def trainers_online(peers: list[PeerStatus]) -> int:
+    """Trainers whose last record does not say they left (a stopped node's record outlives it by up to EXPIRY)."""
+    return sum(1 for p in peers if p.role == "trainer" and p.state != "left")
+
+
+PUBLISH_ERRORS = (OSError, EOFError, RuntimeError, TimeoutError)  # the DHT process is gone, slow or shutting down
+WARN_AFTER_FAILURES = 5  # consecutive failed publications before the publisher warns (once)
 
 
 @dataclass
 class StatusPublisher:
-    """Publishes this node's status every PUBLISH_PERIOD seconds from a background thread; `update` changes it."""
+    """Publishes this node's status every PUBLISH_PERIOD seconds from a background thread; `update` changes it.
+
+    `update` validates the record it would publish, so a wrong field or value fails at the caller (pydantic's
+    ValidationError), not later in the background thread.
+    """
 
     dht: Optional[DHT]
     run_id: str
-    key: Optional[RSAPrivateKey]
-    fields: Dict[str, Any]
+    key: Any  # the node's RSAPrivateKey (security.identity.signing_key); None when disabled
+    fields: dict[str, Any]
     _started: float = field(default_factory=time.monotonic)
     _stop: threading.Event = field(default_factory=threading.Event)
     _lock: threading.Lock = field(default_factory=threading.Lock)
@@ -154,28 +138,34 @@ class StatusPublisher:
             version=__version__, last_failure=None, state="idle",
         )  # fmt: skip
         self.fields = {**defaults, **self.fields}
+        self._build(self.fields)
 
     @classmethod
-    def disabled(cls) -> "StatusPublisher":
-        """A publisher that records updates and publishes nothing (a node with no network)."""
-        return cls(dht=None, run_id="", key=None, fields={})
+    def disabled(cls) -> StatusPublisher:
+        """A publisher that validates and records updates and publishes nothing (a node with no network)."""
+        identity = dict(peer_id="solo", partner="solo", region="unknown", role="trainer")
+        return cls(dht=None, run_id="", key=None, fields=identity)
+
+    def _build(self, values: dict[str, Any]) -> PeerStatus:
+        return PeerStatus(**values, uptime=float(time.monotonic() - self._started), time=float(get_dht_time()))
 
     def update(self, **changes: Any) -> None:
+        """Change fields of the record; raises pydantic's ValidationError (a ValueError) if the result is invalid."""
         with self._lock:
-            self.fields.update(changes)
+            values = {**self.fields, **changes}
+            self._build(values)
+            self.fields = values
 
     def record(self) -> PeerStatus:
         with self._lock:
-            values = dict(self.fields)
-        return PeerStatus(**values, uptime=float(time.monotonic() - self._started), time=float(get_dht_time()))
+            return self._build(self.fields)
 
     def publish_once(self) -> bool:
+        if self.dht is None:
+            raise ValueError("a disabled StatusPublisher cannot publish")
         record = self.record()
-        return bool(
-            self.dht.store(
-                status_key(self.run_id), record.dict(), expiration_time=record.time + EXPIRY, subkey=self._owner
-            )
-        )
+        key = status_key(self.run_id)
+        return bool(self.dht.store(key, record.dict(), expiration_time=record.time + EXPIRY, subkey=self._owner))
 
     def start(self) -> None:
         if self.dht is None:
@@ -184,21 +174,25 @@ class StatusPublisher:
         self._thread.start()
 
     def _loop(self) -> None:
+        failures = 0
         while not self._stop.is_set():
             try:
-                if not self.publish_once():
-                    logger.debug("status record was not stored")
-            except Exception as e:  # the DHT may be shutting down; the next period tries again
+                stored = self.publish_once()
+            except PUBLISH_ERRORS as e:
                 logger.debug("status publish failed: %r", e)
+                stored = False
+            failures = 0 if stored else failures + 1
+            if failures == WARN_AFTER_FAILURES:
+                logger.warning("our status record was not stored %d times in a row; the monitor may miss us", failures)
             self._stop.wait(PUBLISH_PERIOD)
 
     def stop(self) -> None:
-        """Stop publishing; the last record (state idle) stays readable until it expires."""
+        """Stop publishing; the last record (state `left`) stays readable until it expires."""
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=PUBLISH_PERIOD + 5)
-            self.update(state="idle")
+            self.update(state="left")
             try:
                 self.publish_once()
-            except Exception as e:
+            except PUBLISH_ERRORS as e:
                 logger.debug("last status publish failed: %r", e)

@@ -12,7 +12,7 @@ from typing import Dict, Iterator, List, Tuple
 
 import torch
 
-from tapestry_p2p import UserError
+from tapestry_p2p.errors import UserError
 
 SUFFIXES = (".txt", ".jsonl")
 

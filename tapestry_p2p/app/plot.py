@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 from typing import Dict, List, Sequence
 
-from tapestry_p2p import UserError
+from tapestry_p2p.errors import UserError
 
 
 class PlotError(UserError):

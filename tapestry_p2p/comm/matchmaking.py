@@ -1,5 +1,8 @@
 """When a round's all-reduce starts: a meeting time agreed through the DHT, instead of spinning in matchmaking.
 
+(hivemind's own matchmaking then forms the group in the last MATCHMAKING_LEAD seconds; its leader queue is
+rate-limited by `p2p.hivemind_compat`.)
+
 The first peer of round r to finish its H inner steps proposes `now + window` under the round's key (one subkey per
 peer); the meeting time is the earliest proposal. Peers still training poll the key about once a second and stop
 their inner loop `lead` seconds before the meeting, so a slower partner contributes fewer inner steps rather than

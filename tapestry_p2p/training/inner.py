@@ -8,8 +8,8 @@ from typing import Any, Dict, List, Tuple
 
 import torch
 
-from tapestry_p2p.data import ByteBatches
-from tapestry_p2p.model import GPT
+from tapestry_p2p.training.data import ByteBatches
+from tapestry_p2p.training.model import GPT
 
 
 @dataclass
@@ -72,6 +72,3 @@ def evaluate(model: GPT, windows: Tuple[torch.Tensor, torch.Tensor]) -> float:
     _, loss = model(inputs, targets)
     return loss.item()
 
-
-def mean(values: List[float]) -> float:
-    return sum(values) / len(values) if values else float("nan")

@@ -9,8 +9,8 @@ instance registered for an existing enum value. `register()` replaces BLOCKWISE_
   `scripts/codec_speed.py`, see BENCHMARKS.md), uses 1024-value blocks instead of 4096 (lower error), and leaves the
   1 KiB code book off the wire: both ends use bitsandbytes' fixed dynamic map.
 
-Every tapestry process calls `register()` at import time (see `tapestry_p2p.allreduce`), before hivemind forks its
-averager process, so both ends of every stream use the same format. bitsandbytes is imported here, eagerly, for the
+`compression_for("8bit")` registers it (`hivemind_compat.register_compression`) before hivemind forks the averager
+process that uses it, so both ends of every stream use the same format. bitsandbytes is imported here, eagerly, for the
 same reason: imported lazily inside the averager process it stalls the first all-reduce for ~3 s. A stock hivemind
 peer would not understand the format; tapestry peers only average with tapestry peers.
 
@@ -22,17 +22,20 @@ data) but spends 4 bytes per block on its scale; 1024 costs 0.4% of the payload.
 from __future__ import annotations
 
 import functools
+from typing import Literal, get_args
 
 import numpy as np
 import torch
 from bitsandbytes.functional import create_dynamic_map, dequantize_blockwise, quantize_blockwise
 from hivemind.compression import CompressionBase, CompressionInfo, Float16Compression, NoCompression
-from hivemind.compression import serialization as hivemind_serialization
 from hivemind.proto import runtime_pb2
+
+from tapestry_p2p.p2p import hivemind_compat
 
 BLOCK_SIZE = 1024
 
-CHOICES = ("8bit", "fp16", "none")
+Codec = Literal["8bit", "fp16", "none"]
+CODECS: tuple[Codec, ...] = get_args(Codec)
 
 
 @functools.lru_cache(maxsize=1)
@@ -81,18 +84,17 @@ class Blockwise8Bit(CompressionBase):
 
 
 def compression_for(name: str) -> CompressionBase:
-    """The hivemind compression instance for a CLI codec name (`8bit`, `fp16`, `none`)."""
-    register()
+    """The hivemind compression instance for a codec name (one of CODECS)."""
     if name == "8bit":
-        return hivemind_serialization._BASE_COMPRESSION_TYPES["BLOCKWISE_8BIT"]
+        return _registered_8bit()
     if name == "fp16":
         return Float16Compression()
     if name == "none":
         return NoCompression()
-    raise ValueError(f"unknown compression {name!r}: use one of {', '.join(CHOICES)}")
+    raise ValueError(f"unknown compression {name!r}: use one of {', '.join(CODECS)}")
 
 
-@functools.lru_cache(maxsize=1)
-def register() -> None:
-    """Make hivemind (de)serialize BLOCKWISE_8BIT parts with `Blockwise8Bit` in this process and its forks."""
-    hivemind_serialization._BASE_COMPRESSION_TYPES["BLOCKWISE_8BIT"] = Blockwise8Bit()
+@functools.cache
+def _registered_8bit() -> CompressionBase:
+    """Our 8-bit codec, registered in place of hivemind's BLOCKWISE_8BIT in this process and its later forks."""
+    return hivemind_compat.register_compression("BLOCKWISE_8BIT", Blockwise8Bit())

@@ -1,0 +1,443 @@
+"""`tapestry` command line: argument parsing, config files, signals and friendly errors. Knows nothing about tensors.
+
+Every mistake a user can make on the command line ends as one line on stderr that names the fix, exit status 2, and
+no traceback. Defaults come from the config dataclasses (`node.config`). Config files (`--config partner.toml`) hold
+the same options as the flags, with `-` spelled `_`, at the top level or in the sections of `NodeConfig`
+(`[model] n_layer = 4`, `[train] lr = 3e-3`, `[outer] momentum = 0.9`, `[schedule] window = 4`); flags given on the
+command line win.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import os
+import signal
+import sys
+import threading
+import tomllib
+from collections.abc import Sequence
+from pathlib import Path
+from types import FrameType
+from typing import Any, Optional
+
+from tapestry_p2p.errors import UserError
+from tapestry_p2p.p2p import hivemind_compat
+
+EXIT_USAGE = 2
+
+logger = logging.getLogger("tapestry_p2p")
+
+
+class UsageError(UserError):
+    """A mistake in the command line or a config file; the message names the fix."""
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text}")
+    return value
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, but errors are one line with the fix instead of the usage block."""
+
+    def error(self, message: str) -> Any:  # argparse's NoReturn; raising is what it expects
+        raise UsageError(f"{self.prog}: {message} (see {self.prog} --help)")
+
+
+# `join` flags whose values live in a section of NodeConfig: flag dest -> (section, field). The other `join` flags are
+# NodeConfig's own fields of the same name.
+SECTION_FLAGS: dict[str, tuple[str, str]] = {
+    "block_size": ("model", "block_size"),
+    "n_layer": ("model", "n_layer"),
+    "n_head": ("model", "n_head"),
+    "n_embd": ("model", "n_embd"),
+    "batch_size": ("train", "batch_size"),
+    "lr": ("train", "lr"),
+    "outer_lr": ("outer", "lr"),
+    "outer_momentum": ("outer", "momentum"),
+    "round_window": ("schedule", "window"),
+}
+
+
+def _section_classes() -> dict[str, Any]:
+    """NodeConfig's sections that flags set: name -> its dataclass (the field's default factory)."""
+    from tapestry_p2p.node.config import NodeConfig
+
+    sections = {section for section, _ in SECTION_FLAGS.values()}
+    return {f.name: f.default_factory for f in dataclasses.fields(NodeConfig) if f.name in sections}
+
+
+def default(dest: str) -> Any:
+    """The default of a `join` flag, from the config dataclass that owns it."""
+    from tapestry_p2p.node.config import NodeConfig
+
+    owner: Any = NodeConfig
+    name = dest
+    if dest in SECTION_FLAGS:
+        section, name = SECTION_FLAGS[dest]
+        owner = _section_classes()[section]
+    found = next(f for f in dataclasses.fields(owner) if f.name == name)
+    if found.default_factory is not dataclasses.MISSING:
+        return found.default_factory()
+    return found.default
+
+
+def build_parser() -> tuple[Parser, dict[str, Parser]]:
+    """The parser, and each subcommand's parser by name (config files set their defaults)."""
+    parser = Parser(prog="tapestry", description="Train one model together, peer to peer.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
+    subparsers = {
+        "bootstrap": _add_bootstrap(sub.add_parser("bootstrap", help="run a DHT node that helps peers find each other")),
+        "join": _add_join(sub.add_parser("join", help="train with the swarm (or start a new one)")),
+        "monitor": _add_monitor(sub.add_parser("monitor", help="live peer table of a run")),
+        "plot": _add_plot(sub.add_parser("plot", help="PNG of loss and bytes per round from --metrics files")),
+        "demo": _add_demo(
+            sub.add_parser("demo", help="a whole swarm on this machine: bootstrap + 3 partners, then a comparison")
+        ),
+    }
+    return parser, subparsers
+
+
+def _add_bootstrap(boot: Parser) -> Parser:
+    from tapestry_p2p.app.bootstrap import DEFAULT_IDENTITY
+    from tapestry_p2p.node.config import DEFAULT_RUN_ID
+    from tapestry_p2p.p2p.addresses import BOOTSTRAP_PORT, DEFAULT_BOOTSTRAP_LISTEN
+
+    boot.add_argument(
+        "--listen", nargs="+", metavar="MADDR", default=list(DEFAULT_BOOTSTRAP_LISTEN),
+        help=f"addresses to listen on (default: all IPv4 interfaces, TCP port {BOOTSTRAP_PORT})",
+    )  # fmt: skip
+    boot.add_argument(
+        "--announce", nargs="+", metavar="MADDR", default=[], help="public addresses to advertise, e.g. behind NAT"
+    )
+    boot.add_argument(
+        "--identity", type=Path, default=DEFAULT_IDENTITY,
+        help=f"private key file, created on first run (default: {DEFAULT_IDENTITY})",
+    )  # fmt: skip
+    boot.add_argument(
+        "--initial-peers", nargs="+", metavar="MADDR", default=[], help="other bootstrap nodes of the same swarm"
+    )
+    boot.add_argument("--addr-file", type=Path, help="write our full multiaddrs here, one per line, once ready")
+    boot.add_argument("--run-id", default=DEFAULT_RUN_ID, help="the run whose peer table lists this node")
+    boot.add_argument("--partner", default="bootstrap", help="name shown in the peer table")
+    boot.add_argument("--region", default="unknown", help="where this node runs, shown in the peer table")
+    return boot
+
+
+def _add_join(join: Parser) -> Parser:
+    from tapestry_p2p.comm.codec import CODECS
+
+    join.add_argument("--config", type=Path, help="TOML file with any of the options below (flags win)")
+    join.add_argument(
+        "--initial-peers", nargs="+", metavar="MADDR", default=default("initial_peers"),
+        help="a bootstrap node's (or any peer's) full multiaddr; omit to start a new swarm",
+    )  # fmt: skip
+    join.add_argument("--run-id", default=default("run_id"), help="name of the training run; peers of one run average")
+    join.add_argument("--data", type=Path, help="a .txt/.jsonl file or a folder of them (UTF-8)")
+    join.add_argument("--identity", type=Path, help="private key file (default: a new identity each start)")
+    join.add_argument(
+        "--listen", nargs="+", metavar="MADDR", default=default("listen"),
+        help="addresses to listen on (default: all IPv4 interfaces, a free port)",
+    )  # fmt: skip
+    join.add_argument("--announce", nargs="+", metavar="MADDR", default=[], help="public addresses to advertise")
+    join.add_argument("--checkpoint-dir", type=Path, help="write (and resume from) checkpoints here")
+    join.add_argument("--inner-steps", type=positive_int, default=default("inner_steps"), metavar="H",
+                      help="inner steps per round")  # fmt: skip
+    join.add_argument("--max-rounds", type=positive_int, metavar="R", help="stop after R outer rounds")
+    join.add_argument("--compression", choices=CODECS, default=default("compression"), help="delta codec on the wire")
+    join.add_argument("--metrics", type=Path, help="append one JSON line per outer round here")
+    join.add_argument("--partner", default=default("partner"), help="your organisation's name, shown to the swarm")
+    join.add_argument("--region", default=default("region"), help="where this node runs, shown to the swarm")
+    join.add_argument("--round-window", type=positive_float, default=default("round_window"), metavar="SECONDS",
+                      help="how long the first peer to finish waits for the others")  # fmt: skip
+    join.add_argument("--threads", type=positive_int, default=default("threads"),
+                      help="torch CPU threads (default: torch's choice)")  # fmt: skip
+    join.add_argument("--quiet", action="store_true", help="no progress bar: one line per round only")
+    join.add_argument("--min-peers", type=positive_int, default=default("min_peers"), metavar="N",
+                      help="wait until N trainers (us included) are online before the first round")  # fmt: skip
+    join.add_argument(
+        "--start-fresh", action="store_true",
+        help="if the swarm is ahead of us and nobody serves its state, train from ours instead of waiting",
+    )  # fmt: skip
+    model = join.add_argument_group("model and optimizer ([model], [train], [outer] in a config file)")
+    model.add_argument("--block-size", type=positive_int, default=default("block_size"), help="context length in bytes")
+    for flag in ("--n-layer", "--n-head", "--n-embd", "--batch-size"):
+        model.add_argument(flag, type=positive_int, default=default(flag[2:].replace("-", "_")))
+    model.add_argument("--lr", type=positive_float, default=default("lr"), help="inner AdamW learning rate")
+    model.add_argument("--outer-lr", type=positive_float, default=default("outer_lr"), help="outer Nesterov SGD lr")
+    model.add_argument("--outer-momentum", type=float, default=default("outer_momentum"))
+    return join
+
+
+def _add_monitor(mon: Parser) -> Parser:
+    from tapestry_p2p.node.config import DEFAULT_RUN_ID
+
+    mon.add_argument("--initial-peers", nargs="+", metavar="MADDR", required=True, help="any node of the swarm")
+    mon.add_argument("--run-id", default=DEFAULT_RUN_ID, help="the run to watch")
+    mon.add_argument("--once", action="store_true", help="print one snapshot and exit")
+    mon.add_argument("--json", action="store_true", help="print one snapshot as JSON (a list of peers) and exit")
+    return mon
+
+
+def _add_plot(plot: Parser) -> Parser:
+    plot.add_argument("metrics", nargs="+", type=Path, metavar="METRICS.jsonl")
+    plot.add_argument("-o", "--output", type=Path, default=Path("tapestry-plot.png"), help="PNG file to write")
+    return plot
+
+
+def _add_demo(demo: Parser) -> Parser:
+    from tapestry_p2p.app.demo import DemoConfig
+
+    defaults = DemoConfig()
+    demo.add_argument("--rounds", type=positive_int, default=defaults.rounds, help="outer rounds per partner")
+    demo.add_argument("--inner-steps", type=positive_int, default=defaults.inner_steps)
+    demo.add_argument(
+        "--workdir", type=Path, default=defaults.workdir,
+        help="logs, metrics, checkpoints and the plot (default: ./tapestry-demo, emptied each run)",
+    )  # fmt: skip
+    return demo
+
+
+# ---- config files ----
+
+
+def apply_config_file(subparser: Parser, argv: Sequence[str]) -> None:
+    """Load `--config FILE` for a subcommand and install its values as that subcommand's defaults."""
+    if "--config" not in argv:
+        return
+    index = list(argv).index("--config")
+    if index + 1 >= len(argv):
+        raise UsageError("--config needs a file path")
+    path = Path(argv[index + 1])
+    try:
+        values = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise UsageError(f"--config: {path} does not exist; check the path") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise UsageError(f"--config: {path} is not valid TOML ({e}); fix the file") from None
+    actions = {a.dest: a for a in subparser._actions if a.dest not in ("help", "config")}
+    defaults: dict[str, Any] = {}
+    for key, value in _flatten(path, values).items():
+        action = actions.get(key)
+        if action is None:
+            known = ", ".join(sorted(actions))
+            raise UsageError(f"--config: unknown key {key!r} in {path}; known keys: {known}")
+        defaults[key] = _config_value(path, key, value, action)
+    subparser.set_defaults(**defaults)
+
+
+def _flatten(path: Path, values: dict[str, Any]) -> dict[str, Any]:
+    """Top-level keys as they are; `[section] key` as the flag that sets that field (see SECTION_FLAGS)."""
+    by_field = {target: dest for dest, target in SECTION_FLAGS.items()}
+    sections = {section for section, _ in SECTION_FLAGS.values()}
+    flat: dict[str, Any] = {}
+    for key, value in values.items():
+        if key not in sections or not isinstance(value, dict):
+            flat[key] = value
+            continue
+        for name, item in value.items():
+            dest = by_field.get((key, name))
+            if dest is None:
+                known = ", ".join(sorted(n for s, n in SECTION_FLAGS.values() if s == key))
+                raise UsageError(f"--config: unknown key {name!r} in [{key}] of {path}; known keys there: {known}")
+            flat[dest] = item
+    return flat
+
+
+def _config_value(path: Path, key: str, value: Any, action: argparse.Action) -> Any:
+    if action.nargs == 0:  # a switch such as --quiet
+        if not isinstance(value, bool):
+            raise UsageError(f"--config: {key} in {path} must be true or false, not {value!r}")
+        return value
+    items = value if isinstance(value, list) else [value]
+    if action.nargs is None and isinstance(value, list):
+        raise UsageError(f"--config: {key} in {path} must be a single value, not a list")
+    converted = []
+    for item in items:
+        if isinstance(item, (dict, list)) or isinstance(item, bool):
+            raise UsageError(f"--config: {key} in {path} has a value of the wrong type: {item!r}")
+        try:
+            converted.append(action.type(str(item)) if callable(action.type) else str(item))
+        except (argparse.ArgumentTypeError, ValueError) as e:
+            raise UsageError(f"--config: {key} in {path}: {e}") from None
+        if action.choices and converted[-1] not in action.choices:
+            raise UsageError(f"--config: {key} in {path} must be one of {', '.join(map(str, action.choices))}")
+    return converted if action.nargs else converted[0]
+
+
+# ---- the terminal ----
+
+
+def setup_logging(verbose: bool) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    if not verbose:
+        for noisy in ("hivemind", "asyncio", "matplotlib"):
+            logging.getLogger(noisy).setLevel(logging.ERROR)
+
+
+def console(stderr: bool = False) -> Any:
+    from rich.console import Console
+
+    return Console(stderr=stderr, highlight=False)
+
+
+def install_stop_handlers(stop: threading.Event) -> None:
+    """First Ctrl-C / SIGTERM: finish or abandon the current round, then exit. Second Ctrl-C: exit now."""
+
+    def handler(signum: int, frame: Optional[FrameType]) -> None:
+        if stop.is_set() and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        logger.info("stopping after the current round (Ctrl-C again to quit now)")
+        stop.set()
+
+    signal.signal(signal.SIGINT, handler)
+    signal.signal(signal.SIGTERM, handler)
+
+
+# ---- commands ----
+
+
+def cmd_bootstrap(args: argparse.Namespace) -> int:
+    from tapestry_p2p.app.bootstrap import BootstrapOptions, run_bootstrap_node
+    from tapestry_p2p.node.config import RUN_ID_PATTERN, RUN_ID_RULE
+
+    if not RUN_ID_PATTERN.match(args.run_id):
+        raise UsageError(f"--run-id {args.run_id!r} {RUN_ID_RULE}")
+    options = BootstrapOptions(
+        listen=args.listen, announce=args.announce, identity=args.identity, initial_peers=args.initial_peers,
+        addr_file=args.addr_file, run_id=args.run_id, partner=args.partner, region=args.region,
+    )  # fmt: skip
+    stop = threading.Event()
+    install_stop_handlers(stop)
+    out = console()
+
+    def announce(peer_id: str, addresses: list[str]) -> None:
+        out.print(f"bootstrap node {peer_id} is up. Partners join with:")
+        for addr in addresses:
+            out.print(f"  tapestry join --initial-peers {addr} ...", soft_wrap=True)
+
+    run_bootstrap_node(options, stop, announce)
+    return 0
+
+
+def cmd_join(args: argparse.Namespace) -> int:
+    from tapestry_p2p.app.join import run_join
+
+    if args.data is None:
+        raise UsageError("tapestry join: --data is required: a .txt/.jsonl file or a folder of them")
+    try:
+        config = node_config(args)
+    except ValueError as e:  # the config dataclasses validate ranges
+        raise UsageError(str(e)) from None
+    if config.metrics is not None and not config.metrics.parent.is_dir():
+        raise UsageError(f"--metrics: folder {config.metrics.parent} does not exist; create it first")
+    return run_join(config, console(), quiet=args.quiet, install_stop_handlers=install_stop_handlers)
+
+
+def node_config(args: argparse.Namespace) -> Any:
+    """The NodeConfig that `join`'s parsed flags describe (multiaddrs validated)."""
+    from tapestry_p2p.node.config import NodeConfig
+    from tapestry_p2p.p2p.addresses import parse_maddrs
+
+    sections: dict[str, dict[str, Any]] = {name: {} for name in _section_classes()}
+    for dest, (section, name) in SECTION_FLAGS.items():
+        sections[section][name] = getattr(args, dest)
+    built = {name: cls(**sections[name]) for name, cls in _section_classes().items()}
+    return NodeConfig(
+        run_id=args.run_id,
+        data=args.data,
+        initial_peers=parse_maddrs(args.initial_peers, option="--initial-peers", need_peer_id=True),
+        listen=parse_maddrs(args.listen, option="--listen", need_peer_id=False),
+        announce=parse_maddrs(args.announce, option="--announce", need_peer_id=False),
+        identity=args.identity,
+        checkpoint_dir=args.checkpoint_dir,
+        metrics=args.metrics,
+        partner=args.partner,
+        region=args.region,
+        inner_steps=args.inner_steps,
+        max_rounds=args.max_rounds,
+        min_peers=args.min_peers,
+        start_fresh=args.start_fresh,
+        compression=args.compression,
+        threads=args.threads,
+        **built,
+    )
+
+
+def cmd_monitor(args: argparse.Namespace) -> int:
+    from tapestry_p2p.app.monitor import watch
+    from tapestry_p2p.p2p.addresses import parse_maddrs
+
+    peers = parse_maddrs(args.initial_peers, option="--initial-peers", need_peer_id=True)
+    mode = "json" if args.json else "once" if args.once else "live"
+    return watch(peers, args.run_id, mode, console())
+
+
+def cmd_plot(args: argparse.Namespace) -> int:
+    from tapestry_p2p.app.plot import plot
+
+    if not args.output.parent.is_dir():
+        raise UsageError(f"--output: folder {args.output.parent} does not exist; create it first")
+    console().print(f"wrote {plot(args.metrics, args.output)}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from tapestry_p2p.app.demo import DemoConfig, run_demo
+
+    return run_demo(DemoConfig(rounds=args.rounds, inner_steps=args.inner_steps, workdir=args.workdir), console())
+
+
+COMMANDS = {
+    "bootstrap": cmd_bootstrap,
+    "join": cmd_join,
+    "monitor": cmd_monitor,
+    "plot": cmd_plot,
+    "demo": cmd_demo,
+}
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        hivemind_compat.install("main")
+        parser, subparsers = build_parser()
+        if argv and argv[0] in subparsers:
+            apply_config_file(subparsers[argv[0]], argv)
+        args = parser.parse_args(argv)
+        setup_logging(args.verbose)
+        return COMMANDS[args.command](args)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except UserError as e:
+        if os.environ.get("TAPESTRY_DEBUG"):
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,245 @@
+"""Bit-exact butterfly all-reduce: hivemind's DecentralizedAverager with a reducer that publishes one result.
+
+In stock hivemind each reducer keeps its own unquantized average while every other peer receives a quantized
+*difference* from its own input, and adds it to its local tensor. Two peers' "averages" of one round therefore differ
+(by up to 1% of the values with 8-bit codecs, and by ~1e-9 even uncompressed), and DiLoCo's shared model would drift
+apart peer by peer. Here:
+
+- the reducer of a part serializes the *average* of that part once, with the round's codec, and sends those same
+  bytes to every sender; it decodes the same bytes for itself;
+- every peer copies the decoded averages into its tensors (no `local + delta`).
+
+So each member ends the round holding exactly the same float32 values, whatever the codec. Matchmaking, timeouts,
+part splitting and load balancing stay hivemind's. The runner also counts the bytes of every message it sends and
+receives, so a round's traffic is measured where it happens rather than estimated.
+
+When a reducer dies mid-round, the values it was averaging get *no* update this round on every member (a zero
+pseudo-gradient), instead of hivemind's "keep your own values", which would leave each survivor with a different
+model. The averager that runs this runner is `comm/averager.py`.
+
+Two methods are forks of hivemind 1.1.12's `averaging/allreduce.py` (marked where they start); the other overrides
+only wrap upstream's method.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+from hivemind.averaging.allreduce import AllReduceRunner
+from hivemind.averaging.matchmaking import MatchmakingException
+from hivemind.averaging.partition import AllreduceException, BannedException
+from hivemind.compression import CompressionInfo, deserialize_torch_tensor
+from hivemind.p2p import P2PContext, P2PDaemonError, P2PHandlerError, PeerID
+from hivemind.proto import averaging_pb2, runtime_pb2
+from hivemind.utils.asyncio import amap_in_executor
+
+logger = logging.getLogger(__name__)
+
+DIAL_STAGGER = 1.0  # seconds the larger peer id waits for a first connection (see _avoid_simultaneous_dial)
+
+# What the network and hivemind's group logic raise through an all-reduce (a groupmate left, timed out, was banned);
+# anything else raised inside our overrides is a bug, and is logged with its traceback.
+NETWORK_FAILURES = (
+    AllreduceException,
+    MatchmakingException,
+    P2PHandlerError,
+    P2PDaemonError,
+    ConnectionError,
+    asyncio.TimeoutError,
+    asyncio.CancelledError,
+    asyncio.InvalidStateError,
+    StopAsyncIteration,
+)
+
+
+@dataclass
+class Traffic:
+    """Bytes of all-reduce messages (serialized protobufs) one peer sent and received in one round."""
+
+    sent: int = 0
+    received: int = 0
+
+    def add_sent(self, n: int) -> None:
+        self.sent += n
+
+    def add_received(self, n: int) -> None:
+        self.received += n
+
+
+async def _counted(stream: AsyncIterator[Any], add: Callable[[int], None]) -> AsyncIterator[Any]:
+    async for message in stream:
+        add(message.ByteSize())
+        yield message
+
+
+class _CountingStub:
+    """Wraps a peer's RPC stub so that both directions of `rpc_aggregate_part` are counted, and opening the stream
+    is bounded: hivemind 1.1.12 awaits it without a timeout, so a member whose groupmate died before answering would
+    wait for the whole all-reduce timeout (tests/test_churn.py kills a peer mid-round)."""
+
+    def __init__(self, stub: Any, traffic: Traffic, open_timeout: Optional[float]):
+        self._stub, self._traffic, self._open_timeout = stub, traffic, open_timeout
+
+    async def rpc_aggregate_part(
+        self, inputs: AsyncIterator[averaging_pb2.AveragingData]
+    ) -> AsyncIterator[averaging_pb2.AveragingData]:
+        opening = self._stub.rpc_aggregate_part(_counted(inputs, self._traffic.add_sent))
+        stream = await asyncio.wait_for(opening, self._open_timeout)
+        return _counted(stream, self._traffic.add_received)
+
+
+class ExactAllReduceRunner(AllReduceRunner):
+    """An AllReduceRunner whose outputs are the decoded averages, identical on every member of the group."""
+
+    def __init__(self, after_part_served: Optional[Callable[[], None]] = None, **kwargs: Any):
+        super().__init__(**kwargs)
+        container = self.tensor_part_container
+        container.return_deltas = False  # outputs are averages, not deltas; a failed reducer's span is zeroed later
+        self.span_sizes = [sum(part.numel() for part, _ in parts) for parts in container._input_parts_by_peer]
+        self.failed_reducers: set[int] = set()
+        register_failed = container.register_failed_reducer
+
+        def register_failed_reducer(index: int) -> None:  # remember which spans to zero, then hivemind's bookkeeping
+            self.failed_reducers.add(index)
+            register_failed(index)
+
+        container.register_failed_reducer = register_failed_reducer
+        self._after_part_served = after_part_served or (lambda: None)  # a test hook (tapestry_p2p.testing.faults)
+        self.traffic = Traffic()
+        self._published: dict[int, asyncio.Future] = {}
+        # Senders whose results we still have to stream back. hivemind's runner finishes as soon as its *own*
+        # outputs are in; a node that then shuts down (its last round) would cut its groupmates' results short.
+        we_reduce = self.tensor_part_container.num_parts_by_peer[self.ordered_peer_ids.index(self.peer_id)] > 0
+        self._unserved = {p for p in self.sender_peer_ids if p != self.peer_id} if we_reduce else set()
+        self.all_served = asyncio.Event()
+        if not self._unserved:
+            self.all_served.set()
+
+    def _get_peer_stub(self, peer: PeerID) -> _CountingStub:
+        return _CountingStub(super()._get_peer_stub(peer), self.traffic, open_timeout=self.sender_timeout)
+
+    async def _generate_input_for_peer(self, peer_index: int) -> AsyncIterator[averaging_pb2.AveragingData]:
+        try:
+            async for message in super()._generate_input_for_peer(peer_index):
+                yield message
+        except BaseException as e:  # hivemind keeps this inside its writer task until the reply times out
+            logger.debug("sending parts to peer #%d failed: %r", peer_index, e, exc_info=True)
+            raise
+
+    async def _avoid_simultaneous_dial(self, peer_id: PeerID) -> None:
+        """Let the smaller peer id dial first when two groupmates are not connected yet.
+
+        In a butterfly all-reduce every member opens a stream to every other at the same instant. Between two peers
+        that never talked, both dials race (libp2p "simultaneous open", go-libp2p behind hivemind 1.1.12's p2pd) and
+        one of the two streams can be lost: its sender waits for reducer_timeout and the round loses a part. Waiting
+        briefly on one side lets the first connection be reused by the second stream (tests/test_swarm.py's first
+        rounds are between peers that never talked).
+        """
+        if self.peer_id.to_bytes() < peer_id.to_bytes():
+            return
+        deadline = asyncio.get_running_loop().time() + DIAL_STAGGER
+        while asyncio.get_running_loop().time() < deadline:
+            if any(info.peer_id == peer_id for info in await self._p2p.list_peers()):
+                return
+            await asyncio.sleep(0.05)
+
+    async def _publish(self, part_index: int, averaged_part: torch.Tensor) -> runtime_pb2.Tensor:
+        """Encode the average of one part once; every sender (and this peer) gets these same bytes."""
+        if part_index not in self._published:
+            compression = self.tensor_part_container.compression
+            info = CompressionInfo.from_tensor(averaged_part)
+            self._published[part_index] = asyncio.get_running_loop().run_in_executor(
+                None, compression.compress, averaged_part, info, False
+            )
+        return await self._published[part_index]
+
+    async def _communicate_with_peer(self, peer_id: PeerID) -> None:
+        # forked from hivemind 1.1.12 averaging/allreduce.py:AllReduceRunner._communicate_with_peer, own-part branch
+        # only; changes: our own part's average goes through `_publish` (encoded once, decoded like everyone's) instead
+        # of `averaged - local`, and a failure registers our span as failed (upstream registers nothing there, so the
+        # round would wait for the whole allreduce_timeout for a part that can no longer come).
+        if peer_id != self.peer_id:
+            await self._avoid_simultaneous_dial(peer_id)
+            return await super()._communicate_with_peer(peer_id)
+        peer_index = self.ordered_peer_ids.index(peer_id)
+        sender_index = self.sender_peer_ids.index(peer_id)
+        try:
+            for part_index, tensor_part in enumerate(self.parts_for_local_averaging):
+                averaged = await self.tensor_part_reducer.accumulate_part(
+                    sender_index, part_index, tensor_part, weight=self.weight
+                )
+                wire = await self._publish(part_index, averaged)
+                decoded = deserialize_torch_tensor(wire)
+                self.tensor_part_container.register_processed_part(peer_index, part_index, decoded)
+        except BaseException as e:  # e.g. cancelled when a groupmate dies mid-round
+            if isinstance(e, Exception) and not isinstance(e, NETWORK_FAILURES):
+                logger.exception("averaging our own part failed inside tapestry's runner (a bug, not the network)")
+            logger.info("averaging our own part failed (%r): it gets no update this round", e)
+            self.tensor_part_container.register_failed_reducer(peer_index)
+            raise
+
+    async def rpc_aggregate_part(
+        self, stream: AsyncIterator[averaging_pb2.AveragingData], context: P2PContext
+    ) -> AsyncIterator[averaging_pb2.AveragingData]:
+        stream = _counted(stream, self.traffic.add_received)
+        try:
+            async for message in super().rpc_aggregate_part(stream, context):
+                self.traffic.add_sent(message.ByteSize())
+                yield message
+                self._after_part_served()
+        finally:
+            self._unserved.discard(context.remote_id)
+            if not self._unserved:
+                self.all_served.set()
+
+    async def _accumulate_parts_streaming(
+        self, stream: AsyncIterator[averaging_pb2.AveragingData], sender_index: int
+    ) -> AsyncIterator[averaging_pb2.AveragingData]:
+        # forked from hivemind 1.1.12 averaging/allreduce.py:AllReduceRunner._accumulate_parts_streaming; changes: the
+        # reply is the part's published average (`_publish`: the same bytes for every sender) instead of a delta
+        # re-encoded with the sender's codec. Kept from upstream: a sender banned in the meantime ends its stream.
+        part_index = 0
+        try:
+            async for tensor_part, weight in amap_in_executor(
+                lambda msg: (deserialize_torch_tensor(msg.tensor_part), msg.weight),
+                stream,
+                max_prefetch=self.tensor_part_container.prefetch,
+            ):
+                try:
+                    averaged = await self.tensor_part_reducer.accumulate_part(
+                        sender_index, part_index, tensor_part, weight=weight
+                    )
+                except BannedException:
+                    logger.debug("sender #%d was banned in the meantime: its stream ends here", sender_index)
+                    break
+                wire = await self._publish(part_index, averaged)
+                part_index += 1
+                yield averaging_pb2.AveragingData(code=averaging_pb2.AVERAGED_PART, tensor_part=wire)
+        finally:
+            if part_index != self.tensor_part_reducer.num_parts:
+                await self._ban_sender(self.sender_peer_ids[sender_index])
+
+    def failed_spans(self) -> list[tuple[int, int]]:
+        """[start, end) ranges, in the flattened order of the tensors, of the reducers that failed this round."""
+        starts = [sum(self.span_sizes[:i]) for i in range(len(self.span_sizes))]
+        return [(starts[i], starts[i] + self.span_sizes[i]) for i in sorted(self.failed_reducers)]
+
+
+@torch.no_grad()
+def zero_spans(tensors: Sequence[torch.Tensor], spans: Sequence[tuple[int, int]]) -> int:
+    """Zero the [start, end) ranges of the tensors' concatenated flat view; returns the number of values zeroed."""
+    zeroed, offset = 0, 0
+    for tensor in tensors:
+        flat = tensor.view(-1)
+        for start, end in spans:
+            lo, hi = max(start - offset, 0), min(end - offset, flat.numel())
+            if lo < hi:
+                flat[lo:hi] = 0
+                zeroed += hi - lo
+        offset += flat.numel()
+    return zeroed

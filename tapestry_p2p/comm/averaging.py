@@ -1,0 +1,233 @@
+"""One outer round's communication: all-reduce a pseudo-gradient with whoever meets, or keep it when alone.
+
+`Averaging` is the interface the node sees; `SwarmAveraging` implements it with the bit-exact `ExactAverager`
+(hivemind matchmaking + butterfly all-reduce) around a fixed set of flat delta buffers, and `SoloAveraging` with no
+network (the trained-alone baseline). Neither knows what the tensors are: the node hands in a list of tensors and
+gets a list back. `average` is the round's one blocking call; overlapping rounds will turn it into a handle.
+
+The average is weighted by each member's inner steps this round (see `SwarmAveraging.average`).
+
+Agreement: every peer gathers its groupmates' `RoundMeta` (round, hash, steps). If the group's members disagree on the
+shared model (a peer missed a round, or crashed and came back), the canonical state is the one held by most members
+of the highest round (ties: the smallest peer id, see `statesync.policy`); `needs_resync` tells the other members to
+download it afterwards. A round that lost a part (a groupmate died mid-stream) ends with a second comparison,
+`agreed_state`, among the members that finished it.
+
+Failures: "no group" and network failures end the round with our own update and a `failure` reason; an exception
+inside our own code (here or in the averager's overrides) is logged with its traceback and reported the same way, as
+`internal error ...`, so it shows in the metrics and the peer table instead of hiding as a round alone.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any, Optional, Protocol
+
+import torch
+from hivemind.dht import DHT
+from hivemind.utils import get_dht_time
+
+from tapestry_p2p.comm.allreduce import NETWORK_FAILURES
+from tapestry_p2p.comm.averager import AllReduceOutcome, AveragingBug, ExactAverager, FaultHook
+from tapestry_p2p.comm.codec import compression_for
+from tapestry_p2p.comm.matchmaking import MATCHMAKING_LEAD
+from tapestry_p2p.comm.statesync.client import Download, StateClient
+from tapestry_p2p.comm.statesync.policy import canonical_state
+from tapestry_p2p.comm.statesync.wire import MAX_HASH_LENGTH, PeerState, StateId
+
+logger = logging.getLogger(__name__)
+
+MATCHMAKING_TIME = MATCHMAKING_LEAD - 0.5  # hivemind's min_matchmaking_time: how long a leader waits for followers
+REQUEST_TIMEOUT = 1.0  # hivemind's request_timeout for one matchmaking request
+MEETING_GRACE = 2.0  # after the meeting time, how long a peer keeps looking for its group before going alone
+ALLREDUCE_TIMEOUT = 60.0  # the longest an all-reduce may take once the group is formed, in seconds
+NEXT_CHUNK_TIMEOUT = 10.0  # a groupmate silent for this long is dropped from the round
+# Smaller parts balance the reducers' load better on small models (hivemind splits each span into parts this big).
+PART_SIZE_BYTES = 64 * 1024
+# A member with no inner steps still takes part (so it ends the round with the group's model) at this negligible
+# weight, which keeps the total positive even if every member of a group arrived empty-handed.
+ZERO_STEP_WEIGHT = 1e-6
+DECLARE_STATE_PERIOD = 10.0  # seconds between hivemind's re-declarations that we serve our state
+
+
+@dataclass(frozen=True)
+class RoundMeta:
+    """What each member tells its group about the round it averages (hivemind's `gather`)."""
+
+    round: int  # the shared model's round going in
+    hash: str  # its hash
+    steps: int  # inner steps this round (the member's weight)
+
+    @classmethod
+    def parse(cls, data: Any) -> Optional[RoundMeta]:
+        """A groupmate's metadata (untrusted); None if it is malformed."""
+        if not isinstance(data, dict):
+            return None
+        round_no, digest, steps = data.get("round"), data.get("hash"), data.get("steps")
+        if not (isinstance(round_no, int) and round_no >= 0 and isinstance(steps, int) and steps >= 0):
+            return None
+        if not (isinstance(digest, str) and len(digest) <= MAX_HASH_LENGTH):
+            return None
+        return cls(round_no, digest, steps)
+
+    @property
+    def state(self) -> PeerState:
+        return PeerState(self.round, self.hash)
+
+
+@dataclass
+class AveragingResult:
+    averaged: list[torch.Tensor]
+    group_size: int
+    bytes_sent: int = 0
+    bytes_received: int = 0
+    peers: list[str] = field(default_factory=list)
+    failure: Optional[str] = None  # why the round fell back to a solo step or lost values, if it did
+    needs_resync: bool = False
+    group_round: int = 0  # the round the group's canonical members reach with this round (0 if unknown)
+    clean: bool = True  # we received every averaged part (no span zeroed for a lost reducer)
+
+
+def alone(delta: Sequence[torch.Tensor], failure: Optional[str] = None) -> AveragingResult:
+    """The result of a round without a group: our own pseudo-gradient."""
+    return AveragingResult([d.clone() for d in delta], group_size=1, failure=failure, clean=failure is None)
+
+
+class Averaging(Protocol):
+    """What a node needs from the network for its rounds and its state (SwarmAveraging, or SoloAveraging)."""
+
+    def average(self, delta: Sequence[torch.Tensor], meeting: float, meta: RoundMeta) -> AveragingResult: ...
+
+    def publish_round(self, round_no: int) -> None: ...
+
+    def highest_round_online(self) -> int: ...
+
+    def download_state(
+        self, min_round: int, peers: Optional[Sequence[str]] = None, want: Optional[StateId] = None
+    ) -> Optional[Download]: ...
+
+    def agreed_state(self, me: str, mine: PeerState, others: Sequence[str], group_round: int) -> Optional[StateId]: ...
+
+    def shutdown(self) -> None: ...
+
+
+class SoloAveraging:
+    """No network: the peer's own pseudo-gradient is the average (a peer alone, or the trained-alone baseline)."""
+
+    def average(self, delta: Sequence[torch.Tensor], meeting: float, meta: RoundMeta) -> AveragingResult:
+        return alone(delta)
+
+    def publish_round(self, round_no: int) -> None:
+        pass
+
+    def highest_round_online(self) -> int:
+        return -1
+
+    def download_state(
+        self, min_round: int, peers: Optional[Sequence[str]] = None, want: Optional[StateId] = None
+    ) -> Optional[Download]:
+        return None
+
+    def agreed_state(self, me: str, mine: PeerState, others: Sequence[str], group_round: int) -> Optional[StateId]:
+        return mine.id
+
+    def shutdown(self) -> None:
+        pass
+
+
+class SwarmAveraging:
+    """All-reduce through hivemind with the peers that meet at the agreed time."""
+
+    def __init__(
+        self,
+        dht: DHT,
+        run_id: str,
+        shapes: Sequence[torch.Size],
+        compression: str,
+        state_fn: Callable[[], tuple[dict[str, Any], list[torch.Tensor]]],
+        fault: Optional[FaultHook] = None,
+    ):
+        self._buffers = [torch.zeros(shape) for shape in shapes]
+        self._averager = ExactAverager(
+            self._buffers,
+            dht,
+            prefix=f"{run_id}_avg",
+            start=True,
+            min_group_size=2,
+            min_matchmaking_time=MATCHMAKING_TIME,
+            request_timeout=REQUEST_TIMEOUT,
+            allreduce_timeout=ALLREDUCE_TIMEOUT,
+            next_chunk_timeout=NEXT_CHUNK_TIMEOUT,
+            part_size_bytes=PART_SIZE_BYTES,
+            compression=compression_for(compression),
+            state_fn=state_fn,
+            declare_state_period=DECLARE_STATE_PERIOD,
+            fault=fault,
+        )
+        self._states = StateClient(dht, self._averager)
+        self.publish_round = self._states.publish_round
+        self.highest_round_online = self._states.highest_round_online
+        self.download_state = self._states.download_state
+        self.agreed_state = self._states.agreed_state
+
+    def average(self, delta: Sequence[torch.Tensor], meeting: float, meta: RoundMeta) -> AveragingResult:
+        with self._averager.get_tensors() as buffers:
+            for buffer, d in zip(buffers, delta, strict=True):
+                buffer.copy_(d)
+        try:
+            outcome = self._step(meeting, meta)
+        except AveragingBug as e:  # logged with its traceback in the averager process
+            logger.error("round %d failed: %s (traceback above)", meta.round + 1, e)
+            return alone(delta, failure=str(e))
+        except NETWORK_FAILURES as e:
+            reason = str(e).splitlines()[0].rstrip(": ") if str(e).strip() else type(e).__name__
+            if "could not find a group" in reason:
+                reason = "no other peer came to the meeting"
+            logger.info("round without a group (%s): applying our own update", reason)
+            return alone(delta, failure=reason)
+        except Exception as e:
+            logger.exception("averaging failed inside tapestry (a bug, not the network)")
+            return alone(delta, failure=f"internal error in averaging: {type(e).__name__}: {e}")
+        with self._averager.get_tensors() as buffers:
+            averaged = [b.clone() for b in buffers]
+        if not all(torch.isfinite(a).all() for a in averaged):
+            return alone(delta, failure="non-finite average; kept our own update")
+        return _result(averaged, outcome, meta)
+
+    def _step(self, meeting: float, meta: RoundMeta) -> AllReduceOutcome:
+        # Weighted by inner steps: a partner that joined the meeting after fewer steps moves the average less.
+        timeout = max(meeting - get_dht_time(), 0.0) + MEETING_GRACE
+        weight = float(max(meta.steps, ZERO_STEP_WEIGHT))
+        return self._averager.step(
+            gather=asdict(meta), scheduled_time=meeting, weight=weight, timeout=timeout, allow_retries=False
+        )
+
+    def shutdown(self) -> None:
+        self._averager.shutdown()
+        self._averager.join(timeout=10)
+        if self._averager.is_alive():
+            self._averager.kill()
+
+
+def _result(averaged: list[torch.Tensor], outcome: AllReduceOutcome, meta: RoundMeta) -> AveragingResult:
+    """What a completed all-reduce means for the node: the average, and whether it left us out of step."""
+    states = {peer: parsed.state for peer, data in outcome.gathered.items() if (parsed := RoundMeta.parse(data))}
+    canonical = canonical_state(states)
+    failure = None
+    if outcome.failed_fraction > 0:
+        failure = f"{outcome.failed_fraction:.1%} of values lost their reducer (no update for them this round)"
+    elif outcome.senders_lost:
+        failure = f"{outcome.senders_lost} groupmates' parts never reached us"
+    return AveragingResult(
+        averaged=averaged,
+        group_size=len(outcome.gathered),
+        bytes_sent=outcome.traffic.sent,
+        bytes_received=outcome.traffic.received,
+        peers=sorted(outcome.gathered),
+        failure=failure,
+        needs_resync=canonical is not None and canonical != meta.state.id,
+        group_round=canonical.round + 1 if canonical is not None else 0,
+        clean=outcome.failed_fraction == 0,
+    )

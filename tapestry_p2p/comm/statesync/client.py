@@ -1,0 +1,99 @@
+"""State sync as a node asks for it: who is ahead, which state to download, and what a group agreed on after a round.
+
+Peers advertise their round as hivemind's state-sharing priority (the averager's `all_averagers` DHT key); a node
+that is behind asks the peers that advertise a later round for their state infos, picks the canonical state
+(`policy.canonical_state`) and downloads it in slices from every peer holding it (`transport.py`).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+from hivemind.dht import DHT
+from hivemind.p2p import PeerID
+
+from tapestry_p2p.comm.statesync.policy import agreed_after_failure, canonical_state
+from tapestry_p2p.comm.statesync.wire import PeerState, StateId
+
+logger = logging.getLogger(__name__)
+
+STATE_TIMEOUT = 10.0  # a serving peer silent for this long (per message) is dropped from a state download
+AGREEMENT_WAIT = 5.0  # after a failed round, how long to wait for groupmates to finish it before comparing states
+AGREEMENT_POLL = 0.5  # seconds between two comparisons while waiting
+
+
+@dataclass
+class Download:
+    """A shared state downloaded from peers: which one, its tensors, and who served them."""
+
+    state_id: StateId
+    tensors: list[torch.Tensor]
+    servers: list[str]
+
+
+class StateClient:
+    """Finds and downloads the swarm's shared state through one ExactAverager (see comm.averager)."""
+
+    def __init__(self, dht: DHT, averager: Any):
+        self._dht, self._averager = dht, averager
+
+    def publish_round(self, round_no: int) -> None:
+        """Peers download state from whoever is furthest along: advertise our round as the priority."""
+        self._averager.state_sharing_priority = float(round_no)
+
+    def _advertised(self) -> dict[str, float]:
+        """Peer id -> round, for every peer that declares it can serve its state (hivemind's `all_averagers` key)."""
+        found = self._dht.get(f"{self._averager.prefix}.all_averagers", latest=True)
+        if found is None or not isinstance(found.value, dict):
+            return {}
+        rounds = {}
+        for subkey, entry in found.value.items():
+            value = getattr(entry, "value", None)
+            if isinstance(subkey, bytes) and isinstance(value, (int, float)) and math.isfinite(value):
+                rounds[PeerID(subkey).to_base58()] = value
+        rounds.pop(self._averager.peer_id.to_base58(), None)
+        return rounds
+
+    def highest_round_online(self) -> int:
+        """The highest round another peer of the run advertises for state sharing (-1 if none does)."""
+        return int(max(self._advertised().values(), default=-1))
+
+    def download_state(
+        self, min_round: int, peers: Optional[Sequence[str]] = None, want: Optional[StateId] = None
+    ) -> Optional[Download]:
+        """The state `want` (default: the canonical one) among `peers` (default: every peer advertising `min_round` or
+        later), downloaded in slices from all peers that hold it; None if nobody serves it, or the download failed."""
+        if peers is None:
+            peers = [peer for peer, r in self._advertised().items() if r >= min_round]
+        if not peers:
+            return None
+        infos = {p: i for p, i in self._averager.state_infos(peers, STATE_TIMEOUT).items() if i.round >= min_round}
+        target = canonical_state({p: i.state for p, i in infos.items()}) if want is None else want
+        if target is None or not any(info.id == target for info in infos.values()):
+            return None
+        servers = sorted(p for p, info in infos.items() if info.id == target)
+        logger.info("downloading the state of round %d (%s) from %d peers", target.round, target.hash, len(servers))
+        fetched = self._averager.fetch_state(servers, infos[servers[0]], STATE_TIMEOUT)
+        if fetched is None:
+            return None
+        return Download(state_id=target, tensors=fetched[0], servers=fetched[1])
+
+    def agreed_state(self, me: str, mine: PeerState, others: Sequence[str], group_round: int) -> Optional[StateId]:
+        """The state our group converged on after the round we just finished (`mine`; `group_round` is the round the
+        group reached), waiting up to AGREEMENT_WAIT seconds for groupmates that have not reached it yet (see
+        `policy.agreed_after_failure`)."""
+        deadline = time.monotonic() + AGREEMENT_WAIT
+        target_round = max(mine.round, group_round)
+        while True:
+            infos = self._averager.state_infos(others, STATE_TIMEOUT)
+            finished = {p: i.state for p, i in infos.items() if i.round >= target_round}
+            if len(finished) == len(infos) or time.monotonic() > deadline:
+                break
+            time.sleep(AGREEMENT_POLL)
+        return agreed_after_failure({**finished, me: mine})

@@ -1,0 +1,177 @@
+"""State sync streams: the averager serves its shared state in slices and downloads slices from peers.
+
+`StateTransport` is a mixin of `comm.averager.ExactAverager` (a hivemind DecentralizedAverager): its `rpc_state_slice`
+is served through hivemind's p2p servicer under the averager's prefix, and the client calls run inside the averager
+process, reached from the node's process through hivemind's pipe (`_call_in_averager`). Wire format: `wire.py`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Sequence
+from typing import TYPE_CHECKING, Any, Optional
+
+import torch
+from hivemind.compression import deserialize_torch_tensor, serialize_torch_tensor
+from hivemind.p2p import P2PContext, PeerID
+from hivemind.proto import averaging_pb2, runtime_pb2
+from hivemind.utils.asyncio import aiter_with_timeout
+from hivemind.utils.mpfuture import MPFuture
+from hivemind.utils.streaming import combine_from_streaming, split_for_streaming
+
+from tapestry_p2p.comm.statesync import policy
+from tapestry_p2p.comm.statesync.wire import StateInfo, pack_request, unpack_request
+
+logger = logging.getLogger(__name__)
+
+PROGRESS_PERIOD = 2.0  # seconds between progress lines of a state download
+PIPE_GRACE = 10.0  # extra seconds the node's process waits for the averager process to answer a state-info call
+
+
+class _Progress:
+    """Logs a state download's progress every PROGRESS_PERIOD seconds."""
+
+    def __init__(self, total_bytes: int, servers: int):
+        self.total, self.servers, self.done, self._last = total_bytes, servers, 0, time.monotonic()
+
+    def add(self, n: int) -> None:
+        self.done += n
+        if time.monotonic() - self._last >= PROGRESS_PERIOD:
+            self._last = time.monotonic()
+            logger.info(
+                "downloading the shared state: %.0f%% of %.1f MB from %d peers",
+                100 * self.done / max(self.total, 1), self.total / 1e6, self.servers,
+            )  # fmt: skip
+
+
+Answer = tuple[Optional[StateInfo], list[torch.Tensor]]
+
+
+class StateTransport:
+    """Serving and downloading the shared state (mixed into a DecentralizedAverager; uses its p2p and pipe)."""
+
+    if TYPE_CHECKING:  # provided by hivemind's DecentralizedAverager
+        _p2p: Any
+        _outer_pipe: Any
+        prefix: str
+        serializer: Any
+        allow_state_sharing: bool
+
+        async def _get_current_state_from_host_process(self) -> Any: ...
+
+    # ---- server ----
+
+    async def rpc_state_slice(
+        self, request: runtime_pb2.ExpertRequest, _context: P2PContext
+    ) -> AsyncIterator[averaging_pb2.DownloadData]:
+        if not self.allow_state_sharing:
+            return
+        metadata, tensors, _ = await self._get_current_state_from_host_process()
+        metadata = self.serializer.loads(metadata)
+        numel = tuple(t.numel() for t in tensors)
+        info = StateInfo(int(metadata["round"]), str(metadata["hash"]), numel, bool(metadata["clean"]))
+        yield averaging_pb2.DownloadData(metadata=info.pack())
+        asked = unpack_request(request.metadata, len(tensors))
+        if asked is None or (asked[0] is not None and asked[0] != info.hash):
+            return
+        for index in asked[1]:
+            for part in split_for_streaming(serialize_torch_tensor(tensors[index].float())):
+                yield averaging_pb2.DownloadData(tensor_part=part)
+
+    # ---- client, called from the node's process ----
+
+    def _call_in_averager(self, method: str, timeout: Optional[float], **kwargs: Any) -> Any:
+        """Run `method(**kwargs, future=...)` in the averager process and wait for its result."""
+        future: MPFuture = MPFuture()
+        self._outer_pipe.send((method, [], dict(kwargs, future=future)))
+        return future.result(timeout=timeout)
+
+    def state_infos(self, peers: Sequence[str], timeout: float) -> dict[str, StateInfo]:
+        """What each of `peers` holds (round, hash, sizes); peers that do not answer in time are left out."""
+        return self._call_in_averager(
+            self._state_infos.__name__, timeout + PIPE_GRACE, peers=list(peers), timeout=timeout
+        )
+
+    def fetch_state(
+        self, servers: Sequence[str], target: StateInfo, timeout: float
+    ) -> Optional[tuple[list[torch.Tensor], list[str]]]:
+        """Download the state `target` describes, its tensors split across `servers` (who all hold it).
+
+        Returns the tensors and the servers that delivered, or None if they could not deliver it all.
+        """
+        return self._call_in_averager(
+            self._fetch_state.__name__, None, servers=list(servers), target=target, timeout=timeout
+        )
+
+    # ---- client, in the averager process ----
+
+    async def _ask_for_state(
+        self, peer: str, want: Optional[str], indices: Sequence[int], timeout: float, progress: Optional[_Progress]
+    ) -> Answer:
+        stub = type(self).get_stub(self._p2p, PeerID.from_base58(peer), namespace=self.prefix)  # type: ignore[attr-defined]
+        request = runtime_pb2.ExpertRequest(metadata=pack_request(want, indices))
+        stream = await asyncio.wait_for(stub.rpc_state_slice(request), timeout)
+        info, tensors, parts = None, [], []
+        async for message in aiter_with_timeout(stream, timeout=timeout):
+            if info is None:
+                info = StateInfo.unpack(message.metadata)
+                if info is None:
+                    return None, []
+                continue
+            if message.tensor_part.dtype and parts:
+                tensors.append(deserialize_torch_tensor(combine_from_streaming(parts)))
+                parts = []
+            parts.append(message.tensor_part)
+            if progress is not None:
+                progress.add(len(message.tensor_part.buffer))
+        if parts:
+            tensors.append(deserialize_torch_tensor(combine_from_streaming(parts)))
+        return info, tensors
+
+    async def _state_infos(self, peers: list[str], timeout: float, future: MPFuture) -> None:
+        answers = await asyncio.gather(
+            *(self._ask_for_state(peer, None, [], timeout, None) for peer in peers), return_exceptions=True
+        )
+        infos = {}
+        for peer, answer in zip(peers, answers, strict=True):
+            if isinstance(answer, BaseException) or answer[0] is None:
+                logger.debug("no state info from %s: %r", peer, answer)
+            else:
+                infos[peer] = answer[0]
+        future.set_result(infos)
+
+    async def _fetch_state(self, servers: list[str], target: StateInfo, timeout: float, future: MPFuture) -> None:
+        got: dict[int, torch.Tensor] = {}
+        delivered: list[str] = []
+        progress = _Progress(target.nbytes, len(servers))
+        todo = list(range(len(target.numel)))
+        try:
+            while todo and servers:
+                plan = policy.assign(target.numel, servers, todo)
+                answers = await asyncio.gather(
+                    *(self._ask_for_state(s, target.hash, chosen, timeout, progress) for s, chosen in plan.items()),
+                    return_exceptions=True,
+                )
+                for (server, chosen), answer in zip(plan.items(), answers, strict=True):
+                    if _delivers(answer, target, chosen):
+                        got.update(zip(chosen, answer[1], strict=True))  # type: ignore[index]
+                        delivered.append(server)
+                    else:
+                        reason = answer if isinstance(answer, BaseException) else "wrong state"
+                        logger.info("peer %s did not serve its share of the state (%r); asking the others", server, reason)
+                        servers = [s for s in servers if s != server]
+                todo = [i for i in todo if i not in got]
+            future.set_result(None if todo else ([got[i] for i in range(len(target.numel))], delivered))
+        except BaseException as e:
+            if not future.done():
+                future.set_exception(e)
+            raise
+
+
+def _delivers(answer: Answer | BaseException, target: StateInfo, chosen: list[int]) -> bool:
+    """Whether a server's answer is the wanted state with exactly the tensor sizes asked for."""
+    if isinstance(answer, BaseException) or answer[0] is None or answer[0].id != target.id:
+        return False
+    return [t.numel() for t in answer[1]] == [target.numel[i] for i in chosen]

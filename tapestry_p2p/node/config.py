@@ -1,0 +1,74 @@
+"""A partner node's configuration: one typed dataclass per component, each validating itself.
+
+`NodeConfig` holds what the node decides (run, data, addresses, files, rounds) and one section per component:
+`model` (training.model.ModelConfig), `train` (training.inner.TrainConfig), `outer` (training.outer.OuterConfig) and
+`schedule` (comm.matchmaking.RoundSchedule). These dataclasses are the one source of every default: the CLI's flags
+and a partner's TOML file (`[model]`, `[train]`, `[outer]`, `[schedule]` sections) take theirs from here.
+"""
+
+from __future__ import annotations
+
+import re
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+from tapestry_p2p.comm.codec import CODECS, Codec
+from tapestry_p2p.comm.matchmaking import RoundSchedule
+from tapestry_p2p.p2p.addresses import DEFAULT_PEER_LISTEN
+from tapestry_p2p.training.inner import TrainConfig
+from tapestry_p2p.training.model import ModelConfig
+from tapestry_p2p.training.outer import OuterConfig
+
+DEFAULT_RUN_ID = "tapestry"
+RUN_ID_PATTERN = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+RUN_ID_RULE = "must be 1-64 letters, digits, '-' or '_'"
+
+
+def check_run_id(run_id: str) -> None:
+    if not RUN_ID_PATTERN.match(run_id):
+        raise ValueError(f"run id {run_id!r} {RUN_ID_RULE}")
+
+
+def run_seed(run_id: str) -> int:
+    """The model-initialization seed every peer of a run agrees on without talking."""
+    return zlib.crc32(run_id.encode())
+
+
+@dataclass
+class NodeConfig:
+    data: Path
+    run_id: str = DEFAULT_RUN_ID
+    initial_peers: list[str] = field(default_factory=list)
+    listen: list[str] = field(default_factory=lambda: list(DEFAULT_PEER_LISTEN))
+    announce: list[str] = field(default_factory=list)
+    identity: Optional[Path] = None
+    checkpoint_dir: Optional[Path] = None
+    metrics: Optional[Path] = None
+    partner: str = "partner"
+    region: str = "unknown"
+    inner_steps: int = 50  # H: inner steps before a peer calls the round's meeting
+    max_rounds: Optional[int] = None  # stop after this many outer rounds; None: until interrupted
+    min_peers: int = 1  # trainers (us included) that must be online before our first round
+    compression: Codec = "8bit"
+    threads: int = 0  # torch threads; 0 keeps torch's default
+    solo: bool = False  # no network at all: the trained-alone baseline
+    start_fresh: bool = False  # if the swarm is ahead and nobody serves its state: train from our own, don't wait
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    outer: OuterConfig = field(default_factory=OuterConfig)
+    schedule: RoundSchedule = field(default_factory=RoundSchedule)
+
+    def __post_init__(self) -> None:
+        check_run_id(self.run_id)
+        if self.inner_steps <= 0:
+            raise ValueError(f"inner steps must be a positive integer, got {self.inner_steps}")
+        if self.max_rounds is not None and self.max_rounds <= 0:
+            raise ValueError(f"max rounds must be a positive integer, got {self.max_rounds}")
+        if self.compression not in CODECS:
+            raise ValueError(f"compression must be one of {', '.join(CODECS)}, got {self.compression!r}")
+        if self.threads < 0:
+            raise ValueError(f"threads must be >= 0, got {self.threads}")
+        if self.min_peers <= 0:
+            raise ValueError(f"min peers must be a positive integer, got {self.min_peers}")

@@ -1,0 +1,94 @@
+"""What a node reports about its rounds: one `RoundMetrics` line per round in `--metrics` (JSON Lines), the status
+record the peer table shows, and the `Summary` printed on stop. `read_jsonl` reads a metrics file back (the demo,
+`tapestry plot`, the tests and the scripts all use it)."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+from tapestry_p2p.telemetry.status import StatusPublisher
+
+MAX_FAILURE_CHARS = 200  # the status record's bound on `last_failure`
+
+
+def mean(values: Sequence[float]) -> float:
+    return sum(values) / len(values) if values else float("nan")
+
+
+@dataclass
+class RoundMetrics:
+    """One line of `--metrics` (JSON Lines)."""
+
+    round: int
+    step: int
+    inner_steps: int
+    loss: float
+    group_size: int
+    bytes_sent: int
+    bytes_received: int
+    round_seconds: float
+    time: float
+    model_hash: str
+    peer_id: str
+    partner: str
+    compression: str
+    failure: Optional[str]
+    resynced: bool
+
+    def to_json(self) -> str:
+        record = asdict(self)
+        record["loss"] = record["loss"] if math.isfinite(record["loss"]) else None
+        return json.dumps(record)
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """The records of a metrics file, oldest first (empty if it does not exist yet)."""
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+class MetricsWriter:
+    """Appends each round's metrics to the `--metrics` file and reports them in the node's status record."""
+
+    def __init__(self, path: Optional[Path], status: StatusPublisher, tokens_per_step: int):
+        self.path, self.status, self.tokens_per_step = path, status, tokens_per_step
+        self.sent_total = self.received_total = 0
+
+    def write(self, record: RoundMetrics, training_seconds: float) -> None:
+        if self.path is not None:
+            with open(self.path, "a", encoding="utf-8") as f:
+                f.write(record.to_json() + "\n")
+        self.sent_total += record.bytes_sent
+        self.received_total += record.bytes_received
+        tokens = record.inner_steps * self.tokens_per_step
+        self.status.update(
+            state="training", round=record.round, inner_step=record.step,
+            loss=record.loss if math.isfinite(record.loss) else None,
+            tokens_per_second=float(tokens / max(training_seconds, 1e-6)),
+            bytes_sent_round=record.bytes_sent, bytes_received_round=record.bytes_received,
+            bytes_sent_total=self.sent_total, bytes_received_total=self.received_total,
+            group_size=record.group_size, round_seconds=float(record.round_seconds),
+            last_failure=record.failure[:MAX_FAILURE_CHARS] if record.failure else None,
+        )  # fmt: skip
+
+
+@dataclass
+class Summary:
+    rounds: int  # outer rounds completed in this session
+    round: int  # the shared model's round number
+    steps: int
+    last_loss: float
+    seconds: float
+
+    def line(self) -> str:
+        loss = f"{self.last_loss:.3f}" if math.isfinite(self.last_loss) else "n/a"
+        return (
+            f"stopped after {self.rounds} rounds this session (shared round {self.round}, "
+            f"{self.steps} inner steps, last loss {loss}, {self.seconds:.0f}s)"
+        )

@@ -1,0 +1,251 @@
+"""One partner's node: composes data, inner trainer, shared model, swarm session, state sync, checkpoints and metrics
+into DiLoCo rounds.
+
+A round, as `Node.run_round` reads:
+1. inner steps of AdamW on local data until H steps are done *and* the round's meeting time (see
+   `comm.matchmaking`) is near;
+2. pseudo-gradient `theta - working`, averaged with the peers that meet (bit-exact, compressed on the wire);
+3. outer Nesterov step on `theta`; the working copy restarts from it;
+4. re-sync from the group if our shared model disagreed with it (`sync`); checkpoint; one metrics record.
+
+A node that joins a run already under way (or comes back to one) first downloads the swarm's shared state
+(`StateSync.first_catch_up`). On stop (Ctrl-C, SIGTERM) the node checkpoints where it is, mid-round included, and
+resumes from there.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+import time
+import zlib
+from collections.abc import Callable
+from typing import Optional
+
+import torch
+from hivemind.utils import get_dht_time
+
+from tapestry_p2p.comm.averager import FaultHook
+from tapestry_p2p.comm.averaging import AveragingResult, RoundMeta
+from tapestry_p2p.comm.matchmaking import MATCHMAKING_LEAD, MeetingClock
+from tapestry_p2p.node.config import NodeConfig, run_seed
+from tapestry_p2p.node.metrics import MetricsWriter, RoundMetrics, Summary, mean
+from tapestry_p2p.node.session import SessionOptions, SwarmSession
+from tapestry_p2p.node.sync import StateSync
+from tapestry_p2p.telemetry.status import StatusPublisher, trainers_online
+from tapestry_p2p.training.checkpoint import CheckpointManager
+from tapestry_p2p.training.data import ByteBatches, load_text_bytes
+from tapestry_p2p.training.inner import InnerTrainer
+from tapestry_p2p.training.model import build_model
+from tapestry_p2p.training.outer import SharedModel
+
+logger = logging.getLogger(__name__)
+
+WAIT_POLL_SECONDS = 1.0  # how often a node waiting for --min-peers reads the peer table
+
+
+class Node:
+    """A partner's training node. `run()` returns after max_rounds, or when `stop` is set."""
+
+    def __init__(
+        self,
+        config: NodeConfig,
+        on_round: Optional[Callable[[RoundMetrics], None]] = None,
+        on_step: Optional[Callable[[int, int], None]] = None,
+        fault: Optional[FaultHook] = None,
+    ):
+        self.config = config
+        self.on_round = on_round or (lambda record: None)
+        self.on_step = on_step or (lambda done, target: None)  # inner steps done this round, and H
+        self.fault = fault  # a test hook for the averager (tapestry_p2p.testing.faults)
+        self.stop = threading.Event()
+        self.session: Optional[SwarmSession] = None
+        self.rounds_done = 0
+        self.last_loss = float("nan")
+        self.round_losses: list[float] = []  # inner-step losses of the round under way (kept across a stop/resume)
+        if config.threads:
+            torch.set_num_threads(config.threads)
+        data = load_text_bytes(config.data, min_bytes=config.model.block_size + 2)
+        seed = run_seed(config.run_id)
+        self.shared = SharedModel(build_model(config.model, seed), config.outer)
+        batches = ByteBatches(
+            data, config.model.block_size, config.train.batch_size, seed=zlib.crc32(config.partner.encode())
+        )
+        self.trainer = InnerTrainer(build_model(config.model, seed), batches, config.train)
+        lock = threading.Lock()  # theta and the outer optimizer, shared with the state-serving thread
+        self.sync = StateSync(self.shared, self.trainer.model, lock, on_adopt=self.round_losses.clear)
+        self.checkpoints = (
+            None
+            if config.checkpoint_dir is None
+            else CheckpointManager(config.checkpoint_dir, self.shared, self.trainer, config.model, lock)
+        )
+        self.resumed = self.checkpoints is not None and self.checkpoints.exists()
+        if self.checkpoints is not None and self.resumed:
+            self.round_losses.extend(self.checkpoints.resume())
+        tokens_per_step = config.train.batch_size * config.model.block_size
+        self.metrics = MetricsWriter(config.metrics, StatusPublisher.disabled(), tokens_per_step)
+
+    @property
+    def status(self) -> StatusPublisher:
+        """Our status record: published once we joined the swarm, only kept up to date before (or when solo)."""
+        return self.metrics.status
+
+    # ---- the loop ----
+
+    def run(self) -> Summary:
+        started = time.monotonic()
+        with contextlib.ExitStack() as stack:
+            if not self.config.solo:
+                self._join_swarm(stack)
+            while not self.stop.is_set() and (
+                self.config.max_rounds is None or self.rounds_done < self.config.max_rounds
+            ):
+                record = self.run_round()
+                if record is None:
+                    break
+                self.on_round(record)
+            if self.stop.is_set():
+                self._save()  # stopped (mid-round, too): keep everything done so far
+        seconds = time.monotonic() - started
+        return Summary(self.rounds_done, self.shared.round, self.trainer.steps, self.last_loss, seconds)
+
+    def run_round(self) -> Optional[RoundMetrics]:
+        started = time.monotonic()
+        if self.sync.catch_up():  # the swarm has moved on (we were alone, away, or out of step): rejoin it
+            self._save()
+        round_no = self.shared.round + 1
+        meeting = self._train_until_meeting(round_no)
+        if meeting is None:
+            logger.info("round %d abandoned: stopping", round_no)
+            return None
+        training_seconds = time.monotonic() - started
+        result = self._average(meeting)
+        self._apply(result)
+        if self.sync.out_of_step(result):
+            self.status.update(state="loading state")
+        resynced = self.sync.after_round(result)
+        self.sync.averaging.publish_round(self.shared.round)
+        self._save()
+        return self._record(result, resynced, started, training_seconds)
+
+    # ---- the four steps ----
+
+    def _train_until_meeting(self, round_no: int) -> Optional[float]:
+        """Train until H steps are done and the meeting is near; returns the meeting time (0 when solo), or None if
+        told to stop. The round's losses are in `self.round_losses` (not empty when we resumed mid-round)."""
+        clock = None if self.session is None else MeetingClock(self.session.dht, self.config.run_id, round_no,
+                                                               self.config.schedule)  # fmt: skip
+        self.status.update(state="training")
+        meeting = None
+        while not self.stop.is_set():
+            if clock is not None and clock.should_stop_training():
+                meeting = clock.poll()
+                break
+            if len(self.round_losses) >= self.config.inner_steps:
+                if clock is None:
+                    break
+                if meeting is None:
+                    meeting = clock.agree()  # we are the first (or alone): call the meeting, train until it nears
+                if get_dht_time() >= meeting - MATCHMAKING_LEAD:
+                    break
+            self.round_losses.append(self.trainer.step())
+            self.status.update(inner_step=self.trainer.steps, state="training")
+            self.on_step(len(self.round_losses), self.config.inner_steps)
+        if self.stop.is_set():
+            return None
+        if clock is None:
+            return 0.0
+        return meeting if meeting is not None else clock.agree()
+
+    def _average(self, meeting: float) -> AveragingResult:
+        """Step 2: the round's one call to the network (overlapping rounds will make it return a handle)."""
+        delta = self.shared.pseudo_gradient(self.trainer.model)
+        meta = RoundMeta(round=self.shared.round, hash=self.shared.hash(), steps=len(self.round_losses))
+        self.status.update(state="averaging")
+        return self.sync.averaging.average(delta, meeting, meta)
+
+    def _apply(self, result: AveragingResult) -> None:
+        """Step 3: the outer step; the working copy restarts from the new theta."""
+        with self.sync.lock:
+            self.shared.apply(result.averaged)
+            self.shared.copy_into(self.trainer.model)
+        self.last_loss = mean(self.round_losses)
+        self.rounds_done += 1
+
+    def _record(
+        self, result: AveragingResult, resynced: bool, started: float, training_seconds: float
+    ) -> RoundMetrics:
+        record = RoundMetrics(
+            round=self.shared.round,
+            step=self.trainer.steps,
+            inner_steps=len(self.round_losses),
+            loss=self.last_loss,
+            group_size=result.group_size,
+            bytes_sent=result.bytes_sent,
+            bytes_received=result.bytes_received,
+            round_seconds=round(time.monotonic() - started, 3),
+            time=time.time(),
+            model_hash=self.shared.hash(),
+            peer_id=self.sync.peer_id,
+            partner=self.config.partner,
+            compression=self.config.compression,
+            failure=result.failure,
+            resynced=resynced,
+        )
+        self.round_losses.clear()
+        self.metrics.write(record, training_seconds)
+        return record
+
+    def _save(self) -> None:
+        if self.checkpoints is not None:
+            self.checkpoints.save(self.round_losses)
+
+    # ---- joining ----
+
+    def _join_swarm(self, stack: contextlib.ExitStack) -> None:
+        """Start the session (DHT, status, averager); `stack` stops it when the run ends. Then catch up with the
+        swarm, and wait for --min-peers trainers."""
+        config = self.config
+        options = SessionOptions(config.run_id, config.initial_peers, config.listen, config.announce, config.identity)
+        self.session = stack.enter_context(SwarmSession(options))
+        self.sync.peer_id = self.session.peer_id
+        logger.info("peer %s listening on %s", self.session.peer_id, " ".join(self.session.addresses()))
+        self.metrics.status = self.session.publish_status(
+            partner=config.partner, region=config.region, role="trainer", compression=config.compression,
+            round=self.shared.round, inner_step=self.trainer.steps,
+        )  # fmt: skip
+        self.sync.averaging = self.session.averaging(
+            [p.shape for p in self.shared.params], config.compression, self.sync.share_state, self.fault
+        )
+        self.sync.averaging.publish_round(self.shared.round)
+        if config.initial_peers:
+            self.status.update(state="loading state")
+            outcome = self.sync.first_catch_up(self.stop, config.start_fresh)
+            if outcome == "caught up":
+                self._save()
+            elif outcome == "alone" and not self._others_online():
+                logger.warning(
+                    "nobody else is in run %r yet: training alone until partners join "
+                    "(check --run-id if you expected a running swarm)", config.run_id,
+                )  # fmt: skip
+        self._wait_for_peers()
+
+    def _others_online(self) -> bool:
+        """Whether any other node (trainer or bootstrap) reports in this run's peer table."""
+        assert self.session is not None
+        return any(p.peer_id != self.session.peer_id and p.state != "left" for p in self.session.peers())
+
+    def _wait_for_peers(self) -> None:
+        """Before the first round, wait until `min_peers` trainers of the run (us included) report in the DHT."""
+        assert self.session is not None
+        self.status.update(state="idle")
+        announced = False
+        while not self.stop.is_set():
+            online = trainers_online(self.session.peers())
+            if online >= self.config.min_peers:
+                return
+            if not announced:
+                logger.info("waiting for %d trainers to come online (%d so far)", self.config.min_peers, online)
+                announced = True
+            self.stop.wait(WAIT_POLL_SECONDS)

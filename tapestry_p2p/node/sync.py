@@ -1,0 +1,131 @@
+"""Keeping our shared state in step with the swarm: serve it, catch up when the swarm is ahead, re-sync after a round
+that left us out of step with our group, and adopt a downloaded state only if it checks out.
+
+The transport and the choice of the canonical state are in `comm.statesync`; this module is the node's policy:
+- on joining (`first_catch_up`): if the swarm is ahead, wait for its state rather than train from our own (a joiner
+  that trains alone would only be overwritten later), unless told to start fresh;
+- at every round start (`catch_up`): if some peer advertises a later round, download the canonical state;
+- after a round (`after_round`): if we disagreed with the group going in, or values lost their reducer, compare
+  states with the group and download the agreed one if ours differs;
+- `adopt`: well-formed, not older than asked, and hashing to what its servers announced, or it is ignored.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from typing import Any, Optional
+
+import torch
+
+from tapestry_p2p.comm.averaging import Averaging, AveragingResult, SoloAveraging
+from tapestry_p2p.comm.statesync.client import Download
+from tapestry_p2p.comm.statesync.wire import PeerState
+from tapestry_p2p.training.outer import SharedModel
+
+logger = logging.getLogger(__name__)
+
+CATCH_UP_RETRY_SECONDS = 10.0  # a joiner that finds the swarm ahead but nobody serving its state asks again this often
+
+
+class StateSync:
+    """The node's shared state as the swarm sees it. `lock` guards theta against the thread that serves it."""
+
+    def __init__(
+        self,
+        shared: SharedModel,
+        working: torch.nn.Module,
+        lock: threading.Lock,
+        on_adopt: Callable[[], None],
+    ):
+        self.shared, self.working, self.lock, self.on_adopt = shared, working, lock, on_adopt
+        self.averaging: Averaging = SoloAveraging()
+        self.peer_id = "solo"
+        self.clean = True  # our last round received every averaged part (peers comparing states ask for it)
+
+    def share_state(self) -> tuple[dict[str, Any], list[torch.Tensor]]:
+        """What a peer downloads from us: theta and the outer momentum (runs in hivemind's helper thread)."""
+        with self.lock:
+            metadata = {"round": self.shared.round, "hash": self.shared.hash(), "clean": self.clean}
+            tensors = [p.detach().clone() for p in self.shared.params]
+            tensors += [m.clone() for m in self.shared.momentum_buffers()]
+            return metadata, tensors
+
+    def adopt(self, download: Optional[Download], min_round: int) -> bool:
+        """Take a downloaded shared state if it is well-formed, at least `min_round`, and hashes to what its servers
+        announced; returns whether we did. The working model restarts from it."""
+        if download is None:
+            return False
+        round_no, tensors, n = download.state_id.round, download.tensors, len(self.shared.params)
+        shapes_ok = len(tensors) == 2 * n and all(
+            t.shape == p.shape for t, p in zip(tensors, self.shared.params + self.shared.params, strict=True)
+        )
+        if not shapes_ok or round_no < min_round or not all(torch.isfinite(t).all() for t in tensors):
+            logger.warning("ignored a downloaded state (round %d, %d tensors): malformed or too old", round_no, n)
+            return False
+        with self.lock:
+            before = ([p.detach().clone() for p in self.shared.params], self.shared.momentum_buffers(), self.shared.round)
+            self.shared.load(tensors[:n], tensors[n:], round_no)
+            if self.shared.hash() != download.state_id.hash:
+                self.shared.load(*before)
+                logger.warning("ignored a downloaded state whose hash differs from what its servers announced")
+                return False
+            self.shared.copy_into(self.working)
+            self.clean = True  # we now hold a state the group agreed on
+        self.on_adopt()
+        return True
+
+    def catch_up(self) -> bool:
+        """Adopt the swarm's state if some peer is ahead of us and serves it; returns whether we did."""
+        if self.averaging.highest_round_online() <= self.shared.round:
+            return False
+        download = self.averaging.download_state(min_round=self.shared.round + 1)
+        if download is None or not self.adopt(download, self.shared.round + 1):
+            return False
+        logger.info(
+            "caught up with the swarm at round %d (model %s), downloaded from %d peers",
+            self.shared.round, download.state_id.hash, len(download.servers),
+        )  # fmt: skip
+        self.averaging.publish_round(self.shared.round)
+        return True
+
+    def first_catch_up(self, stop: threading.Event, start_fresh: bool) -> str:
+        """On joining: catch up with the swarm if it is ahead, waiting for a server if there is none yet. Returns
+        `caught up`, `in step` (nobody ahead), `alone` (no other peer advertises a state) or `fresh`/`stopped`."""
+        while not stop.is_set():
+            ahead = self.averaging.highest_round_online()
+            if ahead <= self.shared.round:
+                return "alone" if ahead < 0 else "in step"
+            if self.catch_up():
+                return "caught up"
+            if start_fresh:
+                logger.warning("the swarm is at round %d but nobody served its state: training from ours", ahead)
+                return "fresh"
+            logger.warning(
+                "the swarm is at round %d but nobody served its state; asking again in %.0fs "
+                "(pass --start-fresh to train from our own state instead)", ahead, CATCH_UP_RETRY_SECONDS,
+            )  # fmt: skip
+            stop.wait(CATCH_UP_RETRY_SECONDS)
+        return "stopped"
+
+    @staticmethod
+    def out_of_step(result: AveragingResult) -> bool:
+        """Whether a round may have left us out of step with our group: we disagreed with it going in, or it failed."""
+        return result.group_size > 1 and (result.needs_resync or result.failure is not None)
+
+    def after_round(self, result: AveragingResult) -> bool:
+        """Re-sync if the round may have left us out of step with our group; returns whether we downloaded."""
+        self.clean = result.clean
+        if not self.out_of_step(result):
+            return False
+        others = [p for p in result.peers if p != self.peer_id]
+        mine = PeerState(self.shared.round, self.shared.hash(), self.clean)
+        agreed = self.averaging.agreed_state(self.peer_id, mine, others, result.group_round)
+        if agreed is None or agreed == mine.id:
+            return False
+        download = self.averaging.download_state(min_round=mine.round, peers=others, want=agreed)
+        resynced = self.adopt(download, mine.round)
+        if resynced:
+            logger.warning("round %d left us out of step with the group: re-synced from it", self.shared.round)
+        return resynced

@@ -1,0 +1,293 @@
+"""The one seam to hivemind's internals: every global patch, log filter and private name we rely on, in one place.
+
+tapestry subclasses hivemind's averager and all-reduce runner (`comm/averager.py`, `comm/allreduce.py`), which reach
+into private attributes; this module owns everything else that depends on hivemind's internals, so an upgrade has one
+list to read:
+
+- `install(process)` applies the patches a process needs. It is called explicitly, never at import time: from the CLI
+  (`"main"`), from the DHT process (`"dht"`, `p2p/dht.py`) and from the averager process (`"averager"`,
+  `comm/averager.py`). Installing twice is harmless.
+- `check()` compares the installed hivemind with what we were written against (`EXPECTED_VERSION` and `SURFACE`, every
+  private name we use) and returns one readable line per difference; `install("main")` turns them into one error.
+- small wrappers for the private names used outside the subclasses (`register_compression`, `visible_maddrs_call`,
+  `rsa_key_from_der`, `owner_public_keys`).
+
+The patches, and the hivemind 1.1.12 behaviour each one guards against:
+- `keep_tasks_alive` (DHT and averager processes): hivemind's request loops start each request with
+  `asyncio.create_task(...)` and keep no reference; asyncio keeps only weak ones, so the garbage collector can destroy
+  a request in flight ("Task was destroyed but it is pending!") and its caller waits forever.
+- `spawn_children_that_die_with_us` (DHT process): hivemind starts `p2pd` with asyncio; we add PR_SET_PDEATHSIG and a
+  process group of its own, so p2pd dies with its DHT process and a terminal Ctrl-C reaches only the node.
+- `_PoliteLeaders` (averager process): hivemind's leader queue re-reads the DHT in a tight loop while a peer waits for
+  groupmates (about 1.2 MB/s of DHT requests on loopback); ours reads at most twice a second.
+- `register_compression`: hivemind picks a codec by a fixed protobuf enum, so a codec of ours replaces the instance
+  registered for an existing enum value (see `comm/codec.py`).
+- log filters, each dropping one known record and nothing else from its logger: bitsandbytes' import-time warning
+  about its optional `kernels` package on CPUs with AVX512-BF16; the DHT process's traceback when a sender exits
+  with a command in flight; the averager's traceback for "could not find a group" (a normal outcome the node reports
+  itself) and for failures that tapestry already logged with their traceback (`ReportedFailure`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import inspect
+import logging
+import os
+import re
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass
+from importlib import import_module
+from typing import Any, Literal
+
+from tapestry_p2p.errors import UserError
+from tapestry_p2p.p2p.processes import die_with_parent
+
+logger = logging.getLogger(__name__)
+
+EXPECTED_VERSION = "1.1.12"
+Process = Literal["main", "dht", "averager"]
+
+
+class HivemindChanged(UserError):
+    """The installed hivemind is not the one tapestry's overrides were written against."""
+
+
+class ReportedFailure(Exception):
+    """Mixin for exceptions tapestry has already logged with their traceback; hivemind's copy of the log is dropped."""
+
+
+@dataclass(frozen=True)
+class Name:
+    """One private name we rely on: `attribute` of `owner` (module:qualname, or a dict). `instance` names exist only
+    on instances, so they are looked up as `self.<attribute>` in the owner's source."""
+
+    owner: str
+    attribute: str
+    instance: bool = False
+
+
+SURFACE: tuple[Name, ...] = (
+    Name("hivemind.averaging.averager:DecentralizedAverager", "_aggregate_with_group"),
+    Name("hivemind.averaging.averager:DecentralizedAverager", "_run_allreduce_inplace_"),
+    Name("hivemind.averaging.averager:DecentralizedAverager", "_get_current_state_from_host_process"),
+    Name("hivemind.averaging.averager:DecentralizedAverager", "get_current_state"),
+    Name("hivemind.averaging.averager:DecentralizedAverager", "state_sharing_priority"),
+    Name("hivemind.averaging.averager:DecentralizedAverager", "_running_groups", instance=True),
+    Name("hivemind.averaging.averager:DecentralizedAverager", "_p2p", instance=True),
+    Name("hivemind.averaging.averager:DecentralizedAverager", "_outer_pipe", instance=True),
+    Name("hivemind.averaging.allreduce:AllReduceRunner", "_get_peer_stub"),
+    Name("hivemind.averaging.allreduce:AllReduceRunner", "_generate_input_for_peer"),
+    Name("hivemind.averaging.allreduce:AllReduceRunner", "_communicate_with_peer"),
+    Name("hivemind.averaging.allreduce:AllReduceRunner", "_accumulate_parts_streaming"),
+    Name("hivemind.averaging.allreduce:AllReduceRunner", "_ban_sender"),
+    Name("hivemind.averaging.allreduce:AllReduceRunner", "_p2p", instance=True),
+    Name("hivemind.averaging.partition:TensorPartContainer", "register_failed_reducer"),
+    Name("hivemind.averaging.partition:TensorPartContainer", "_input_parts_by_peer", instance=True),
+    Name("hivemind.averaging.partition:TensorPartContainer", "return_deltas", instance=True),
+    Name("hivemind.averaging.partition:TensorPartReducer", "sender_failed_after", instance=True),
+    Name("hivemind.averaging.matchmaking:PotentialLeaders", "_update_queue_periodically"),
+    Name("hivemind.compression.serialization:_BASE_COMPRESSION_TYPES", "BLOCKWISE_8BIT"),
+    Name("hivemind.dht.dht:DHT", "_get_visible_maddrs"),
+    Name("hivemind.dht.crypto:RSASignatureValidator", "_PUBLIC_KEY_RE"),
+    Name("hivemind.utils.crypto:RSAPrivateKey", "__setstate__"),
+)
+
+
+def _resolve(path: str) -> Any:
+    module, _, qualname = path.partition(":")
+    target: Any = import_module(module)
+    for part in qualname.split("."):
+        target = getattr(target, part)
+    return target
+
+
+def _has(owner: Any, name: Name) -> bool:
+    if isinstance(owner, dict):
+        return name.attribute in owner
+    if name.instance:
+        return re.search(rf"self\.{re.escape(name.attribute)}\b", inspect.getsource(owner)) is not None
+    return hasattr(owner, name.attribute)
+
+
+def check(surface: tuple[Name, ...] = SURFACE, expected_version: str = EXPECTED_VERSION) -> list[str]:
+    """One line per difference between the installed hivemind and what tapestry relies on; empty if none."""
+    import hivemind
+
+    problems = []
+    if hivemind.__version__ != expected_version:
+        problems.append(f"hivemind {hivemind.__version__} is installed, tapestry is written against {expected_version}")
+    for name in surface:
+        try:
+            found = _has(_resolve(name.owner), name)
+        except (ImportError, AttributeError, OSError, TypeError):
+            found = False
+        if not found:
+            problems.append(f"{name.owner} has no {name.attribute}")
+    return problems
+
+
+def install(process: Process) -> None:
+    """Apply what this process needs (see the module docstring); call it first thing in each process."""
+    _filter("bitsandbytes.backends.cpu.ops", _KernelsPackageMissing())
+    _filter("hivemind.averaging.averager", _AveragerNoise())
+    if process == "main":
+        os.environ.setdefault("HIVEMIND_LOGLEVEL", "ERROR")  # read when hivemind is first imported
+        problems = check()
+        if problems:
+            raise HivemindChanged(
+                "; ".join(problems) + ": reinstall with `pip install -c constraints.txt -e .` (see the README)"
+            )
+    elif process == "dht":
+        die_with_parent()
+        keep_tasks_alive()
+        spawn_children_that_die_with_us()
+        _filter("hivemind.dht.dht", _SenderGone())
+    elif process == "averager":
+        die_with_parent()
+        keep_tasks_alive()
+        from hivemind.averaging import matchmaking
+
+        matchmaking.PotentialLeaders = _polite_leaders()  # type: ignore[misc]
+
+
+# ---- log filters: each drops one known record ----
+
+
+def _filter(logger_name: str, record_filter: logging.Filter) -> None:
+    target = logging.getLogger(logger_name)
+    if not any(type(f) is type(record_filter) for f in target.filters):
+        target.addFilter(record_filter)
+
+
+class _KernelsPackageMissing(logging.Filter):
+    """bitsandbytes >= 0.49 on CPUs with AVX512-BF16 warns at import that its optional `kernels` package is absent."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Failed to load CPU gemm_4bit_forward from kernels-community")
+
+
+class _SenderGone(logging.Filter):
+    """The DHT process logs ConnectionResetError with a traceback when the averager process (which talks to it through
+    the DHT's pipe) exits with a request in flight; the DHT carries on and nothing is lost but the log."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.exc_info and isinstance(record.exc_info[1], ConnectionError))
+
+
+class _AveragerNoise(logging.Filter):
+    """hivemind's averager logs every failed `step()` with a traceback. Drop "could not find a group" (the node reports
+    a round without a group itself), and failures tapestry already logged with their traceback."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else record.msg
+        return not isinstance(error, ReportedFailure) and "could not find a group" not in str(error)
+
+
+# ---- global patches ----
+
+_running_tasks: set[asyncio.Task] = set()
+
+
+def keep_tasks_alive() -> None:
+    """In this process, hold a strong reference to every task made by `asyncio.create_task` until it is done."""
+    original = asyncio.create_task
+    if getattr(original, "_tapestry_patched", False):
+        return
+
+    @functools.wraps(original)
+    def create_task(coro: Coroutine[Any, Any, Any], **kwargs: Any) -> asyncio.Task:
+        task = original(coro, **kwargs)
+        _running_tasks.add(task)
+        task.add_done_callback(_running_tasks.discard)
+        return task
+
+    create_task._tapestry_patched = True  # type: ignore[attr-defined]
+    asyncio.create_task = create_task  # type: ignore[assignment]
+
+
+def _detach_and_die_with_parent() -> None:
+    os.setpgid(0, 0)
+    die_with_parent()
+
+
+def spawn_children_that_die_with_us() -> None:
+    """In this process, make asyncio-spawned subprocesses (hivemind's p2pd) die when this process dies."""
+    original = asyncio.subprocess.create_subprocess_exec
+    if getattr(original, "_tapestry_patched", False):
+        return
+
+    @functools.wraps(original)
+    async def create_subprocess_exec(*args: Any, **kwargs: Any) -> asyncio.subprocess.Process:
+        kwargs.setdefault("preexec_fn", _detach_and_die_with_parent)
+        return await original(*args, **kwargs)
+
+    create_subprocess_exec._tapestry_patched = True  # type: ignore[attr-defined]
+    asyncio.subprocess.create_subprocess_exec = create_subprocess_exec  # type: ignore[assignment]
+
+
+class _RateLimitedKeys:
+    """A GroupKeyManager proxy that answers `get_averagers` at most once per `interval` seconds."""
+
+    def __init__(self, key_manager: Any, interval: float):
+        self._key_manager, self._interval, self._last = key_manager, interval, 0.0
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._key_manager, name)
+
+    async def get_averagers(self, *args: Any, **kwargs: Any) -> Any:
+        loop = asyncio.get_running_loop()
+        await asyncio.sleep(max(0.0, self._last + self._interval - loop.time()))
+        self._last = loop.time()
+        return await self._key_manager.get_averagers(*args, **kwargs)
+
+
+@functools.cache
+def _polite_leaders() -> type:
+    """hivemind's PotentialLeaders, refreshing its leader queue from the DHT at most twice a second."""
+    from hivemind.averaging.matchmaking import PotentialLeaders
+
+    class PoliteLeaders(PotentialLeaders):
+        REFRESH_INTERVAL = 0.5
+
+        async def _update_queue_periodically(self, key_manager: Any) -> None:
+            await super()._update_queue_periodically(_RateLimitedKeys(key_manager, self.REFRESH_INTERVAL))
+
+    return PoliteLeaders
+
+
+# ---- private names used outside the subclasses ----
+
+
+def register_compression(enum_name: str, codec: Any) -> Any:
+    """Make hivemind (de)serialize parts of `enum_name` with `codec` in this process and the ones it forks later;
+    returns the codec now registered."""
+    from hivemind.compression import serialization
+
+    serialization._BASE_COMPRESSION_TYPES[enum_name] = codec
+    return codec
+
+
+def visible_maddrs_call() -> Callable[..., Any]:
+    """The DHT-process coroutine that lists our dialable addresses (for `DHT.run_coroutine`, which takes a timeout;
+    the public `get_visible_maddrs` blocks without one)."""
+    from hivemind.dht import DHT
+
+    return functools.partial(DHT._get_visible_maddrs, latest=True)
+
+
+def rsa_key_from_der(der: bytes) -> Any:
+    """An RSAPrivateKey from DER bytes, through hivemind's own unpickling path."""
+    from hivemind.utils.crypto import RSAPrivateKey
+
+    private = RSAPrivateKey.__new__(RSAPrivateKey)
+    private.__setstate__({"_private_key": der})
+    return private
+
+
+def owner_public_keys(owner: bytes) -> list[bytes]:
+    """The `ssh-rsa` public keys inside a DHT subkey in hivemind's `[owner:...]` form."""
+    from hivemind.dht.crypto import RSASignatureValidator
+
+    return list(RSASignatureValidator._PUBLIC_KEY_RE.findall(owner))

@@ -1,0 +1,193 @@
+"""Checkpoints: what a peer writes after every outer round so it can stop and resume at any time.
+
+A checkpoint directory holds
+- `model.safetensors`: the shared model after the last completed outer round (float32, `state_dict` names);
+- `state.pt`: everything else resuming needs (working model, inner and outer optimizer states, data position, RNG,
+  round and step, the inner losses of a round stopped half-way), the model config (so a checkpoint says what it
+  holds, as nanoGPT's `model_args` do), plus the hash of the shared model it belongs with.
+Each file is written to a temporary file in the same directory, fsynced, then renamed over the old one, so a crash
+leaves either the old or the new file, never half of one. `model.safetensors` is renamed first; `state.pt` records
+its hash, so a crash between the two renames is detected on resume instead of silently mixing rounds.
+
+Before a save replaces them, the current pair is hard-linked into `previous/` (no copy, and atomic per file), so a
+checkpoint damaged on disk after it was written (a truncated copy, a full disk, a bad restore) still leaves the one
+before it to resume from. A checkpoint that cannot be read is refused with the file's name and both ways out; the node
+never starts from scratch on its own and never writes over a checkpoint it could not read.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import tempfile
+import threading
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from tapestry_p2p import __version__
+from tapestry_p2p.errors import UserError
+from tapestry_p2p.training.inner import InnerTrainer
+from tapestry_p2p.training.model import GPT, ModelConfig
+from tapestry_p2p.training.outer import SharedModel
+
+logger = logging.getLogger(__name__)
+
+MODEL_FILE = "model.safetensors"
+STATE_FILE = "state.pt"
+PREVIOUS = "previous"
+
+
+class CheckpointError(UserError):
+    """A checkpoint that cannot be used; the message names the file and the way out."""
+
+
+def atomic_write(path: Path, write: Callable[[str], None]) -> None:
+    """Call `write(tmp_path)`, fsync, then rename onto `path`; on failure the old file is untouched."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save(directory: Path, shared: dict[str, torch.Tensor], state: dict[str, Any]) -> None:
+    directory.mkdir(parents=True, exist_ok=True)
+    _keep_previous(directory)
+    tensors = {name: t.detach().to(torch.float32).contiguous() for name, t in shared.items()}
+    atomic_write(directory / MODEL_FILE, lambda tmp: save_file(tensors, tmp))
+    atomic_write(directory / STATE_FILE, lambda tmp: torch.save(state, tmp))
+
+
+def _keep_previous(directory: Path) -> None:
+    """Hard-link the current checkpoint files into `previous/` (each link made under a temporary name, then renamed)."""
+    if not ((directory / MODEL_FILE).exists() and (directory / STATE_FILE).exists()):
+        return
+    previous = directory / PREVIOUS
+    previous.mkdir(exist_ok=True)
+    for name in (MODEL_FILE, STATE_FILE):
+        tmp = previous / f".{name}.link"
+        tmp.unlink(missing_ok=True)
+        os.link(directory / name, tmp)
+        os.replace(tmp, previous / name)
+
+
+def way_out(directory: Path) -> str:
+    previous = directory / PREVIOUS
+    if (previous / MODEL_FILE).exists() and (previous / STATE_FILE).exists():
+        return f"to resume from the round before, run: cp {previous}/* {directory}/ ; or pass a new --checkpoint-dir"
+    return "restore it from a backup, or pass a new --checkpoint-dir to start fresh"
+
+
+def exists(directory: Path) -> bool:
+    return (directory / MODEL_FILE).exists() or (directory / STATE_FILE).exists()
+
+
+def load(directory: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Read a checkpoint back; raises CheckpointError naming the bad file and the way out."""
+    model_path, state_path = directory / MODEL_FILE, directory / STATE_FILE
+    for path in (model_path, state_path):
+        if not path.exists():
+            raise CheckpointError(f"{path} is missing; {way_out(directory)}")
+    try:
+        shared = load_file(str(model_path))
+    except Exception as e:
+        raise CheckpointError(f"{model_path} is truncated or corrupt ({_reason(e)}); {way_out(directory)}") from None
+    try:
+        state = torch.load(str(state_path), weights_only=True)
+    except Exception as e:
+        raise CheckpointError(f"{state_path} is truncated or corrupt ({_reason(e)}); {way_out(directory)}") from None
+    return shared, state
+
+
+def _reason(error: Exception) -> str:
+    text = str(error).splitlines()[0] if str(error) else ""
+    return f"{type(error).__name__}: {text[:80]}" if text else type(error).__name__
+
+
+def load_model(directory: Path) -> GPT:
+    """The shared model of a checkpoint, built from the model config the checkpoint records (for evaluation)."""
+    shared, state = load(directory)
+    model = GPT(ModelConfig(**state["model_config"]))
+    model.load_state_dict(shared)
+    return model
+
+
+class CheckpointManager:
+    """Saves and restores one node's training state (shared model, outer and inner optimizers, data, RNG) in a
+    checkpoint directory; `lock` guards theta against the thread that serves it to peers."""
+
+    def __init__(
+        self, directory: Path, shared: SharedModel, trainer: InnerTrainer, model: ModelConfig, lock: threading.Lock
+    ):
+        self.directory, self.shared, self.trainer, self.model, self.lock = directory, shared, trainer, model, lock
+
+    def exists(self) -> bool:
+        return exists(self.directory)
+
+    def save(self, round_losses: Sequence[float]) -> None:
+        """Checkpoint everything resuming needs (after each round, after a catch-up, and when stopping mid-round)."""
+        with self.lock:
+            state = {
+                "outer": self.shared.state_dict(),
+                "inner": self.trainer.state_dict(),
+                "torch_rng": torch.get_rng_state(),
+                "round_losses": list(round_losses),
+                "model_config": dataclasses.asdict(self.model),
+                "model_hash": self.shared.hash(),
+                "version": __version__,
+            }
+        save(self.directory, self.shared.model.state_dict(), state)
+
+    def resume(self) -> list[float]:
+        """Restore the checkpoint; returns the inner losses of the round it stopped in (empty between rounds)."""
+        shared, state = load(self.directory)
+        self._check_model(state)
+        self.shared.model.load_state_dict(shared)
+        try:
+            self.shared.load_state_dict(state["outer"])
+            self.trainer.load_state_dict(state["inner"])
+            torch.set_rng_state(state["torch_rng"])
+            round_losses = [float(x) for x in state["round_losses"]]
+            model_hash = state["model_hash"]
+        except (KeyError, TypeError, ValueError, RuntimeError) as e:
+            raise CheckpointError(
+                f"{self.directory / STATE_FILE} does not fit this model or version ({type(e).__name__}); "
+                f"{way_out(self.directory)}"
+            ) from None
+        if self.shared.hash() != model_hash:
+            raise CheckpointError(
+                f"{self.directory / STATE_FILE} belongs to another {MODEL_FILE} (interrupted write?); "
+                f"{way_out(self.directory)}"
+            )
+        logger.info(
+            "resumed from %s at round %d, step %d (%d steps into the next round)",
+            self.directory, self.shared.round, self.trainer.steps, len(round_losses),
+        )  # fmt: skip
+        return round_losses
+
+    def _check_model(self, state: dict[str, Any]) -> None:
+        """Refuse a checkpoint of another model, naming the first option that differs."""
+        found = state.get("model_config")
+        expected = dataclasses.asdict(self.model)
+        if not isinstance(found, dict) or found.keys() != expected.keys():
+            raise CheckpointError(
+                f"{self.directory / STATE_FILE} records no model config of this version; {way_out(self.directory)}"
+            )
+        differs = [name for name in expected if found[name] != expected[name]]
+        if differs:
+            name = differs[0]
+            raise CheckpointError(
+                f"{self.directory / MODEL_FILE} holds a model of another shape ({name}: {found[name]} there, "
+                f"{expected[name]} with these options); pass the model options it was trained with "
+                f"([model] {name} = {found[name]}), or a new --checkpoint-dir"
+            )
