@@ -18,11 +18,11 @@ import signal
 import time
 
 import pytest
-from conftest import start_bootstrap, wait_gone
-from test_swarm import join_args, metrics
+from helpers import join_args, metrics
 
-from tapestry_p2p.allreduce import CRASH_ENV
-from tapestry_p2p.averaging import ALLREDUCE_TIMEOUT
+from tapestry_p2p.comm.averaging import ALLREDUCE_TIMEOUT
+from tapestry_p2p.testing.faults import CRASH_ENV
+from tapestry_p2p.testing.local_swarm import wait_gone
 
 CRASH_ROUND = 3
 
@@ -43,7 +43,7 @@ def by_round(records: list) -> dict:
 
 
 def test_swarm_survives_bootstrap_loss_a_crash_mid_allreduce_and_a_late_joiner(procs, tmp_path):
-    bootstraps = [start_bootstrap(procs, tmp_path, name) for name in ("boot1", "boot2")]
+    bootstraps = [procs.start_bootstrap(name) for name in ("boot1", "boot2")]
     boot_popens = procs.started[:2]
     popens = {}
     for i, name in enumerate(["a", "b", "c"]):

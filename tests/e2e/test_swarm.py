@@ -2,76 +2,22 @@
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import stat
-import subprocess
 import time
-from pathlib import Path
 
 import psutil
-import pytest
 import torch
-from conftest import LOOPBACK, wait_for_file, wait_gone, write_text
+from helpers import ROUNDS, join_args, metrics, run_to_completion
 from safetensors.torch import load_file
 
-from tapestry_p2p.model import GPT, ModelConfig
-from tapestry_p2p.swarm import load_or_create_identity
+from tapestry_p2p.security.identity import load_or_create_identity
+from tapestry_p2p.testing.local_swarm import LOOPBACK, wait_for_file, wait_gone
+from tapestry_p2p.training.model import GPT, ModelConfig
 
-ROUNDS = 3
-SMALL_MODEL = ["--n-layer", "2", "--n-embd", "64", "--n-head", "2", "--block-size", "32", "--batch-size", "8"]
-
-
-def join_args(tmp_path: Path, name: str, seed: int, bootstrap: str | None, rounds: int = ROUNDS, *extra: str):
-    folder = tmp_path / name
-    folder.mkdir()
-    args = [
-        "join",
-        "--run-id",
-        "e2e",
-        "--data",
-        str(write_text(folder / "data.txt", seed)),
-        "--listen",
-        LOOPBACK,
-        "--partner",
-        name,
-        "--max-rounds",
-        str(rounds),
-        "--inner-steps",
-        "10",
-        "--threads",
-        "1",
-        "--round-window",
-        "3",
-        "--metrics",
-        str(folder / "metrics.jsonl"),
-        "--checkpoint-dir",
-        str(folder / "ckpt"),
-        *SMALL_MODEL,
-        *extra,
-    ]
-    if bootstrap:
-        args[1:1] = ["--initial-peers", bootstrap]
-    return args
-
-
-def metrics(tmp_path: Path, name: str) -> list:
-    return [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
-
-
-def run_to_completion(procs, names, timeout=180):
-    deadline = time.monotonic() + timeout
-    for name, popen in names.items():
-        try:
-            popen.wait(timeout=max(1, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            pytest.fail(f"{name} did not finish: {procs.log(name)[-2000:]}")
-        assert popen.returncode == 0, procs.log(name)[-2000:]
-
-
-@pytest.mark.parametrize("n_peers", [3])  # 2 peers end to end: tests/test_churn.py (after the crash)
-def test_peers_share_one_identical_model_every_round(procs, bootstrap_addr, tmp_path, n_peers):
+def test_peers_share_one_identical_model_every_round(procs, bootstrap_addr, tmp_path):
+    n_peers = 3  # 2 peers end to end: tests/e2e/test_churn.py (after the crash)
     names = [f"p{i}" for i in range(n_peers)]
     popens = {
         n: procs.start(n, *join_args(tmp_path, n, i, bootstrap_addr, ROUNDS, "--min-peers", str(n_peers)))

@@ -8,7 +8,7 @@ import sys
 import time
 
 import psutil
-from conftest import wait_gone
+from tapestry_p2p.testing.local_swarm import wait_gone
 
 
 def test_short_demo_runs_end_to_end_and_leaves_no_process(tmp_path):

@@ -10,12 +10,11 @@ import time
 from pathlib import Path
 
 import torch
-from conftest import wait_for_file, wait_gone
+from helpers import assert_user_error, join_args, tapestry
 from safetensors.torch import load_file
-from test_cli_errors import assert_user_error, tapestry
-from test_swarm import join_args
 
-from tapestry_p2p import checkpoint
+from tapestry_p2p.testing.local_swarm import wait_for_file, wait_gone
+from tapestry_p2p.training import checkpoint
 
 
 def read_checkpoint(directory: Path) -> tuple:
@@ -33,7 +32,7 @@ def assert_same(a, b, where: str = "state") -> None:
             assert_same(a[key], b[key], f"{where}[{key!r}]")
     elif isinstance(a, (list, tuple)):
         assert len(a) == len(b), where
-        for i, (x, y) in enumerate(zip(a, b)):
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
             assert_same(x, y, f"{where}[{i}]")
     else:
         assert a == b, where

@@ -10,19 +10,16 @@ import pytest
 from hivemind.dht.crypto import RSASignatureValidator
 from hivemind.dht.validation import DHTRecord
 from hivemind.utils import MSGPackSerializer, get_dht_time
-from rich.console import Console
 
-from tapestry_p2p.monitor import render
-from tapestry_p2p.swarm import DHTOptions, ephemeral_identity, start_dht, stop_dht, visible_maddrs
-from tapestry_p2p.telemetry import (
+from tapestry_p2p.p2p.dht import DHTOptions, start_dht, stop_dht, visible_maddrs
+from tapestry_p2p.security.identity import ephemeral_identity, signing_key
+from tapestry_p2p.telemetry.status import (
     EXPIRY,
-    PeerStatus,
     StatusPublisher,
     parse_records,
     read_statuses,
-    signing_key,
     status_key,
-    validators,
+    status_validators,
 )
 
 RUN = "telemetry"
@@ -38,7 +35,7 @@ def two_nodes():
             peers = visible_maddrs(nodes[0][0]) if nodes else []
             options = DHTOptions(
                 initial_peers=peers, listen=["/ip4/127.0.0.1/tcp/0"], identity=identity,
-                record_validators=validators(RUN, key),
+                record_validators=status_validators(RUN, key),
             )  # fmt: skip
             nodes.append((start_dht(options), key))
     yield nodes
@@ -112,41 +109,7 @@ def test_a_peer_cannot_speak_for_another_peer_id(two_nodes):
     assert all(p.peer_id != b.peer_id.to_base58() for p in read_statuses(a, RUN))  # ...yet not believed
 
 
-def status(partner: str, **changes) -> PeerStatus:
-    values = dict(
-        peer_id=f"12D3Koo{partner}", partner=partner, region="eu-west", role="trainer", state="training",
-        inner_step=120, round=4, loss=2.25, tokens_per_second=4000.0, bytes_sent_round=800_000,
-        bytes_received_round=800_000, bytes_sent_total=3_200_000, bytes_received_total=3_100_000, group_size=3,
-        round_seconds=7.5, compression="8bit", version="0.1.0", uptime=60.0, last_failure=None, time=1000.0,
-    )  # fmt: skip
-    return PeerStatus(**{**values, **changes})
-
-
-def test_rendered_table_content_fits_80_columns():
-    peers = [
-        status("north-lab"),
-        status("sur-uni", state="averaging", tokens_per_second=3500.0, time=999.0),
-        status("ost-gmbh", time=990.0),  # silent for 10 s: stale
-        status("boot", role="bootstrap", state="idle", round=0, loss=None, group_size=0, round_seconds=0.0),
-    ]
-    console = Console(record=True, width=80, color_system=None)
-    console.print(render(peers, now=1000.0, title="swarm"))
-    text = console.export_text()
-    assert max(len(line) for line in text.splitlines()) <= 80
-    assert "peers online 3" in text and "tokens/s 7,500" in text and "round 4" in text
-    rows = {line.split()[0]: line for line in text.splitlines() if line.split() and line.split()[0] in
-            ("north-lab", "sur-uni", "ost-gmbh", "boot")}  # fmt: skip
-    assert list(rows) == ["boot", "north-lab", "ost-gmbh", "sur-uni"]  # sorted by partner
-    assert "training" in rows["north-lab"] and "2.250" in rows["north-lab"] and "3.2/3.1" in rows["north-lab"]
-    assert "averaging" in rows["sur-uni"]
-    assert "silent 10s" in rows["ost-gmbh"]
-    assert "bootstrap" in rows["boot"]
-    styled = Console(record=True, width=80, force_terminal=True)
-    styled.print(render(peers, now=1000.0))
-    assert "\x1b[2m" in styled.export_text(styles=True)  # the stale row is dimmed
-
-
-def test_stopped_publisher_leaves_an_idle_record(two_nodes):
+def test_stopped_publisher_leaves_a_left_record(two_nodes):
     (a, key_a), (b, _) = two_nodes
     status_a = publisher(a, key_a, "alpha")
     status_a.start()
@@ -154,4 +117,4 @@ def test_stopped_publisher_leaves_an_idle_record(two_nodes):
     time.sleep(0.5)
     status_a.stop()
     mine = [p for p in read_statuses(b, RUN) if p.peer_id == a.peer_id.to_base58()]
-    assert mine and mine[0].state == "idle" and mine[0].round == 9
+    assert mine and mine[0].state == "left" and mine[0].round == 9

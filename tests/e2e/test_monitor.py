@@ -9,9 +9,10 @@ import subprocess
 import sys
 import time
 
-from conftest import LOOPBACK, wait_for_file, write_text
+from helpers import write_text
 
-from tapestry_p2p.telemetry import EXPIRY
+from tapestry_p2p.telemetry.status import EXPIRY
+from tapestry_p2p.testing.local_swarm import LOOPBACK, wait_for_file
 
 RUN = "watched"
 

@@ -9,9 +9,9 @@ import pytest
 import torch
 from hivemind.utils import get_dht_time
 
-from tapestry_p2p.averaging import SwarmAveraging
-from tapestry_p2p.codec import max_relative_error
-from tapestry_p2p.swarm import DHTOptions, start_dht, stop_dht, visible_maddrs
+from tapestry_p2p.comm.averaging import RoundMeta, SwarmAveraging
+from tapestry_p2p.comm.codec import max_relative_error
+from tapestry_p2p.p2p.dht import DHTOptions, start_dht, stop_dht, visible_maddrs
 
 LOOPBACK = ["/ip4/127.0.0.1/tcp/0"]
 SHAPES = [torch.Size([300, 200]), torch.Size([1000]), torch.Size([7])]
@@ -52,7 +52,7 @@ def average_together(peers: List[SwarmAveraging], deltas, steps=None) -> list:
     steps = steps or [10] * len(peers)
 
     def run(i):
-        results[i] = peers[i].average(deltas[i], meeting, {"round": 0, "hash": "same", "steps": steps[i]})
+        results[i] = peers[i].average(deltas[i], meeting, RoundMeta(round=0, hash="same", steps=steps[i]))
 
     threads = [threading.Thread(target=run, args=(i,)) for i in range(len(peers))]
     for t in threads:
@@ -102,7 +102,7 @@ def test_eight_bit_traffic_is_a_quarter_of_float32(swarm):
     deltas = [[torch.randn(s, generator=generator) for s in SHAPES] for _ in range(2)]
     r8 = average_together(peers8, deltas)
     r32 = average_together(peers32, deltas)
-    for a, b in zip(r8, r32):
+    for a, b in zip(r8, r32, strict=True):
         assert a.group_size == b.group_size == 2
         ratio = a.bytes_sent / b.bytes_sent
         assert 0.24 < ratio < 0.28, ratio  # 8 bits + a float32 scale per 1024 values, plus protobuf framing
@@ -115,4 +115,4 @@ def test_peer_alone_keeps_its_own_update(swarm):
     (result,) = average_together([peer], [delta])
     assert result.group_size == 1
     assert result.failure == "no other peer came to the meeting"
-    assert all(torch.equal(a, d) for a, d in zip(result.averaged, delta))
+    assert all(torch.equal(a, d) for a, d in zip(result.averaged, delta, strict=True))

@@ -1,0 +1,95 @@
+"""Helpers the test modules share (test modules never import each other): data, `join` arguments, the CLI in-process,
+and reading what nodes wrote."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+import pytest
+
+from tapestry_p2p.app.cli import main
+from tapestry_p2p.node.metrics import read_jsonl
+from tapestry_p2p.testing.local_swarm import LOOPBACK, TINY_MODEL, LocalSwarm
+
+ROUNDS = 3
+
+
+def write_text(path: Path, seed: int, n_bytes: int = 6000) -> Path:
+    """Deterministic pseudo-text (words from a small vocabulary) for a partner's data folder."""
+    rng = random.Random(seed)
+    words = "river bread city map language model partner data mountain garden train harbour book".split()
+    text: list[str] = []
+    while sum(len(w) + 1 for w in text) < n_bytes:
+        text.append(rng.choice(words))
+    path.write_text(" ".join(text))
+    return path
+
+
+def join_args(tmp_path: Path, name: str, seed: int, bootstrap: Optional[str], rounds: int = ROUNDS, *extra: str):
+    """`tapestry join` arguments for a small partner `name` with its own data, metrics and checkpoint in tmp_path."""
+    folder = tmp_path / name
+    folder.mkdir()
+    args = [
+        "join", "--run-id", "e2e", "--data", str(write_text(folder / "data.txt", seed)), "--listen", LOOPBACK,
+        "--partner", name, "--max-rounds", str(rounds), "--inner-steps", "10", "--threads", "1",
+        "--round-window", "3", "--metrics", str(folder / "metrics.jsonl"), "--checkpoint-dir", str(folder / "ckpt"),
+        *TINY_MODEL, *extra,
+    ]  # fmt: skip
+    if bootstrap:
+        args[1:1] = ["--initial-peers", bootstrap]
+    return args
+
+
+def metrics(tmp_path: Path, name: str) -> list:
+    return read_jsonl(tmp_path / name / "metrics.jsonl")
+
+
+def run_to_completion(procs: LocalSwarm, names: dict, timeout: float = 180) -> None:
+    deadline = time.monotonic() + timeout
+    for name, popen in names.items():
+        try:
+            popen.wait(timeout=max(1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"{name} did not finish: {procs.log(name)[-2000:]}")
+        assert popen.returncode == 0, procs.log(name)[-2000:]
+
+
+def tapestry(*args: str) -> subprocess.CompletedProcess:
+    """`tapestry ARGS` through `cli.main`, in this process; an unexpected exception propagates (and fails the test)."""
+    out, err = io.StringIO(), io.StringIO()
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            code = main(list(args))
+    except SystemExit as e:
+        code = e.code
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+    return subprocess.CompletedProcess(list(args), code, out.getvalue(), err.getvalue())
+
+
+def tapestry_process(*args: str, timeout: float = 60, prelude: str = "") -> subprocess.CompletedProcess:
+    """The real `python -m tapestry_p2p ARGS` (after running `prelude`, Python code, in the same interpreter)."""
+    command = [sys.executable, "-m", "tapestry_p2p", *args]
+    if prelude:
+        run = "import runpy, sys; sys.argv = ['tapestry', *sys.argv[1:]]; runpy.run_module('tapestry_p2p', run_name='__main__')"
+        command = [sys.executable, "-c", prelude + "\n" + run, *args]
+    return subprocess.run(command, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
+
+
+def assert_user_error(result: subprocess.CompletedProcess, *fragments: str) -> None:
+    assert result.returncode == 2, (result.returncode, result.stderr[-2000:])
+    assert "Traceback" not in result.stderr + result.stdout
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]

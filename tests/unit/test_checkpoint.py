@@ -1,0 +1,74 @@
+"""Checkpoints (training/checkpoint.py) through a solo node: exact resume, damaged files refused and left alone,
+another model's checkpoint refused by name."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+from helpers import write_text
+
+from tapestry_p2p.node.config import NodeConfig
+from tapestry_p2p.node.node import Node
+from tapestry_p2p.training import checkpoint
+from tapestry_p2p.training.model import GPT, ModelConfig
+
+
+TINY = ModelConfig(block_size=16, n_layer=1, n_head=2, n_embd=32)
+
+
+def solo_config(tmp_path, inner_steps: int, max_rounds: int) -> NodeConfig:
+    """A tiny node with no network, checkpointing into tmp_path/ckpt."""
+    data = write_text(tmp_path / "d.txt", seed=1)
+    return NodeConfig(
+        run_id="solo", data=data, solo=True, inner_steps=inner_steps, max_rounds=max_rounds,
+        checkpoint_dir=tmp_path / "ckpt", model=TINY,
+    )  # fmt: skip
+
+
+def test_checkpoint_resume_restores_every_tensor(tmp_path):
+    config = solo_config(tmp_path, inner_steps=3, max_rounds=2)
+    first = Node(config)
+    first.run()
+    resumed = Node(config)
+    assert resumed.resumed and resumed.shared.round == 2 and resumed.trainer.steps == 6
+    for a, b in zip(first.shared.model.state_dict().values(), resumed.shared.model.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+    for a, b in zip(
+        first.trainer.model.state_dict().values(), resumed.trainer.model.state_dict().values(), strict=True
+    ):
+        assert torch.equal(a, b)
+    assert resumed.shared.hash() == first.shared.hash()
+    # the next step after resuming is the one the first node would have taken
+    assert first.trainer.step() == resumed.trainer.step()
+
+
+def test_truncated_checkpoint_is_refused_and_left_alone(tmp_path):
+    config = solo_config(tmp_path, inner_steps=2, max_rounds=1)
+    Node(config).run()
+    model_file = tmp_path / "ckpt" / checkpoint.MODEL_FILE
+    model_file.write_bytes(model_file.read_bytes()[:100])
+    before = model_file.read_bytes()
+    with pytest.raises(checkpoint.CheckpointError, match="model.safetensors is truncated or corrupt"):
+        Node(config)
+    assert model_file.read_bytes() == before
+
+
+def test_a_checkpoint_records_its_model_and_refuses_another(tmp_path):
+    config = solo_config(tmp_path, inner_steps=2, max_rounds=1)
+    node = Node(config)
+    node.run()
+    model = checkpoint.load_model(tmp_path / "ckpt")  # built from the config the checkpoint records
+    assert model.config == TINY
+    for a, b in zip(model.state_dict().values(), node.shared.model.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+    deeper = dataclasses.replace(config, model=dataclasses.replace(TINY, n_layer=2))
+    with pytest.raises(checkpoint.CheckpointError, match=r"another shape \(n_layer: 1 there, 2 with these options\)"):
+        Node(deeper)
+
+
+def test_model_state_dict_names_each_tensor_once():
+    model = GPT(TINY)
+    tensors = model.state_dict()
+    assert len({t.data_ptr() for t in tensors.values()}) == len(tensors)

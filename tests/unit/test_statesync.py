@@ -1,0 +1,65 @@
+"""State sync policy and wire format (comm/statesync): canonical state, agreement after a failed round,
+splitting a download, validating what peers send."""
+
+from __future__ import annotations
+
+import msgpack
+import pytest
+
+from tapestry_p2p.comm.averaging import RoundMeta
+from tapestry_p2p.comm.statesync.policy import agreed_after_failure, assign, canonical_state
+from tapestry_p2p.comm.statesync.wire import PeerState, StateId, StateInfo, pack_request, unpack_request
+
+
+def test_canonical_state_prefers_highest_round_then_majority_then_smallest_peer():
+    states = {"b": PeerState(3, "x"), "a": PeerState(3, "y"), "c": PeerState(2, "z")}
+    assert canonical_state(states) == StateId(3, "y")
+    states["d"] = PeerState(3, "x")
+    assert canonical_state(states) == StateId(3, "x")
+    assert canonical_state({}) is None
+
+
+def test_a_groupmates_round_metadata_is_validated():
+    assert RoundMeta.parse({"round": 3, "hash": "x", "steps": 10}) == RoundMeta(3, "x", 10)
+    for bad in ({"round": "3", "hash": 5, "steps": 1}, {"round": -1, "hash": "x", "steps": 1}, [3, "x", 1],
+                {"round": 1, "hash": "x" * 65, "steps": 1}, {"round": 1, "hash": "x", "steps": 1.5}):  # fmt: skip
+        assert RoundMeta.parse(bad) is None, bad
+
+
+def test_after_a_failed_round_members_that_lost_nothing_win():
+    states = {
+        "a": PeerState(5, "zeroed", clean=False),  # lost a reducer's answer: its span got no update
+        "b": PeerState(5, "full", clean=True),  # received everything
+        "c": PeerState(5, "zeroed", clean=False),
+    }
+    assert agreed_after_failure(states) == StateId(5, "full")  # even against a majority
+    states["b"] = PeerState(5, "full", clean=False)
+    assert agreed_after_failure(states) == StateId(5, "zeroed")  # nobody clean: the canonical state
+
+
+def test_state_download_is_split_evenly_across_servers():
+    numel = [100, 5, 80, 20, 60, 1]
+    plan = assign(numel, ["a", "b"])
+    assert sorted(i for chosen in plan.values() for i in chosen) == list(range(len(numel)))  # each tensor once
+    loads = sorted(sum(numel[i] for i in chosen) for chosen in plan.values())
+    assert loads == [126, 140]  # largest first, each to the least-loaded server
+    assert assign(numel, ["a", "b", "c"], indices=[1, 3]) == {"a": [3], "b": [1]}  # a failed server's share
+    with pytest.raises(ValueError):
+        assign(numel, [])
+
+
+def test_state_messages_from_peers_are_validated():
+    info = StateInfo(7, "abc", (3, 4))
+    assert StateInfo.unpack(info.pack()) == info and info.nbytes == 28
+    assert StateInfo.unpack(msgpack.packb({"round": 1, "hash": "x", "numel": [], "clean": "yes"})) is None
+    assert info.state == PeerState(7, "abc") and info.id == StateId(7, "abc")
+    for bad in (
+        b"junk",
+        msgpack.packb({"round": -1, "hash": "x", "numel": []}),
+        msgpack.packb({"round": 1, "hash": 5, "numel": []}),
+        msgpack.packb({"round": 1, "hash": "x"}),
+    ):
+        assert StateInfo.unpack(bad) is None  # fmt: skip
+    assert unpack_request(pack_request("h", [0, 2]), 3) == ("h", [0, 2])
+    assert unpack_request(pack_request(None, [3]), 3) is None  # out of range
+    assert unpack_request(b"\x93", 3) is None

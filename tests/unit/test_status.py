@@ -1,0 +1,68 @@
+"""Status records without a network (telemetry/status.py) and the peer table drawn from them (app/monitor.py)."""
+
+from __future__ import annotations
+
+import pytest
+from rich.console import Console
+
+from tapestry_p2p.app.monitor import render
+from tapestry_p2p.telemetry.status import PeerStatus, StatusPublisher, trainers_online
+
+
+def status(partner: str, **changes) -> PeerStatus:
+    values = dict(
+        peer_id=f"12D3Koo{partner}", partner=partner, region="eu-west", role="trainer", state="training",
+        inner_step=120, round=4, loss=2.25, tokens_per_second=4000.0, bytes_sent_round=800_000,
+        bytes_received_round=800_000, bytes_sent_total=3_200_000, bytes_received_total=3_100_000, group_size=3,
+        round_seconds=7.5, compression="8bit", version="0.1.0", uptime=60.0, last_failure=None, time=1000.0,
+    )  # fmt: skip
+    return PeerStatus(**{**values, **changes})
+
+
+def test_rendered_table_content_fits_80_columns():
+    peers = [
+        status("north-lab"),
+        status("sur-uni", state="averaging", tokens_per_second=3500.0, time=999.0),
+        status("ost-gmbh", time=990.0),  # silent for 10 s: stale
+        status("boot", role="bootstrap", state="idle", round=0, loss=None, group_size=0, round_seconds=0.0),
+    ]
+    console = Console(record=True, width=80, color_system=None)
+    console.print(render(peers, now=1000.0, title="swarm"))
+    text = console.export_text()
+    assert max(len(line) for line in text.splitlines()) <= 80
+    assert "peers online 3" in text and "tokens/s 7,500" in text and "round 4" in text
+    rows = {line.split()[0]: line for line in text.splitlines() if line.split() and line.split()[0] in
+            ("north-lab", "sur-uni", "ost-gmbh", "boot")}  # fmt: skip
+    assert list(rows) == ["boot", "north-lab", "ost-gmbh", "sur-uni"]  # sorted by partner
+    assert "training" in rows["north-lab"] and "2.250" in rows["north-lab"] and "3.2/3.1" in rows["north-lab"]
+    assert "averaging" in rows["sur-uni"]
+    assert "silent 10s" in rows["ost-gmbh"]
+    assert "bootstrap" in rows["boot"]
+    styled = Console(record=True, width=80, force_terminal=True)
+    styled.print(render(peers, now=1000.0))
+    assert "\x1b[2m" in styled.export_text(styles=True)  # the stale row is dimmed
+
+
+def test_failures_are_listed_under_the_table_literally():
+    peers = [status("north-lab", last_failure="internal error in the all-reduce: RuntimeError: boom"),
+             status("[/]", last_failure="[red]not markup[/]")]  # fmt: skip
+    console = Console(record=True, width=80, color_system=None)
+    console.print(render(peers, now=1000.0))
+    text = console.export_text()
+    assert "north-lab round 4 failed: internal error in the all-reduce: RuntimeError: boom" in text
+    assert "[/] round 4 failed: [red]not markup[/]" in text
+
+
+def test_a_status_update_is_validated_where_it_is_made():
+    publisher = StatusPublisher.disabled()
+    with pytest.raises(ValueError, match="state"):
+        publisher.update(state="trainig")
+    with pytest.raises(ValueError, match="round"):
+        publisher.update(round=-1)
+    publisher.update(state="averaging", round=3)
+    assert publisher.record().state == "averaging" and publisher.record().round == 3
+
+
+def test_a_node_that_left_is_not_counted_as_online():
+    peers = [status("a"), status("b", state="left"), status("c", role="bootstrap"), status("d", state="idle")]
+    assert trainers_online(peers) == 2
