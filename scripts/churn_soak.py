@@ -24,29 +24,29 @@ Run from the repository root (2 cores: about `--minutes` + 1 minutes):
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import random
 import re
 import signal
 import subprocess
-import sys
 import tempfile
 import time
 from collections import Counter, defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Optional
 
-import psutil
 import torch
 from safetensors.torch import load_file
 
+from tapestry_p2p.node.metrics import read_jsonl
+from tapestry_p2p.testing.faults import CRASH_ENV
+from tapestry_p2p.testing.local_swarm import LOOPBACK, TINY_MODEL, LocalSwarm
+
 ROOT = Path(__file__).resolve().parent.parent
-CORPUS = ROOT / "tapestry_p2p" / "corpus"
+CORPUS = ROOT / "tapestry_p2p" / "app" / "corpus"
 LANGUAGES = ("en", "es", "de")
-MODEL = ["--n-layer", "2", "--n-embd", "64", "--n-head", "2", "--block-size", "32", "--batch-size", "8"]
 RUN_ID = "soak"
+STOP_GRACE = 60.0  # seconds a partner gets to checkpoint and exit after SIGTERM
 RESUMED = re.compile(r"resumed from \S+ at round (\d+), step (\d+)")
 
 
@@ -57,55 +57,35 @@ class Partner:
     folder: Path
     popen: Optional[subprocess.Popen] = None
     sessions: int = 0
-    descendants: Dict[int, psutil.Process] = field(default_factory=dict)
     expected: Optional[tuple] = None  # (round, step) its checkpoint held when it was restarted
 
     @property
     def running(self) -> bool:
         return self.popen is not None and self.popen.poll() is None
 
-    def log(self, session: Optional[int] = None) -> Path:
-        return self.folder / f"session{self.sessions if session is None else session}.log"
+    @property
+    def session_name(self) -> str:
+        return f"{self.name}/session{self.sessions}"
 
 
 class Soak:
     def __init__(self, args: argparse.Namespace, workdir: Path):
         self.args, self.workdir = args, workdir
         self.rng = random.Random(args.seed)
-        self.partners: List[Partner] = []
-        self.bootstraps: List[subprocess.Popen] = []
-        self.boot_descendants: Dict[int, psutil.Process] = {}
-        self.boot_addrs: List[str] = []
-        self.events: List[str] = []
-        self.lost: List[str] = []
+        self.swarm = LocalSwarm(workdir, stop_grace=STOP_GRACE)
+        self.partners: list[Partner] = []
+        self.boot_addrs: list[str] = []
+        self.events: list[str] = []
+        self.lost: list[str] = []
+        self.leftover_processes: list[str] = []
         self.started = time.monotonic()
         self.new_partners = 0
 
     # ---- processes ----
 
-    def _spawn(self, args: List[str], log: Path, env: Optional[Dict[str, str]] = None) -> subprocess.Popen:
-        with open(log, "wb") as out:
-            return subprocess.Popen(
-                [sys.executable, "-m", "tapestry_p2p", *args],
-                stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
-                env=dict(os.environ, PYTHONUNBUFFERED="1", **(env or {})),
-            )  # fmt: skip
-
     def start_bootstraps(self, count: int) -> None:
         for i in range(count):
-            addr = self.workdir / f"boot{i}.addr"
-            popen = self._spawn(
-                ["bootstrap", "--listen", "/ip4/127.0.0.1/tcp/0", "--identity", str(self.workdir / f"boot{i}.key"),
-                 "--addr-file", str(addr), "--run-id", RUN_ID],
-                self.workdir / f"boot{i}.log",
-            )  # fmt: skip
-            self.bootstraps.append(popen)
-            deadline = time.monotonic() + 120
-            while not (addr.exists() and addr.read_text().strip()):
-                if time.monotonic() > deadline or popen.poll() is not None:
-                    raise SystemExit(f"bootstrap {i} did not start; see {self.workdir / f'boot{i}.log'}")
-                time.sleep(0.5)
-            self.boot_addrs.append(addr.read_text().split()[0])
+            self.boot_addrs.append(self.swarm.start_bootstrap(f"boot{i}", run_id=RUN_ID, timeout=120))
 
     def add_partner(self) -> Partner:
         index = len(self.partners)
@@ -122,25 +102,40 @@ class Soak:
             partner.expected = (saved["outer"]["round"], saved["inner"]["steps"])
         partner.sessions += 1
         args = [
-            "join", "--initial-peers", *self.boot_addrs, "--run-id", RUN_ID, "--partner", partner.name,
-            "--data", str(CORPUS / f"{partner.language}.txt"), "--listen", "/ip4/127.0.0.1/tcp/0",
-            "--identity", str(partner.folder / "identity.key"), "--checkpoint-dir", str(partner.folder / "ckpt"),
-            "--metrics", str(partner.folder / "metrics.jsonl"), "--inner-steps", str(self.args.inner_steps),
-            "--round-window", "3", "--threads", "1", "--quiet", *MODEL,
-        ]  # fmt: skip
-        env = {"TAPESTRY_CRASH_IN_ALLREDUCE": str(crash_in_allreduce)} if crash_in_allreduce else None
-        partner.popen = self._spawn(args, partner.log(), env)
+            "join",
+            "--initial-peers",
+            *self.boot_addrs,
+            "--run-id",
+            RUN_ID,
+            "--partner",
+            partner.name,
+            "--data",
+            str(CORPUS / f"{partner.language}.txt"),
+            "--listen",
+            LOOPBACK,
+            "--identity",
+            str(partner.folder / "identity.key"),
+            "--checkpoint-dir",
+            str(partner.folder / "ckpt"),
+            "--metrics",
+            str(partner.folder / "metrics.jsonl"),
+            "--inner-steps",
+            str(self.args.inner_steps),
+            "--round-window",
+            "3",
+            "--threads",
+            "1",
+            "--quiet",
+            *TINY_MODEL,
+        ]
+        env = {CRASH_ENV: str(crash_in_allreduce)} if crash_in_allreduce else None
+        partner.popen = self.swarm.start(partner.session_name, *args, env=env)
         self.note(f"start {partner.name} (session {partner.sessions}" + (", armed to crash" if env else "") + ")")
 
     def track_descendants(self) -> None:
-        for popen in [p.popen for p in self.partners if p.running] + self.bootstraps:
-            try:
-                children = psutil.Process(popen.pid).children(recursive=True)
-            except psutil.NoSuchProcess:
-                continue
-            owner = next((p for p in self.partners if p.popen is popen), None)
-            for child in children:
-                (owner.descendants if owner else self.boot_descendants).setdefault(child.pid, child)
+        for popen in self.swarm.started:
+            if popen.poll() is None:
+                self.swarm.remember_children(popen)
 
     def note(self, text: str) -> None:
         line = f"{time.monotonic() - self.started:7.1f}s  {text}"
@@ -177,7 +172,7 @@ class Soak:
         """A session that resumed from a checkpoint must have started exactly where that checkpoint was."""
         if partner.expected is None or partner.sessions < 2:
             return
-        log = partner.log().read_text(errors="replace")
+        log = self.swarm.log(partner.session_name)
         found = RESUMED.search(log)
         if found is None:
             self.lost.append(f"{partner.name} session {partner.sessions}: did not resume from its checkpoint")
@@ -206,49 +201,33 @@ class Soak:
         self.stop_all()
 
     def stop_all(self) -> None:
+        """SIGTERM every process (partners checkpoint and exit); note any that had to be killed."""
         self.track_descendants()
+        self.leftover_processes = [f"{p.pid} {p.name()}" for p in self._stop_and_find_leftovers()]
         for partner in self.partners:
-            if partner.running:
-                partner.popen.send_signal(signal.SIGTERM)
-        for partner in self.partners:
-            if partner.popen is not None:
-                try:
-                    partner.popen.wait(timeout=60)
-                except subprocess.TimeoutExpired:
-                    self.note(f"{partner.name} did not stop within 60s of SIGTERM: killed")
-                    partner.popen.kill()
-                    partner.popen.wait()
             self.check_resume_of_last_session(partner)
-        for popen in self.bootstraps:
-            popen.send_signal(signal.SIGTERM)
-            popen.wait(timeout=30)
+
+    def _stop_and_find_leftovers(self) -> list:
+        for popen in self.swarm.stop_all():
+            name = next((p.name for p in self.partners if p.popen is popen), "a bootstrap node")
+            self.note(f"{name} did not stop within {STOP_GRACE:.0f}s of SIGTERM: killed")
+        time.sleep(3)
+        return self.swarm.leftovers()
 
     # ---- the report ----
-
-    def leftovers(self) -> List[str]:
-        time.sleep(3)
-        alive = []
-        for descendants in [p.descendants for p in self.partners] + [self.boot_descendants]:
-            for proc in descendants.values():
-                try:
-                    if proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE:
-                        alive.append(f"{proc.pid} {proc.name()}")
-                except psutil.NoSuchProcess:
-                    pass
-        return alive
 
     def report(self) -> str:
         records = {p.name: self.read_metrics(p) for p in self.partners}
         all_records = [r for rs in records.values() for r in rs]
         failures = Counter(_reason(r["failure"]) for r in all_records if r["failure"])
-        by_round: Dict[int, set] = defaultdict(set)
+        by_round: dict[int, set] = defaultdict(set)
         for r in all_records:
             if r["group_size"] > 1:
                 by_round[r["round"]].add(r["model_hash"])
         disagreeing = {rnd: len(h) for rnd, h in by_round.items() if len(h) > 1}
         self.check_rounds_never_go_back(records)
         final_diff, final_round, compared = self.final_difference()
-        leftovers = self.leftovers()
+        leftovers = self.leftover_processes
         lines = [
             f"# Churn soak: {self.args.peers} partners (+{self.new_partners} late joiners), "
             f"{self.args.minutes} minutes, seed {self.args.seed}",
@@ -294,14 +273,13 @@ class Soak:
         return "\n".join(lines) + "\n"
 
     @staticmethod
-    def read_metrics(partner: Partner) -> List[dict]:
-        path = partner.folder / "metrics.jsonl"
-        return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+    def read_metrics(partner: Partner) -> list[dict]:
+        return read_jsonl(partner.folder / "metrics.jsonl")
 
-    def check_rounds_never_go_back(self, records: Dict[str, List[dict]]) -> None:
+    def check_rounds_never_go_back(self, records: dict[str, list[dict]]) -> None:
         """A partner's shared round, across all its sessions, must never go backwards."""
         for name, rs in records.items():
-            for before, after in zip(rs, rs[1:]):
+            for before, after in zip(rs, rs[1:], strict=False):
                 if after["round"] <= before["round"]:
                     self.lost.append(f"{name}: round {after['round']} came after round {before['round']}")
 

@@ -13,7 +13,7 @@ import time
 import torch
 from hivemind.compression import BlockwiseQuantization, CompressionInfo
 
-from tapestry_p2p.codec import Blockwise8Bit
+from tapestry_p2p.comm.codec import Blockwise8Bit
 
 
 def best_seconds(fn, repeats: int) -> float:
@@ -39,8 +39,8 @@ def main() -> None:
         ("tapestry Blockwise8Bit", Blockwise8Bit()),
     ):
         message = codec.compress(x, info)
-        encode = best_seconds(lambda: codec.compress(x, info), args.repeats)
-        decode = best_seconds(lambda: codec.extract(message), args.repeats)
+        encode = best_seconds(lambda codec=codec: codec.compress(x, info), args.repeats)
+        decode = best_seconds(lambda codec=codec, message=message: codec.extract(message), args.repeats)
         error = (codec.extract(message) - x).norm() / x.norm()
         rows.append((name, gb / encode, gb / decode, len(message.buffer), float(error)))
     base = rows[0]

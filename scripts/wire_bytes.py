@@ -13,16 +13,16 @@ It prints a Markdown table for BENCHMARKS.md. Only addresses inside its own name
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import subprocess
-import sys
 import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List
+
+from tapestry_p2p.node.metrics import read_jsonl
+from tapestry_p2p.testing.local_swarm import LocalSwarm, wait_for_file
 
 SUBNET = "10.77.0"
 MODEL = ["--n-layer", "4", "--n-embd", "128", "--n-head", "4"]
@@ -86,45 +86,20 @@ class Namespaces:
         return total
 
 
-def spawn(ns: str, log: Path, *args: str) -> subprocess.Popen:
-    with open(log, "wb") as out:
-        return subprocess.Popen(
-            ["ip", "netns", "exec", ns, sys.executable, "-m", "tapestry_p2p", *args],
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-        )
-
-
-def records(path: Path) -> List[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
-
-
-def measure(nets: Namespaces, compression: str, rounds: int, workdir: Path) -> Dict[str, float]:
+def measure(nets: Namespaces, compression: str, rounds: int, workdir: Path) -> dict[str, float]:
     """Run one swarm of two partners; return B's payload and wire bytes per round (after the first round)."""
     run = workdir / compression
     run.mkdir()
-    addr_file = run / "boot.addr"
-    procs = [
-        spawn(
-            nets.a,
-            run / "boot.log",
-            "bootstrap",
-            "--listen",
-            f"/ip4/{SUBNET}.1/tcp/0",
-            "--identity",
-            str(run / "boot.key"),
-            "--addr-file",
-            str(addr_file),
-        )
-    ]
-    try:
-        while not addr_file.exists():
-            time.sleep(0.2)
-        boot = addr_file.read_text().split()[0]
+    in_a, in_b = ("ip", "netns", "exec", nets.a), ("ip", "netns", "exec", nets.b)
+    text = Path(__file__).resolve().parent.parent / "tapestry_p2p" / "app" / "corpus"
+    with LocalSwarm(run, stop_grace=30) as swarm:
+        boot_args = ["bootstrap", "--listen", f"/ip4/{SUBNET}.1/tcp/0", "--identity", str(run / "boot.key")]
+        boot = swarm.start("boot", *boot_args, "--addr-file", str(run / "boot.addr"), prefix=in_a)
+        address = wait_for_file(run / "boot.addr", 120, boot, swarm.log_path("boot")).split()[0]
         common = [
+            "join",
             "--initial-peers",
-            boot,
+            address,
             "--run-id",
             f"wire-{compression}",
             "--compression",
@@ -139,48 +114,26 @@ def measure(nets: Namespaces, compression: str, rounds: int, workdir: Path) -> D
             "3",
             *MODEL,
         ]
-        text = Path(__file__).resolve().parent.parent / "tapestry_p2p" / "corpus"
-        procs.append(
-            spawn(
-                nets.a,
-                run / "a.log",
-                "join",
+        for name, host, prefix, language in (("a", 1, in_a, "en"), ("b", 2, in_b, "es")):
+            swarm.start(
+                name,
                 *common,
                 "--listen",
-                f"/ip4/{SUBNET}.1/tcp/0",
+                f"/ip4/{SUBNET}.{host}/tcp/0",
                 "--data",
-                str(text / "en.txt"),
+                str(text / f"{language}.txt"),
                 "--metrics",
-                str(run / "a.jsonl"),
+                str(run / f"{name}.jsonl"),
+                prefix=prefix,
             )
-        )
-        procs.append(
-            spawn(
-                nets.b,
-                run / "b.log",
-                "join",
-                *common,
-                "--listen",
-                f"/ip4/{SUBNET}.2/tcp/0",
-                "--data",
-                str(text / "es.txt"),
-                "--metrics",
-                str(run / "b.jsonl"),
-            )
-        )
-        at_round: Dict[int, int] = {}
-        while procs[2].poll() is None:  # sample B's link counters whenever a round completes
-            done = len(records(run / "b.jsonl"))
+        at_round: dict[int, int] = {}
+        while swarm.started[2].poll() is None:  # sample B's link counters whenever a round completes
+            done = len(read_jsonl(run / "b.jsonl"))
             if done and done not in at_round:
                 at_round[done] = nets.counters()
             time.sleep(0.05)
-        at_round.setdefault(len(records(run / "b.jsonl")), nets.counters())
-    finally:
-        for p in procs:
-            p.terminate()
-        for p in procs:
-            p.wait(timeout=30)
-    b = records(run / "b.jsonl")
+        at_round.setdefault(len(read_jsonl(run / "b.jsonl")), nets.counters())
+    b = read_jsonl(run / "b.jsonl")
     if len(b) != rounds or any(r["group_size"] != 2 for r in b):
         raise SystemExit(f"{compression}: expected {rounds} rounds of 2 peers, got {[r['group_size'] for r in b]}")
     later = b[1:]

@@ -25,7 +25,21 @@ ROUNDS = 3
 def write_text(path: Path, seed: int, n_bytes: int = 6000) -> Path:
     """Deterministic pseudo-text (words from a small vocabulary) for a partner's data folder."""
     rng = random.Random(seed)
-    words = "river bread city map language model partner data mountain garden train harbour book".split()
+    words = [
+        "river",
+        "bread",
+        "city",
+        "map",
+        "language",
+        "model",
+        "partner",
+        "data",
+        "mountain",
+        "garden",
+        "train",
+        "harbour",
+        "book",
+    ]
     text: list[str] = []
     while sum(len(w) + 1 for w in text) < n_bytes:
         text.append(rng.choice(words))
@@ -38,11 +52,30 @@ def join_args(tmp_path: Path, name: str, seed: int, bootstrap: Optional[str], ro
     folder = tmp_path / name
     folder.mkdir()
     args = [
-        "join", "--run-id", "e2e", "--data", str(write_text(folder / "data.txt", seed)), "--listen", LOOPBACK,
-        "--partner", name, "--max-rounds", str(rounds), "--inner-steps", "10", "--threads", "1",
-        "--round-window", "3", "--metrics", str(folder / "metrics.jsonl"), "--checkpoint-dir", str(folder / "ckpt"),
-        *TINY_MODEL, *extra,
-    ]  # fmt: skip
+        "join",
+        "--run-id",
+        "e2e",
+        "--data",
+        str(write_text(folder / "data.txt", seed)),
+        "--listen",
+        LOOPBACK,
+        "--partner",
+        name,
+        "--max-rounds",
+        str(rounds),
+        "--inner-steps",
+        "10",
+        "--threads",
+        "1",
+        "--round-window",
+        "3",
+        "--metrics",
+        str(folder / "metrics.jsonl"),
+        "--checkpoint-dir",
+        str(folder / "ckpt"),
+        *TINY_MODEL,
+        *extra,
+    ]
     if bootstrap:
         args[1:1] = ["--initial-peers", bootstrap]
     return args
@@ -81,7 +114,7 @@ def tapestry_process(*args: str, timeout: float = 60, prelude: str = "") -> subp
     """The real `python -m tapestry_p2p ARGS` (after running `prelude`, Python code, in the same interpreter)."""
     command = [sys.executable, "-m", "tapestry_p2p", *args]
     if prelude:
-        run = "import runpy, sys; sys.argv = ['tapestry', *sys.argv[1:]]; runpy.run_module('tapestry_p2p', run_name='__main__')"
+        run = "import runpy, sys; sys.argv[0] = 'tapestry'; runpy.run_module('tapestry_p2p', run_name='__main__')"
         command = [sys.executable, "-c", prelude + "\n" + run, *args]
     return subprocess.run(command, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
 

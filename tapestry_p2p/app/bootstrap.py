@@ -47,7 +47,8 @@ def run_bootstrap_node(
         session.publish_status(partner=options.partner, region=options.region, role="bootstrap")
         addresses = session.addresses()
         if options.addr_file is not None:
-            atomic_write(options.addr_file, lambda tmp: Path(tmp).write_text("".join(a + "\n" for a in addresses)))
+            text = "".join(a + "\n" for a in addresses)
+            atomic_write(options.addr_file, lambda tmp: Path(tmp).write_text(text))
         announce(session.peer_id, addresses)
         while not stop.wait(ALIVE_CHECK_SECONDS):
             if not session.dht.is_alive():

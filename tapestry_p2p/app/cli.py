@@ -105,7 +105,9 @@ def build_parser() -> tuple[Parser, dict[str, Parser]]:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
     subparsers = {
-        "bootstrap": _add_bootstrap(sub.add_parser("bootstrap", help="run a DHT node that helps peers find each other")),
+        "bootstrap": _add_bootstrap(
+            sub.add_parser("bootstrap", help="run a DHT node that helps peers find each other")
+        ),
         "join": _add_join(sub.add_parser("join", help="train with the swarm (or start a new one)")),
         "monitor": _add_monitor(sub.add_parser("monitor", help="live peer table of a run")),
         "plot": _add_plot(sub.add_parser("plot", help="PNG of loss and bytes per round from --metrics files")),
@@ -122,16 +124,21 @@ def _add_bootstrap(boot: Parser) -> Parser:
     from tapestry_p2p.p2p.addresses import BOOTSTRAP_PORT, DEFAULT_BOOTSTRAP_LISTEN
 
     boot.add_argument(
-        "--listen", nargs="+", metavar="MADDR", default=list(DEFAULT_BOOTSTRAP_LISTEN),
+        "--listen",
+        nargs="+",
+        metavar="MADDR",
+        default=list(DEFAULT_BOOTSTRAP_LISTEN),
         help=f"addresses to listen on (default: all IPv4 interfaces, TCP port {BOOTSTRAP_PORT})",
-    )  # fmt: skip
+    )
     boot.add_argument(
         "--announce", nargs="+", metavar="MADDR", default=[], help="public addresses to advertise, e.g. behind NAT"
     )
     boot.add_argument(
-        "--identity", type=Path, default=DEFAULT_IDENTITY,
+        "--identity",
+        type=Path,
+        default=DEFAULT_IDENTITY,
         help=f"private key file, created on first run (default: {DEFAULT_IDENTITY})",
-    )  # fmt: skip
+    )
     boot.add_argument(
         "--initial-peers", nargs="+", metavar="MADDR", default=[], help="other bootstrap nodes of the same swarm"
     )
@@ -147,36 +154,55 @@ def _add_join(join: Parser) -> Parser:
 
     join.add_argument("--config", type=Path, help="TOML file with any of the options below (flags win)")
     join.add_argument(
-        "--initial-peers", nargs="+", metavar="MADDR", default=default("initial_peers"),
+        "--initial-peers",
+        nargs="+",
+        metavar="MADDR",
+        default=default("initial_peers"),
         help="a bootstrap node's (or any peer's) full multiaddr; omit to start a new swarm",
-    )  # fmt: skip
+    )
     join.add_argument("--run-id", default=default("run_id"), help="name of the training run; peers of one run average")
     join.add_argument("--data", type=Path, help="a .txt/.jsonl file or a folder of them (UTF-8)")
     join.add_argument("--identity", type=Path, help="private key file (default: a new identity each start)")
     join.add_argument(
-        "--listen", nargs="+", metavar="MADDR", default=default("listen"),
+        "--listen",
+        nargs="+",
+        metavar="MADDR",
+        default=default("listen"),
         help="addresses to listen on (default: all IPv4 interfaces, a free port)",
-    )  # fmt: skip
+    )
     join.add_argument("--announce", nargs="+", metavar="MADDR", default=[], help="public addresses to advertise")
     join.add_argument("--checkpoint-dir", type=Path, help="write (and resume from) checkpoints here")
-    join.add_argument("--inner-steps", type=positive_int, default=default("inner_steps"), metavar="H",
-                      help="inner steps per round")  # fmt: skip
+    join.add_argument(
+        "--inner-steps", type=positive_int, default=default("inner_steps"), metavar="H", help="inner steps per round"
+    )
     join.add_argument("--max-rounds", type=positive_int, metavar="R", help="stop after R outer rounds")
     join.add_argument("--compression", choices=CODECS, default=default("compression"), help="delta codec on the wire")
     join.add_argument("--metrics", type=Path, help="append one JSON line per outer round here")
     join.add_argument("--partner", default=default("partner"), help="your organisation's name, shown to the swarm")
     join.add_argument("--region", default=default("region"), help="where this node runs, shown to the swarm")
-    join.add_argument("--round-window", type=positive_float, default=default("round_window"), metavar="SECONDS",
-                      help="how long the first peer to finish waits for the others")  # fmt: skip
-    join.add_argument("--threads", type=positive_int, default=default("threads"),
-                      help="torch CPU threads (default: torch's choice)")  # fmt: skip
-    join.add_argument("--quiet", action="store_true", help="no progress bar: one line per round only")
-    join.add_argument("--min-peers", type=positive_int, default=default("min_peers"), metavar="N",
-                      help="wait until N trainers (us included) are online before the first round")  # fmt: skip
     join.add_argument(
-        "--start-fresh", action="store_true",
+        "--round-window",
+        type=positive_float,
+        default=default("round_window"),
+        metavar="SECONDS",
+        help="how long the first peer to finish waits for the others",
+    )
+    join.add_argument(
+        "--threads", type=positive_int, default=default("threads"), help="torch CPU threads (default: torch's choice)"
+    )
+    join.add_argument("--quiet", action="store_true", help="no progress bar: one line per round only")
+    join.add_argument(
+        "--min-peers",
+        type=positive_int,
+        default=default("min_peers"),
+        metavar="N",
+        help="wait until N trainers (us included) are online before the first round",
+    )
+    join.add_argument(
+        "--start-fresh",
+        action="store_true",
         help="if the swarm is ahead of us and nobody serves its state, train from ours instead of waiting",
-    )  # fmt: skip
+    )
     model = join.add_argument_group("model and optimizer ([model], [train], [outer] in a config file)")
     model.add_argument("--block-size", type=positive_int, default=default("block_size"), help="context length in bytes")
     for flag in ("--n-layer", "--n-head", "--n-embd", "--batch-size"):
@@ -210,9 +236,11 @@ def _add_demo(demo: Parser) -> Parser:
     demo.add_argument("--rounds", type=positive_int, default=defaults.rounds, help="outer rounds per partner")
     demo.add_argument("--inner-steps", type=positive_int, default=defaults.inner_steps)
     demo.add_argument(
-        "--workdir", type=Path, default=defaults.workdir,
+        "--workdir",
+        type=Path,
+        default=defaults.workdir,
         help="logs, metrics, checkpoints and the plot (default: ./tapestry-demo, emptied each run)",
-    )  # fmt: skip
+    )
     return demo
 
 
@@ -272,7 +300,7 @@ def _config_value(path: Path, key: str, value: Any, action: argparse.Action) -> 
         raise UsageError(f"--config: {key} in {path} must be a single value, not a list")
     converted = []
     for item in items:
-        if isinstance(item, (dict, list)) or isinstance(item, bool):
+        if isinstance(item, (dict, list, bool)):
             raise UsageError(f"--config: {key} in {path} has a value of the wrong type: {item!r}")
         try:
             converted.append(action.type(str(item)) if callable(action.type) else str(item))
@@ -326,9 +354,15 @@ def cmd_bootstrap(args: argparse.Namespace) -> int:
     if not RUN_ID_PATTERN.match(args.run_id):
         raise UsageError(f"--run-id {args.run_id!r} {RUN_ID_RULE}")
     options = BootstrapOptions(
-        listen=args.listen, announce=args.announce, identity=args.identity, initial_peers=args.initial_peers,
-        addr_file=args.addr_file, run_id=args.run_id, partner=args.partner, region=args.region,
-    )  # fmt: skip
+        listen=args.listen,
+        announce=args.announce,
+        identity=args.identity,
+        initial_peers=args.initial_peers,
+        addr_file=args.addr_file,
+        run_id=args.run_id,
+        partner=args.partner,
+        region=args.region,
+    )
     stop = threading.Event()
     install_stop_handlers(stop)
     out = console()
@@ -391,8 +425,7 @@ def cmd_monitor(args: argparse.Namespace) -> int:
     from tapestry_p2p.p2p.addresses import parse_maddrs
 
     peers = parse_maddrs(args.initial_peers, option="--initial-peers", need_peer_id=True)
-    mode = "json" if args.json else "once" if args.once else "live"
-    return watch(peers, args.run_id, mode, console())
+    return watch(peers, args.run_id, "json" if args.json else "once" if args.once else "live", console())
 
 
 def cmd_plot(args: argparse.Namespace) -> int:

@@ -17,7 +17,6 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from hivemind.utils import get_dht_time
 from rich.console import Console
 from rich.live import Live
 from rich.table import Table
@@ -27,6 +26,7 @@ from tapestry_p2p.app.monitor import monitor_session, render
 from tapestry_p2p.app.plot import plot
 from tapestry_p2p.errors import UserError
 from tapestry_p2p.node.metrics import read_jsonl
+from tapestry_p2p.p2p.dht import dht_time
 from tapestry_p2p.testing.local_swarm import LOOPBACK, LocalSwarm, LocalSwarmError, last_line
 
 CORPUS_DIR = Path(__file__).parent / "corpus"
@@ -93,12 +93,21 @@ def start_partners(run: DemoRun, bootstrap_addr: str) -> None:
         train, _ = split_corpus(partner.language)
         (folder / "train.txt").write_bytes(train)
         options = {
-            "--run-id": RUN_ID, "--initial-peers": bootstrap_addr, "--listen": LOOPBACK,
-            "--data": folder / "train.txt", "--partner": partner.name, "--region": partner.region,
-            "--max-rounds": run.config.rounds, "--inner-steps": run.config.inner_steps,
-            "--checkpoint-dir": folder / "checkpoint", "--metrics": folder / "metrics.jsonl",
-            "--threads": 1, "--round-window": 3, "--quiet": None, "--min-peers": len(run.config.partners),
-        }  # fmt: skip
+            "--run-id": RUN_ID,
+            "--initial-peers": bootstrap_addr,
+            "--listen": LOOPBACK,
+            "--data": folder / "train.txt",
+            "--partner": partner.name,
+            "--region": partner.region,
+            "--max-rounds": run.config.rounds,
+            "--inner-steps": run.config.inner_steps,
+            "--checkpoint-dir": folder / "checkpoint",
+            "--metrics": folder / "metrics.jsonl",
+            "--threads": 1,
+            "--round-window": 3,
+            "--quiet": None,
+            "--min-peers": len(run.config.partners),
+        }
         args = ["join"] + [str(x) for option, value in options.items() for x in (option, value) if x is not None]
         run.swarm.start(partner.name, *args)
 
@@ -113,7 +122,7 @@ def wait_for_partners(run: DemoRun, bootstrap_addr: str, console: Console) -> No
             while any(p.poll() is None for p in partners.values()):
                 if time.monotonic() > deadline:
                     raise DemoError(f"the partners did not finish within {run.config.run_timeout:.0f}s")
-                live.update(render(session.peers(), get_dht_time(), title), refresh=True)
+                live.update(render(session.peers(), dht_time(), title), refresh=True)
                 time.sleep(1.0)
         console.print()
     failed = [name for name, popen in partners.items() if popen.returncode != 0]
@@ -227,7 +236,9 @@ def run_demo(config: DemoConfig, console: Console) -> int:
     try:
         with LocalSwarm(workdir, stop_grace=STOP_GRACE) as swarm:
             run = DemoRun(config, workdir, swarm)
-            console.print(f"starting a bootstrap node and {len(config.partners)} partners on 127.0.0.1 (logs in {workdir})")
+            console.print(
+                f"starting a bootstrap node and {len(config.partners)} partners on 127.0.0.1 (logs in {workdir})"
+            )
             bootstrap_addr = start_bootstrap(run)
             start_partners(run, bootstrap_addr)
             wait_for_partners(run, bootstrap_addr, console)

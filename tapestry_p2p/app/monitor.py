@@ -21,7 +21,6 @@ import tty
 from collections.abc import Iterator
 from typing import Literal
 
-from hivemind.utils import get_dht_time
 from rich import box
 from rich.console import Console, Group
 from rich.live import Live
@@ -29,6 +28,7 @@ from rich.table import Table
 from rich.text import Text
 
 from tapestry_p2p.node.session import SessionOptions, SwarmSession
+from tapestry_p2p.p2p.dht import dht_time
 from tapestry_p2p.telemetry.status import STALE_AFTER, PeerStatus
 
 REFRESH_SECONDS = 1.0
@@ -47,7 +47,7 @@ def watch(initial_peers: list[str], run_id: str, mode: Literal["live", "once", "
         if mode == "json":
             print(snapshot_json(snapshot(session)))
         elif mode == "once":
-            console.print(render(snapshot(session), get_dht_time(), f"tapestry swarm '{run_id}'"))
+            console.print(render(snapshot(session), dht_time(), f"tapestry swarm '{run_id}'"))
         else:
             with contextlib.suppress(KeyboardInterrupt):
                 run_live(session, console)
@@ -68,12 +68,17 @@ def header(peers: list[PeerStatus], now: float) -> Text:
     durations = [p.round_seconds for p in trainers if p.round_seconds > 0]
     per_round = f"{statistics.median(durations):.1f}s" if durations else "-"
     return Text.assemble(
-        ("peers online ", "bold"), f"{len(live)}  ",
-        ("tokens/s ", "bold"), f"{tokens:,.0f}  ",
-        ("round ", "bold"), f"{current}  ",
-        ("moved ", "bold"), f"{_megabytes(moved)} MB  ",
-        ("per round ", "bold"), per_round,
-    )  # fmt: skip
+        ("peers online ", "bold"),
+        f"{len(live)}  ",
+        ("tokens/s ", "bold"),
+        f"{tokens:,.0f}  ",
+        ("round ", "bold"),
+        f"{current}  ",
+        ("moved ", "bold"),
+        f"{_megabytes(moved)} MB  ",
+        ("per round ", "bold"),
+        per_round,
+    )
 
 
 def render(peers: list[PeerStatus], now: float, title: str = "tapestry swarm") -> Group:
@@ -150,7 +155,7 @@ def run_live(session: SwarmSession, console: Console) -> None:
     title = f"tapestry swarm '{session.options.run_id}' (q or Ctrl-C to quit)"
     with _keys_pressed() as quit_pressed, Live(console=console, auto_refresh=False, screen=False) as live:
         while not quit_pressed.is_set():
-            live.update(render(session.peers(), get_dht_time(), title), refresh=True)
+            live.update(render(session.peers(), dht_time(), title), refresh=True)
             quit_pressed.wait(REFRESH_SECONDS)
 
 

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Dict, List, Sequence
 
 from tapestry_p2p.errors import UserError
 
@@ -13,9 +13,9 @@ class PlotError(UserError):
     """Unusable metrics input; the message names the file and the fix."""
 
 
-def load_metrics(paths: Sequence[Path]) -> Dict[str, List[dict]]:
+def load_metrics(paths: Sequence[Path]) -> dict[str, list[dict]]:
     """partner name -> its round records, from one or more JSON Lines files."""
-    runs: Dict[str, List[dict]] = {}
+    runs: dict[str, list[dict]] = {}
     for path in paths:
         if not path.is_file():
             raise PlotError(f"{path} does not exist; pass the files written by `tapestry join --metrics`")
@@ -26,9 +26,12 @@ def load_metrics(paths: Sequence[Path]) -> Dict[str, List[dict]]:
                 record = json.loads(line)
                 key = str(record["partner"])
                 runs.setdefault(key, []).append(
-                    {"round": int(record["round"]), "loss": record["loss"],
-                     "mb": (int(record["bytes_sent"]) + int(record["bytes_received"])) / 1e6}
-                )  # fmt: skip
+                    {
+                        "round": int(record["round"]),
+                        "loss": record["loss"],
+                        "mb": (int(record["bytes_sent"]) + int(record["bytes_received"])) / 1e6,
+                    }
+                )
             except (json.JSONDecodeError, KeyError, TypeError, ValueError):
                 raise PlotError(f"{path}:{line_no} is not a tapestry metrics record; pass --metrics files") from None
     if not runs:
@@ -47,8 +50,9 @@ def plot(paths: Sequence[Path], out: Path) -> Path:
     for partner, records in sorted(runs.items()):
         records = sorted(records, key=lambda r: r["round"])
         rounds = [r["round"] for r in records]
-        loss_ax.plot(rounds, [r["loss"] if r["loss"] is not None else float("nan") for r in records], marker="o",
-                     label=partner)  # fmt: skip
+        loss_ax.plot(
+            rounds, [r["loss"] if r["loss"] is not None else float("nan") for r in records], marker="o", label=partner
+        )
         bytes_ax.plot(rounds, [r["mb"] for r in records], marker="o", label=partner)
     loss_ax.set(title="training loss (mean over the round's inner steps)", xlabel="outer round", ylabel="nats/byte")
     bytes_ax.set(title="all-reduce traffic per round (sent + received)", xlabel="outer round", ylabel="MB")

@@ -82,7 +82,7 @@ class _CountingStub:
     is bounded: hivemind 1.1.12 awaits it without a timeout, so a member whose groupmate died before answering would
     wait for the whole all-reduce timeout (tests/test_churn.py kills a peer mid-round)."""
 
-    def __init__(self, stub: Any, traffic: Traffic, open_timeout: Optional[float]):
+    def __init__(self, stub: Any, traffic: Traffic, open_timeout: Optional[float]) -> None:
         self._stub, self._traffic, self._open_timeout = stub, traffic, open_timeout
 
     async def rpc_aggregate_part(
@@ -96,7 +96,7 @@ class _CountingStub:
 class ExactAllReduceRunner(AllReduceRunner):
     """An AllReduceRunner whose outputs are the decoded averages, identical on every member of the group."""
 
-    def __init__(self, after_part_served: Optional[Callable[[], None]] = None, **kwargs: Any):
+    def __init__(self, after_part_served: Optional[Callable[[], None]] = None, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         container = self.tensor_part_container
         container.return_deltas = False  # outputs are averages, not deltas; a failed reducer's span is zeroed later

@@ -32,8 +32,9 @@ from tapestry_p2p.p2p.processes import keeping_sigint_handler
 
 logger = logging.getLogger(__name__)
 
-# `fault(event, allreduce_index)`, called in the averager process at "start" (before an all-reduce) and "served" (after
-# serving one averaged part); tests arm it (tapestry_p2p.testing.faults), production passes None.
+# `fault(event, allreduce_index)`, called in the averager process at "served" (after serving one averaged part to a
+# groupmate) and "finished" (after our tensors hold the average, before the outcome is accounted); tests arm it
+# (tapestry_p2p.testing.faults), production passes None.
 FaultHook = Callable[[str, int], None]
 
 
@@ -68,7 +69,7 @@ class ExactAverager(StateTransport, DecentralizedAverager):
         state_fn: Optional[Callable[[], tuple[Any, Sequence[torch.Tensor]]]] = None,
         fault: Optional[FaultHook] = None,
         **kwargs: Any,
-    ):
+    ) -> None:
         self._state_fn = state_fn
         self._fault = fault
         self._allreduces = 0
@@ -109,7 +110,9 @@ class ExactAverager(StateTransport, DecentralizedAverager):
         except NETWORK_FAILURES:
             raise
         except Exception as e:
-            logger.exception("all-reduce #%d failed inside tapestry's overrides (a bug, not the network)", self._allreduces)
+            logger.exception(
+                "all-reduce #%d failed inside tapestry's overrides (a bug, not the network)", self._allreduces
+            )
             self._bug = AveragingBug(f"internal error in the all-reduce: {type(e).__name__}: {e}")
             raise self._bug from e
 
@@ -117,8 +120,6 @@ class ExactAverager(StateTransport, DecentralizedAverager):
         self, tensors: Sequence[torch.Tensor], group_info: GroupInfo, group_id: Optional[bytes], **kwargs: Any
     ) -> None:
         index, fault = self._allreduces, self._fault
-        if fault is not None:
-            fault("start", index)
         group_id = group_info.group_id if group_id is None else group_id
         runner = ExactAllReduceRunner(
             after_part_served=None if fault is None else lambda: fault("served", index),
@@ -138,8 +139,10 @@ class ExactAverager(StateTransport, DecentralizedAverager):
             tensor.copy_(averaged)
         try:  # senders that never show up are banned by hivemind after sender_timeout; don't wait longer than that
             await asyncio.wait_for(runner.all_served.wait(), timeout=runner.sender_timeout)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             logger.debug("some groupmates were not served their averaged parts in time")
+        if fault is not None:
+            fault("finished", index)
         # A reducer that failed may have sent part of its span to some members and not to others; nobody uses any of
         # it, so all survivors end the round with the same values.
         zeroed = zero_spans(tensors, runner.failed_spans())

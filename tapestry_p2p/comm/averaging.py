@@ -148,7 +148,7 @@ class SwarmAveraging:
         compression: str,
         state_fn: Callable[[], tuple[dict[str, Any], list[torch.Tensor]]],
         fault: Optional[FaultHook] = None,
-    ):
+    ) -> None:
         self._buffers = [torch.zeros(shape) for shape in shapes]
         self._averager = ExactAverager(
             self._buffers,

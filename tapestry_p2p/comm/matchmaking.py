@@ -42,7 +42,7 @@ class RoundSchedule:
 class MeetingClock:
     """The agreed start time of one round's all-reduce, as seen by one peer."""
 
-    def __init__(self, dht: DHT, run_id: str, round_no: int, schedule: RoundSchedule):
+    def __init__(self, dht: DHT, run_id: str, round_no: int, schedule: RoundSchedule) -> None:
         self.dht, self.schedule = dht, schedule
         self.key = f"{run_id}.meet.{round_no}"
         self._subkey = dht.peer_id.to_base58()

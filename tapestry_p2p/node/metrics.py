@@ -56,7 +56,7 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
 class MetricsWriter:
     """Appends each round's metrics to the `--metrics` file and reports them in the node's status record."""
 
-    def __init__(self, path: Optional[Path], status: StatusPublisher, tokens_per_step: int):
+    def __init__(self, path: Optional[Path], status: StatusPublisher, tokens_per_step: int) -> None:
         self.path, self.status, self.tokens_per_step = path, status, tokens_per_step
         self.sent_total = self.received_total = 0
 
@@ -68,14 +68,19 @@ class MetricsWriter:
         self.received_total += record.bytes_received
         tokens = record.inner_steps * self.tokens_per_step
         self.status.update(
-            state="training", round=record.round, inner_step=record.step,
+            state="training",
+            round=record.round,
+            inner_step=record.step,
             loss=record.loss if math.isfinite(record.loss) else None,
             tokens_per_second=float(tokens / max(training_seconds, 1e-6)),
-            bytes_sent_round=record.bytes_sent, bytes_received_round=record.bytes_received,
-            bytes_sent_total=self.sent_total, bytes_received_total=self.received_total,
-            group_size=record.group_size, round_seconds=float(record.round_seconds),
+            bytes_sent_round=record.bytes_sent,
+            bytes_received_round=record.bytes_received,
+            bytes_sent_total=self.sent_total,
+            bytes_received_total=self.received_total,
+            group_size=record.group_size,
+            round_seconds=float(record.round_seconds),
             last_failure=record.failure[:MAX_FAILURE_CHARS] if record.failure else None,
-        )  # fmt: skip
+        )
 
 
 @dataclass

@@ -24,7 +24,6 @@ from collections.abc import Callable
 from typing import Optional
 
 import torch
-from hivemind.utils import get_dht_time
 
 from tapestry_p2p.comm.averager import FaultHook
 from tapestry_p2p.comm.averaging import AveragingResult, RoundMeta
@@ -33,6 +32,7 @@ from tapestry_p2p.node.config import NodeConfig, run_seed
 from tapestry_p2p.node.metrics import MetricsWriter, RoundMetrics, Summary, mean
 from tapestry_p2p.node.session import SessionOptions, SwarmSession
 from tapestry_p2p.node.sync import StateSync
+from tapestry_p2p.p2p.dht import dht_time
 from tapestry_p2p.telemetry.status import StatusPublisher, trainers_online
 from tapestry_p2p.training.checkpoint import CheckpointManager
 from tapestry_p2p.training.data import ByteBatches, load_text_bytes
@@ -54,7 +54,7 @@ class Node:
         on_round: Optional[Callable[[RoundMetrics], None]] = None,
         on_step: Optional[Callable[[int, int], None]] = None,
         fault: Optional[FaultHook] = None,
-    ):
+    ) -> None:
         self.config = config
         self.on_round = on_round or (lambda record: None)
         self.on_step = on_step or (lambda done, target: None)  # inner steps done this round, and H
@@ -134,8 +134,11 @@ class Node:
     def _train_until_meeting(self, round_no: int) -> Optional[float]:
         """Train until H steps are done and the meeting is near; returns the meeting time (0 when solo), or None if
         told to stop. The round's losses are in `self.round_losses` (not empty when we resumed mid-round)."""
-        clock = None if self.session is None else MeetingClock(self.session.dht, self.config.run_id, round_no,
-                                                               self.config.schedule)  # fmt: skip
+        clock = (
+            None
+            if self.session is None
+            else MeetingClock(self.session.dht, self.config.run_id, round_no, self.config.schedule)
+        )
         self.status.update(state="training")
         meeting = None
         while not self.stop.is_set():
@@ -147,7 +150,7 @@ class Node:
                     break
                 if meeting is None:
                     meeting = clock.agree()  # we are the first (or alone): call the meeting, train until it nears
-                if get_dht_time() >= meeting - MATCHMAKING_LEAD:
+                if dht_time() >= meeting - MATCHMAKING_LEAD:
                     break
             self.round_losses.append(self.trainer.step())
             self.status.update(inner_step=self.trainer.steps, state="training")
@@ -173,9 +176,7 @@ class Node:
         self.last_loss = mean(self.round_losses)
         self.rounds_done += 1
 
-    def _record(
-        self, result: AveragingResult, resynced: bool, started: float, training_seconds: float
-    ) -> RoundMetrics:
+    def _record(self, result: AveragingResult, resynced: bool, started: float, training_seconds: float) -> RoundMetrics:
         record = RoundMetrics(
             round=self.shared.round,
             step=self.trainer.steps,
@@ -212,9 +213,13 @@ class Node:
         self.sync.peer_id = self.session.peer_id
         logger.info("peer %s listening on %s", self.session.peer_id, " ".join(self.session.addresses()))
         self.metrics.status = self.session.publish_status(
-            partner=config.partner, region=config.region, role="trainer", compression=config.compression,
-            round=self.shared.round, inner_step=self.trainer.steps,
-        )  # fmt: skip
+            partner=config.partner,
+            region=config.region,
+            role="trainer",
+            compression=config.compression,
+            round=self.shared.round,
+            inner_step=self.trainer.steps,
+        )
         self.sync.averaging = self.session.averaging(
             [p.shape for p in self.shared.params], config.compression, self.sync.share_state, self.fault
         )
@@ -227,8 +232,9 @@ class Node:
             elif outcome == "alone" and not self._others_online():
                 logger.warning(
                     "nobody else is in run %r yet: training alone until partners join "
-                    "(check --run-id if you expected a running swarm)", config.run_id,
-                )  # fmt: skip
+                    "(check --run-id if you expected a running swarm)",
+                    config.run_id,
+                )
         self._wait_for_peers()
 
     def _others_online(self) -> bool:

@@ -13,12 +13,11 @@ from types import TracebackType
 from typing import Any, Optional
 
 import torch
-from hivemind.dht import DHT
 
 from tapestry_p2p.comm.averager import FaultHook
 from tapestry_p2p.comm.averaging import SwarmAveraging
 from tapestry_p2p.p2p.addresses import DEFAULT_PEER_LISTEN
-from tapestry_p2p.p2p.dht import DHTOptions, start_dht, stop_dht, visible_maddrs
+from tapestry_p2p.p2p.dht import DHT, DHTOptions, start_dht, stop_dht, visible_maddrs
 from tapestry_p2p.security.identity import ephemeral_identity, load_or_create_identity, signing_key
 from tapestry_p2p.telemetry.status import PeerStatus, StatusPublisher, read_statuses, status_validators
 
@@ -40,7 +39,7 @@ class SessionOptions:
 class SwarmSession:
     """A context manager: `with SwarmSession(options) as session:` is a running DHT node of the run."""
 
-    def __init__(self, options: SessionOptions):
+    def __init__(self, options: SessionOptions) -> None:
         self.options = options
         self._stack = contextlib.ExitStack()
         self.dht: DHT

@@ -38,7 +38,7 @@ class StateSync:
         working: torch.nn.Module,
         lock: threading.Lock,
         on_adopt: Callable[[], None],
-    ):
+    ) -> None:
         self.shared, self.working, self.lock, self.on_adopt = shared, working, lock, on_adopt
         self.averaging: Averaging = SoloAveraging()
         self.peer_id = "solo"
@@ -65,7 +65,11 @@ class StateSync:
             logger.warning("ignored a downloaded state (round %d, %d tensors): malformed or too old", round_no, n)
             return False
         with self.lock:
-            before = ([p.detach().clone() for p in self.shared.params], self.shared.momentum_buffers(), self.shared.round)
+            before = (
+                [p.detach().clone() for p in self.shared.params],
+                self.shared.momentum_buffers(),
+                self.shared.round,
+            )
             self.shared.load(tensors[:n], tensors[n:], round_no)
             if self.shared.hash() != download.state_id.hash:
                 self.shared.load(*before)
@@ -85,8 +89,10 @@ class StateSync:
             return False
         logger.info(
             "caught up with the swarm at round %d (model %s), downloaded from %d peers",
-            self.shared.round, download.state_id.hash, len(download.servers),
-        )  # fmt: skip
+            self.shared.round,
+            download.state_id.hash,
+            len(download.servers),
+        )
         self.averaging.publish_round(self.shared.round)
         return True
 
@@ -104,8 +110,10 @@ class StateSync:
                 return "fresh"
             logger.warning(
                 "the swarm is at round %d but nobody served its state; asking again in %.0fs "
-                "(pass --start-fresh to train from our own state instead)", ahead, CATCH_UP_RETRY_SECONDS,
-            )  # fmt: skip
+                "(pass --start-fresh to train from our own state instead)",
+                ahead,
+                CATCH_UP_RETRY_SECONDS,
+            )
             stop.wait(CATCH_UP_RETRY_SECONDS)
         return "stopped"
 

@@ -12,6 +12,7 @@ import socket
 from collections.abc import Sequence
 
 import multiaddr
+import multiaddr.exceptions
 
 from tapestry_p2p.errors import UserError
 
@@ -30,7 +31,7 @@ def parse_maddrs(values: Sequence[str], *, option: str, need_peer_id: bool) -> l
     for value in values:
         try:
             maddr = multiaddr.Multiaddr(value)
-        except Exception as e:
+        except (multiaddr.exceptions.Error, ValueError, TypeError) as e:
             raise SwarmError(
                 f"{option}: {value!r} is not a valid multiaddr ({e}); "
                 "expected e.g. /ip4/203.0.113.5/tcp/31330/p2p/12D3Koo..."

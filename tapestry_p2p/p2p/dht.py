@@ -14,13 +14,21 @@ from typing import Any
 
 from hivemind.dht import DHT
 from hivemind.p2p.p2p_daemon_bindings.utils import P2PDaemonError
+from hivemind.utils import get_dht_time
 
 from tapestry_p2p.p2p import hivemind_compat
 from tapestry_p2p.p2p.addresses import DEFAULT_PEER_LISTEN, SwarmError, check_ports_free
 
 logger = logging.getLogger(__name__)
 
+__all__ = ["DHT", "DHTOptions", "dht_time", "start_dht", "stop_dht", "visible_maddrs"]
+
 STARTUP_TIMEOUT = 30.0  # seconds to wait for the DHT (and the initial peers' answers) before giving up
+
+
+def dht_time() -> float:
+    """The swarm's clock (hivemind's DHT time, unix seconds): meeting times and record times are in it."""
+    return float(get_dht_time())
 
 
 class _TiedDHT(DHT):

@@ -149,7 +149,7 @@ def install(process: Process) -> None:
         keep_tasks_alive()
         from hivemind.averaging import matchmaking
 
-        matchmaking.PotentialLeaders = _polite_leaders()  # type: ignore[misc]
+        matchmaking.PotentialLeaders = _polite_leaders()
 
 
 # ---- log filters: each drops one known record ----
@@ -224,13 +224,13 @@ def spawn_children_that_die_with_us() -> None:
         return await original(*args, **kwargs)
 
     create_subprocess_exec._tapestry_patched = True  # type: ignore[attr-defined]
-    asyncio.subprocess.create_subprocess_exec = create_subprocess_exec  # type: ignore[assignment]
+    asyncio.subprocess.create_subprocess_exec = create_subprocess_exec
 
 
 class _RateLimitedKeys:
     """A GroupKeyManager proxy that answers `get_averagers` at most once per `interval` seconds."""
 
-    def __init__(self, key_manager: Any, interval: float):
+    def __init__(self, key_manager: Any, interval: float) -> None:
         self._key_manager, self._interval, self._last = key_manager, interval, 0.0
 
     def __getattr__(self, name: str) -> Any:

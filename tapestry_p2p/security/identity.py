@@ -42,7 +42,7 @@ def load_or_create_identity(path: Path) -> PeerID:
             raise IdentityError(f"identity file {path} is readable by others (mode {mode:o}); run: chmod 600 {path}")
         try:
             return PeerID.from_identity(path.read_bytes())
-        except Exception:
+        except Exception:  # noqa: BLE001 (protobuf and key parsing raise many types; all mean an unusable file)
             raise IdentityError(
                 f"identity file {path} is corrupt; restore it from a backup, or delete it to get a new peer id"
             ) from None
@@ -83,8 +83,6 @@ def ephemeral_identity() -> Iterator[Path]:
         yield path
     finally:
         shutil.rmtree(folder, ignore_errors=True)
-
-
 
 
 def signing_key(identity: Path) -> Any:

@@ -133,10 +133,21 @@ class StatusPublisher:
     def __post_init__(self) -> None:
         self._owner = RSASignatureValidator(self.key).local_public_key if self.key is not None else b""
         defaults = dict(
-            inner_step=0, round=0, loss=None, tokens_per_second=0.0, bytes_sent_round=0, bytes_received_round=0,
-            bytes_sent_total=0, bytes_received_total=0, group_size=0, round_seconds=0.0, compression="-",
-            version=__version__, last_failure=None, state="idle",
-        )  # fmt: skip
+            inner_step=0,
+            round=0,
+            loss=None,
+            tokens_per_second=0.0,
+            bytes_sent_round=0,
+            bytes_received_round=0,
+            bytes_sent_total=0,
+            bytes_received_total=0,
+            group_size=0,
+            round_seconds=0.0,
+            compression="-",
+            version=__version__,
+            last_failure=None,
+            state="idle",
+        )
         self.fields = {**defaults, **self.fields}
         self._build(self.fields)
 

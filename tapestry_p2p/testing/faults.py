@@ -3,7 +3,8 @@
 - TAPESTRY_CRASH_IN_ALLREDUCE=N: the node SIGKILLs itself during its N-th all-reduce, right after it has served one
   averaged part to a groupmate (so the groupmates see a reducer die mid-stream);
 - TAPESTRY_RAISE_IN_ALLREDUCE=N (or `all`): the N-th (or every) all-reduce raises a RuntimeError inside tapestry's
-  averager override, as a bug there would (the round must be reported as failed, with the traceback in the log).
+  averager override once the averaging itself is done (groupmates are not held up), as a bug in our bookkeeping would:
+  the round must be reported as failed, with the traceback in the log.
 
 The hook runs in the averager process (see `comm.averager.FaultHook`); production nodes get None.
 """
@@ -35,7 +36,7 @@ def from_environment() -> Optional[FaultHook]:
         return None
 
     def fault(event: str, allreduce_index: int) -> None:
-        if event == "start" and _armed(fail, allreduce_index):
+        if event == "finished" and _armed(fail, allreduce_index):
             raise RuntimeError(f"{INJECTED} ({RAISE_ENV}={fail}) in all-reduce #{allreduce_index}")
         if event == "served" and _armed(crash, allreduce_index):
             logger.warning("%s is set: killing this node in the middle of an all-reduce", CRASH_ENV)

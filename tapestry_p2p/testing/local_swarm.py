@@ -76,7 +76,7 @@ def _alive(process: psutil.Process) -> bool:
 class LocalSwarm:
     """Starts tapestry processes and stops every one of them, with all they spawned; a context manager."""
 
-    def __init__(self, workdir: Path, stop_grace: float = 20.0):
+    def __init__(self, workdir: Path, stop_grace: float = 20.0) -> None:
         self.workdir, self.stop_grace = workdir, stop_grace
         self.started: list[subprocess.Popen] = []
         self.descendants: dict[int, psutil.Process] = {}
@@ -129,20 +129,27 @@ class LocalSwarm:
             self.descendants.setdefault(child.pid, child)
         return children
 
-    def stop_all(self) -> None:
+    def stop_all(self) -> list[subprocess.Popen]:
         """SIGTERM every process we started (by pid), SIGKILL what is left after the grace period, then kill anything
-        left of their process trees."""
+        left of their process trees. Returns the processes that had to be SIGKILLed."""
         for popen in self.started:
             if popen.poll() is None:
                 self.remember_children(popen)
                 popen.send_signal(signal.SIGTERM)
         deadline = time.monotonic() + self.stop_grace
+        killed = []
         for popen in self.started:
             try:
                 popen.wait(timeout=max(0.1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
                 popen.kill()
                 popen.wait()
+                killed.append(popen)
         for child in self.descendants.values():
             if _alive(child):
                 child.kill()
+        return killed
+
+    def leftovers(self) -> list[psutil.Process]:
+        """Processes ever seen under one of ours that are still alive."""
+        return [child for child in self.descendants.values() if _alive(child)]

@@ -46,7 +46,7 @@ class CheckpointError(UserError):
     """A checkpoint that cannot be used; the message names the file and the way out."""
 
 
-def atomic_write(path: Path, write: Callable[[str], None]) -> None:
+def atomic_write(path: Path, write: Callable[[str], object]) -> None:
     """Call `write(tmp_path)`, fsync, then rename onto `path`; on failure the old file is untouched."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
@@ -100,11 +100,11 @@ def load(directory: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
             raise CheckpointError(f"{path} is missing; {way_out(directory)}")
     try:
         shared = load_file(str(model_path))
-    except Exception as e:
+    except Exception as e:  # noqa: BLE001 (safetensors raises many types; all mean an unusable file, named below)
         raise CheckpointError(f"{model_path} is truncated or corrupt ({_reason(e)}); {way_out(directory)}") from None
     try:
         state = torch.load(str(state_path), weights_only=True)
-    except Exception as e:
+    except Exception as e:  # noqa: BLE001 (unpickling raises many types; all mean an unusable file, named below)
         raise CheckpointError(f"{state_path} is truncated or corrupt ({_reason(e)}); {way_out(directory)}") from None
     return shared, state
 
@@ -128,7 +128,7 @@ class CheckpointManager:
 
     def __init__(
         self, directory: Path, shared: SharedModel, trainer: InnerTrainer, model: ModelConfig, lock: threading.Lock
-    ):
+    ) -> None:
         self.directory, self.shared, self.trainer, self.model, self.lock = directory, shared, trainer, model, lock
 
     def exists(self) -> bool:
@@ -171,8 +171,11 @@ class CheckpointManager:
             )
         logger.info(
             "resumed from %s at round %d, step %d (%d steps into the next round)",
-            self.directory, self.shared.round, self.trainer.steps, len(round_losses),
-        )  # fmt: skip
+            self.directory,
+            self.shared.round,
+            self.trainer.steps,
+            len(round_losses),
+        )
         return round_losses
 
     def _check_model(self, state: dict[str, Any]) -> None:

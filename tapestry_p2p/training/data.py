@@ -7,8 +7,8 @@ searched recursively for such files. Nothing leaves the machine: only parameter 
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Dict, Iterator, List, Tuple
 
 import torch
 
@@ -21,7 +21,7 @@ class DataError(UserError):
     """Unusable training data; the message names the file and the fix."""
 
 
-def find_files(path: Path) -> List[Path]:
+def find_files(path: Path) -> list[Path]:
     if not path.exists():
         raise DataError(f"--data: {path} does not exist; pass a .txt/.jsonl file or a folder of them")
     if path.is_file():
@@ -56,7 +56,7 @@ def _jsonl_texts(path: Path, text: str) -> Iterator[str]:
 
 def load_text_bytes(path: Path, min_bytes: int) -> bytes:
     """All text under `path`, UTF-8 encoded, documents separated by blank lines."""
-    parts: List[str] = []
+    parts: list[str] = []
     for file in find_files(path):
         text = _read_text(file)
         parts.extend(_jsonl_texts(file, text) if file.suffix == ".jsonl" else [text])
@@ -69,26 +69,26 @@ def load_text_bytes(path: Path, min_bytes: int) -> bytes:
 class ByteBatches:
     """Random windows of `block_size + 1` bytes; the generator's state is part of a checkpoint."""
 
-    def __init__(self, data: bytes, block_size: int, batch_size: int, seed: int):
+    def __init__(self, data: bytes, block_size: int, batch_size: int, seed: int) -> None:
         if len(data) < block_size + 2:
             raise DataError(f"need more than {block_size + 1} bytes of text for a block of {block_size}")
         self.data = torch.frombuffer(bytearray(data), dtype=torch.uint8).long()
         self.block_size, self.batch_size = block_size, batch_size
         self.generator = torch.Generator().manual_seed(seed)
 
-    def next(self) -> Tuple[torch.Tensor, torch.Tensor]:
+    def next(self) -> tuple[torch.Tensor, torch.Tensor]:
         starts = torch.randint(len(self.data) - self.block_size - 1, (self.batch_size,), generator=self.generator)
         windows = torch.stack([self.data[s : s + self.block_size + 1] for s in starts.tolist()])
         return windows[:, :-1], windows[:, 1:]  # inputs, next-byte targets; (batch, block_size) each
 
-    def state_dict(self) -> Dict[str, torch.Tensor]:
+    def state_dict(self) -> dict[str, torch.Tensor]:
         return {"generator": self.generator.get_state()}
 
-    def load_state_dict(self, state: Dict[str, torch.Tensor]) -> None:
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         self.generator.set_state(state["generator"])
 
 
-def eval_windows(data: bytes, block_size: int, max_windows: int = 64) -> Tuple[torch.Tensor, torch.Tensor]:
+def eval_windows(data: bytes, block_size: int, max_windows: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
     """Evenly spaced, non-random windows for a held-out loss that is comparable across models."""
     tokens = torch.frombuffer(bytearray(data), dtype=torch.uint8).long()
     last = len(tokens) - block_size - 1

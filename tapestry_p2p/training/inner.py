@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Dict, List, Tuple
+from typing import Any
 
 import torch
 
@@ -32,7 +32,7 @@ class TrainConfig:
 class InnerTrainer:
     """Owns the working model, its AdamW state and the data stream. Inner optimizer state never leaves the peer."""
 
-    def __init__(self, model: GPT, batches: ByteBatches, config: TrainConfig):
+    def __init__(self, model: GPT, batches: ByteBatches, config: TrainConfig) -> None:
         self.model, self.batches, self.config = model, batches, config
         self.optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
         self.steps = 0
@@ -49,7 +49,7 @@ class InnerTrainer:
         self.steps += 1
         return loss.item()
 
-    def state_dict(self) -> Dict[str, Any]:
+    def state_dict(self) -> dict[str, Any]:
         return {
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
@@ -57,7 +57,7 @@ class InnerTrainer:
             "steps": self.steps,
         }
 
-    def load_state_dict(self, state: Dict[str, Any]) -> None:
+    def load_state_dict(self, state: dict[str, Any]) -> None:
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.batches.load_state_dict(state["data"])
@@ -65,10 +65,9 @@ class InnerTrainer:
 
 
 @torch.no_grad()
-def evaluate(model: GPT, windows: Tuple[torch.Tensor, torch.Tensor]) -> float:
+def evaluate(model: GPT, windows: tuple[torch.Tensor, torch.Tensor]) -> float:
     """Mean next-byte cross-entropy (nats) of `model` on fixed held-out windows."""
     model.eval()
     inputs, targets = windows
     _, loss = model(inputs, targets)
     return loss.item()
-

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import hashlib
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Dict, List, Sequence
 
 import torch
 
@@ -32,40 +32,40 @@ class OuterConfig:
 class SharedModel:
     """`theta` (the model as of the last outer round), the outer optimizer, and the round counter."""
 
-    def __init__(self, model: GPT, config: OuterConfig):
+    def __init__(self, model: GPT, config: OuterConfig) -> None:
         self.model = model
-        self.params: List[torch.nn.Parameter] = list(model.parameters())
+        self.params: list[torch.nn.Parameter] = list(model.parameters())
         self.optimizer = torch.optim.SGD(self.params, lr=config.lr, momentum=config.momentum, nesterov=True)
         self.round = 0
 
     @torch.no_grad()
-    def pseudo_gradient(self, working: GPT) -> List[torch.Tensor]:
+    def pseudo_gradient(self, working: torch.nn.Module) -> list[torch.Tensor]:
         """theta - working, one tensor per parameter."""
-        return [theta - w for theta, w in zip(self.params, working.parameters())]
+        return [theta - w for theta, w in zip(self.params, working.parameters(), strict=False)]
 
     @torch.no_grad()
     def apply(self, averaged: Sequence[torch.Tensor]) -> None:
         """One outer Nesterov step with the group's averaged pseudo-gradient; advances the round."""
-        for param, grad in zip(self.params, averaged):
+        for param, grad in zip(self.params, averaged, strict=False):
             param.grad = grad.clone()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.round += 1
 
     @torch.no_grad()
-    def copy_into(self, working: GPT) -> None:
+    def copy_into(self, working: torch.nn.Module) -> None:
         """Restart the working copy from theta (inner optimizer state stays as it is)."""
-        for w, theta in zip(working.parameters(), self.params):
+        for w, theta in zip(working.parameters(), self.params, strict=False):
             w.copy_(theta)
 
-    def momentum_buffers(self) -> List[torch.Tensor]:
+    def momentum_buffers(self) -> list[torch.Tensor]:
         """The outer optimizer's momentum, one tensor per parameter (zeros before the first step)."""
         return [self.optimizer.state.get(p, {}).get("momentum_buffer", torch.zeros_like(p)) for p in self.params]
 
     @torch.no_grad()
     def load(self, params: Sequence[torch.Tensor], momentum: Sequence[torch.Tensor], round_no: int) -> None:
         """Adopt another peer's theta, outer momentum and round (a re-sync or a late join)."""
-        for p, value, buf in zip(self.params, params, momentum):
+        for p, value, buf in zip(self.params, params, momentum, strict=False):
             p.copy_(value)
             self.optimizer.state[p]["momentum_buffer"] = buf.clone()
         self.round = round_no
@@ -78,9 +78,9 @@ class SharedModel:
             digest.update(tensor.detach().contiguous().numpy().tobytes())
         return digest.hexdigest()[:16]
 
-    def state_dict(self) -> Dict:
+    def state_dict(self) -> dict:
         return {"optimizer": self.optimizer.state_dict(), "round": self.round}
 
-    def load_state_dict(self, state: Dict) -> None:
+    def load_state_dict(self, state: dict) -> None:
         self.optimizer.load_state_dict(state["optimizer"])
         self.round = int(state["round"])

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import threading
-from typing import List
 
 import pytest
 import torch
@@ -28,7 +27,7 @@ def swarm():
     boot = start_dht(DHTOptions(listen=LOOPBACK))
     started.append(boot)
 
-    def make_peers(n: int, compression: str, run_id: str) -> List[SwarmAveraging]:
+    def make_peers(n: int, compression: str, run_id: str) -> list[SwarmAveraging]:
         peers = []
         for _ in range(n):
             dht = start_dht(DHTOptions(initial_peers=visible_maddrs(boot), listen=LOOPBACK))
@@ -45,7 +44,7 @@ def swarm():
             stop_dht(item)
 
 
-def average_together(peers: List[SwarmAveraging], deltas, steps=None) -> list:
+def average_together(peers: list[SwarmAveraging], deltas, steps=None) -> list:
     """All peers call `average` at once for the same meeting, each from its own thread, like separate nodes."""
     meeting = get_dht_time() + 3.0
     results = [None] * len(peers)

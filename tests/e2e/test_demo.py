@@ -8,6 +8,7 @@ import sys
 import time
 
 import psutil
+
 from tapestry_p2p.testing.local_swarm import wait_gone
 
 

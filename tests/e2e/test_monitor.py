@@ -20,8 +20,11 @@ RUN = "watched"
 def monitor_json(bootstrap: str) -> list:
     result = subprocess.run(
         [sys.executable, "-m", "tapestry_p2p", "monitor", "--initial-peers", bootstrap, "--run-id", RUN, "--json"],
-        capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=60,
+        stdin=subprocess.DEVNULL,
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     return json.loads(result.stdout)
 
@@ -35,20 +38,59 @@ def rounds_done_by(path, when: float) -> int:
 def test_monitor_lists_exactly_the_running_peers_and_drops_a_dead_one(procs, tmp_path):
     addr_file = tmp_path / "boot.addr"
     boot = procs.start(
-        "boot", "bootstrap", "--listen", LOOPBACK, "--identity", str(tmp_path / "boot.key"),
-        "--addr-file", str(addr_file), "--run-id", RUN, "--partner", "the-bootstrap",
-    )  # fmt: skip
+        "boot",
+        "bootstrap",
+        "--listen",
+        LOOPBACK,
+        "--identity",
+        str(tmp_path / "boot.key"),
+        "--addr-file",
+        str(addr_file),
+        "--run-id",
+        RUN,
+        "--partner",
+        "the-bootstrap",
+    )
     bootstrap = wait_for_file(addr_file, 60, boot).split()[0]
     trainers = {}
     for i, name in enumerate(["anna", "bert", "cleo"]):
         folder = tmp_path / name
         folder.mkdir()
         trainers[name] = procs.start(
-            name, "join", "--run-id", RUN, "--initial-peers", bootstrap, "--listen", LOOPBACK, "--partner", name,
-            "--data", str(write_text(folder / "d.txt", seed=i)), "--metrics", str(folder / "m.jsonl"),
-            "--inner-steps", "10", "--threads", "1", "--round-window", "3", "--quiet", "--min-peers", "3",
-            "--n-layer", "1", "--n-embd", "32", "--n-head", "2", "--block-size", "32", "--batch-size", "4",
-        )  # fmt: skip
+            name,
+            "join",
+            "--run-id",
+            RUN,
+            "--initial-peers",
+            bootstrap,
+            "--listen",
+            LOOPBACK,
+            "--partner",
+            name,
+            "--data",
+            str(write_text(folder / "d.txt", seed=i)),
+            "--metrics",
+            str(folder / "m.jsonl"),
+            "--inner-steps",
+            "10",
+            "--threads",
+            "1",
+            "--round-window",
+            "3",
+            "--quiet",
+            "--min-peers",
+            "3",
+            "--n-layer",
+            "1",
+            "--n-embd",
+            "32",
+            "--n-head",
+            "2",
+            "--block-size",
+            "32",
+            "--batch-size",
+            "4",
+        )
     for name in trainers:  # everyone has finished a round
         wait_for_file(tmp_path / name / "m.jsonl", 120, trainers[name])
 

@@ -16,6 +16,7 @@ from tapestry_p2p.security.identity import load_or_create_identity
 from tapestry_p2p.testing.local_swarm import LOOPBACK, wait_for_file, wait_gone
 from tapestry_p2p.training.model import GPT, ModelConfig
 
+
 def test_peers_share_one_identical_model_every_round(procs, bootstrap_addr, tmp_path):
     n_peers = 3  # 2 peers end to end: tests/e2e/test_churn.py (after the crash)
     names = [f"p{i}" for i in range(n_peers)]

@@ -34,9 +34,11 @@ def two_nodes():
             key = signing_key(identity)
             peers = visible_maddrs(nodes[0][0]) if nodes else []
             options = DHTOptions(
-                initial_peers=peers, listen=["/ip4/127.0.0.1/tcp/0"], identity=identity,
+                initial_peers=peers,
+                listen=["/ip4/127.0.0.1/tcp/0"],
+                identity=identity,
                 record_validators=status_validators(RUN, key),
-            )  # fmt: skip
+            )
             nodes.append((start_dht(options), key))
     yield nodes
     for dht, _ in nodes:
@@ -87,9 +89,17 @@ def test_a_record_for_another_peers_subkey_is_rejected(two_nodes):
 
 @pytest.mark.parametrize(
     "change",
-    [{"round": -1}, {"round": 3.0}, {"loss": "low"}, {"state": "dancing"}, {"group_size": 10**9}, {"extra": 1},
-     {"partner": "x" * 65}, {"tokens_per_second": 5}],
-)  # fmt: skip
+    [
+        {"round": -1},
+        {"round": 3.0},
+        {"loss": "low"},
+        {"state": "dancing"},
+        {"group_size": 10**9},
+        {"extra": 1},
+        {"partner": "x" * 65},
+        {"tokens_per_second": 5},
+    ],
+)
 def test_records_with_wrong_types_or_ranges_are_rejected(two_nodes, change):
     (a, key_a), _ = two_nodes
     good = publisher(a, key_a, "alpha").record().dict()

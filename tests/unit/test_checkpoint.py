@@ -14,7 +14,6 @@ from tapestry_p2p.node.node import Node
 from tapestry_p2p.training import checkpoint
 from tapestry_p2p.training.model import GPT, ModelConfig
 
-
 TINY = ModelConfig(block_size=16, n_layer=1, n_head=2, n_embd=32)
 
 
@@ -22,9 +21,14 @@ def solo_config(tmp_path, inner_steps: int, max_rounds: int) -> NodeConfig:
     """A tiny node with no network, checkpointing into tmp_path/ckpt."""
     data = write_text(tmp_path / "d.txt", seed=1)
     return NodeConfig(
-        run_id="solo", data=data, solo=True, inner_steps=inner_steps, max_rounds=max_rounds,
-        checkpoint_dir=tmp_path / "ckpt", model=TINY,
-    )  # fmt: skip
+        run_id="solo",
+        data=data,
+        solo=True,
+        inner_steps=inner_steps,
+        max_rounds=max_rounds,
+        checkpoint_dir=tmp_path / "ckpt",
+        model=TINY,
+    )
 
 
 def test_checkpoint_resume_restores_every_tensor(tmp_path):

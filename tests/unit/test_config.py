@@ -29,8 +29,6 @@ def test_node_config_validation(tmp_path):
         NodeConfig(run_id="ok", data=tmp_path, inner_steps=0)
 
 
-
-
 @pytest.mark.parametrize("config_file", sorted((Path(__file__).parents[2] / "peers").glob("*.toml")))
 def test_example_partner_configs_parse(config_file):
     config = parse_join("--config", str(config_file))
@@ -48,14 +46,18 @@ def test_cli_defaults_are_the_config_dataclasses_defaults():
     config = parse_join()
     assert config == NodeConfig(data=Path("x.txt"))
     assert (config.model, config.train, config.outer, config.schedule) == (
-        ModelConfig(), TrainConfig(), OuterConfig(), RoundSchedule()
+        ModelConfig(),
+        TrainConfig(),
+        OuterConfig(),
+        RoundSchedule(),
     )
 
 
 def test_config_file_sections_set_the_nested_configs(tmp_path):
     path = tmp_path / "partner.toml"
-    path.write_text('partner = "x"\n[model]\nn_layer = 2\n[train]\nlr = 0.01\n[outer]\nmomentum = 0.5\n'
-                    '[schedule]\nwindow = 6\n')  # fmt: skip
+    path.write_text(
+        'partner = "x"\n[model]\nn_layer = 2\n[train]\nlr = 0.01\n[outer]\nmomentum = 0.5\n[schedule]\nwindow = 6\n'
+    )
     config = parse_join("--config", str(path), "--n-embd", "64")
     assert config.partner == "x" and config.model == ModelConfig(n_layer=2, n_embd=64)
     assert config.train.lr == 0.01 and config.outer.momentum == 0.5 and config.schedule.window == 6

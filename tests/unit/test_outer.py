@@ -7,7 +7,6 @@ import torch
 from tapestry_p2p.training.model import ModelConfig, build_model
 from tapestry_p2p.training.outer import OuterConfig, SharedModel
 
-
 TINY = ModelConfig(block_size=16, n_layer=1, n_head=2, n_embd=32)
 
 

@@ -21,8 +21,13 @@ def test_canonical_state_prefers_highest_round_then_majority_then_smallest_peer(
 
 def test_a_groupmates_round_metadata_is_validated():
     assert RoundMeta.parse({"round": 3, "hash": "x", "steps": 10}) == RoundMeta(3, "x", 10)
-    for bad in ({"round": "3", "hash": 5, "steps": 1}, {"round": -1, "hash": "x", "steps": 1}, [3, "x", 1],
-                {"round": 1, "hash": "x" * 65, "steps": 1}, {"round": 1, "hash": "x", "steps": 1.5}):  # fmt: skip
+    for bad in (
+        {"round": "3", "hash": 5, "steps": 1},
+        {"round": -1, "hash": "x", "steps": 1},
+        [3, "x", 1],
+        {"round": 1, "hash": "x" * 65, "steps": 1},
+        {"round": 1, "hash": "x", "steps": 1.5},
+    ):
         assert RoundMeta.parse(bad) is None, bad
 
 
@@ -59,7 +64,7 @@ def test_state_messages_from_peers_are_validated():
         msgpack.packb({"round": 1, "hash": 5, "numel": []}),
         msgpack.packb({"round": 1, "hash": "x"}),
     ):
-        assert StateInfo.unpack(bad) is None  # fmt: skip
+        assert StateInfo.unpack(bad) is None
     assert unpack_request(pack_request("h", [0, 2]), 3) == ("h", [0, 2])
     assert unpack_request(pack_request(None, [3]), 3) is None  # out of range
     assert unpack_request(b"\x93", 3) is None

@@ -11,11 +11,27 @@ from tapestry_p2p.telemetry.status import PeerStatus, StatusPublisher, trainers_
 
 def status(partner: str, **changes) -> PeerStatus:
     values = dict(
-        peer_id=f"12D3Koo{partner}", partner=partner, region="eu-west", role="trainer", state="training",
-        inner_step=120, round=4, loss=2.25, tokens_per_second=4000.0, bytes_sent_round=800_000,
-        bytes_received_round=800_000, bytes_sent_total=3_200_000, bytes_received_total=3_100_000, group_size=3,
-        round_seconds=7.5, compression="8bit", version="0.1.0", uptime=60.0, last_failure=None, time=1000.0,
-    )  # fmt: skip
+        peer_id=f"12D3Koo{partner}",
+        partner=partner,
+        region="eu-west",
+        role="trainer",
+        state="training",
+        inner_step=120,
+        round=4,
+        loss=2.25,
+        tokens_per_second=4000.0,
+        bytes_sent_round=800_000,
+        bytes_received_round=800_000,
+        bytes_sent_total=3_200_000,
+        bytes_received_total=3_100_000,
+        group_size=3,
+        round_seconds=7.5,
+        compression="8bit",
+        version="0.1.0",
+        uptime=60.0,
+        last_failure=None,
+        time=1000.0,
+    )
     return PeerStatus(**{**values, **changes})
 
 
@@ -31,8 +47,11 @@ def test_rendered_table_content_fits_80_columns():
     text = console.export_text()
     assert max(len(line) for line in text.splitlines()) <= 80
     assert "peers online 3" in text and "tokens/s 7,500" in text and "round 4" in text
-    rows = {line.split()[0]: line for line in text.splitlines() if line.split() and line.split()[0] in
-            ("north-lab", "sur-uni", "ost-gmbh", "boot")}  # fmt: skip
+    rows = {
+        line.split()[0]: line
+        for line in text.splitlines()
+        if line.split() and line.split()[0] in ("north-lab", "sur-uni", "ost-gmbh", "boot")
+    }
     assert list(rows) == ["boot", "north-lab", "ost-gmbh", "sur-uni"]  # sorted by partner
     assert "training" in rows["north-lab"] and "2.250" in rows["north-lab"] and "3.2/3.1" in rows["north-lab"]
     assert "averaging" in rows["sur-uni"]
@@ -44,8 +63,10 @@ def test_rendered_table_content_fits_80_columns():
 
 
 def test_failures_are_listed_under_the_table_literally():
-    peers = [status("north-lab", last_failure="internal error in the all-reduce: RuntimeError: boom"),
-             status("[/]", last_failure="[red]not markup[/]")]  # fmt: skip
+    peers = [
+        status("north-lab", last_failure="internal error in the all-reduce: RuntimeError: boom"),
+        status("[/]", last_failure="[red]not markup[/]"),
+    ]
     console = Console(record=True, width=80, color_system=None)
     console.print(render(peers, now=1000.0))
     text = console.export_text()

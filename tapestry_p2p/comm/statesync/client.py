@@ -40,7 +40,7 @@ class Download:
 class StateClient:
     """Finds and downloads the swarm's shared state through one ExactAverager (see comm.averager)."""
 
-    def __init__(self, dht: DHT, averager: Any):
+    def __init__(self, dht: DHT, averager: Any) -> None:
         self._dht, self._averager = dht, averager
 
     def publish_round(self, round_no: int) -> None:

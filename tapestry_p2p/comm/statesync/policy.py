@@ -37,7 +37,9 @@ def agreed_after_failure(states: Mapping[str, PeerState]) -> Optional[StateId]:
     return canonical_state(clean or states)
 
 
-def assign(numel: Sequence[int], servers: Sequence[str], indices: Optional[Sequence[int]] = None) -> dict[str, list[int]]:
+def assign(
+    numel: Sequence[int], servers: Sequence[str], indices: Optional[Sequence[int]] = None
+) -> dict[str, list[int]]:
     """Split tensors (all, or `indices`) across servers: largest first, each to the server with the fewest values."""
     if not servers:
         raise ValueError("no server to assign tensors to")

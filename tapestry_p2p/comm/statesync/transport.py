@@ -33,7 +33,7 @@ PIPE_GRACE = 10.0  # extra seconds the node's process waits for the averager pro
 class _Progress:
     """Logs a state download's progress every PROGRESS_PERIOD seconds."""
 
-    def __init__(self, total_bytes: int, servers: int):
+    def __init__(self, total_bytes: int, servers: int) -> None:
         self.total, self.servers, self.done, self._last = total_bytes, servers, 0, time.monotonic()
 
     def add(self, n: int) -> None:
@@ -42,8 +42,10 @@ class _Progress:
             self._last = time.monotonic()
             logger.info(
                 "downloading the shared state: %.0f%% of %.1f MB from %d peers",
-                100 * self.done / max(self.total, 1), self.total / 1e6, self.servers,
-            )  # fmt: skip
+                100 * self.done / max(self.total, 1),
+                self.total / 1e6,
+                self.servers,
+            )
 
 
 Answer = tuple[Optional[StateInfo], list[torch.Tensor]]
@@ -82,11 +84,11 @@ class StateTransport:
 
     # ---- client, called from the node's process ----
 
-    def _call_in_averager(self, method: str, timeout: Optional[float], **kwargs: Any) -> Any:
-        """Run `method(**kwargs, future=...)` in the averager process and wait for its result."""
+    def _call_in_averager(self, method: str, wait: Optional[float], **kwargs: Any) -> Any:
+        """Run `method(**kwargs, future=...)` in the averager process; wait up to `wait` seconds (None: no limit)."""
         future: MPFuture = MPFuture()
         self._outer_pipe.send((method, [], dict(kwargs, future=future)))
-        return future.result(timeout=timeout)
+        return future.result(timeout=wait)
 
     def state_infos(self, peers: Sequence[str], timeout: float) -> dict[str, StateInfo]:
         """What each of `peers` holds (round, hash, sizes); peers that do not answer in time are left out."""
@@ -113,7 +115,9 @@ class StateTransport:
         stub = type(self).get_stub(self._p2p, PeerID.from_base58(peer), namespace=self.prefix)  # type: ignore[attr-defined]
         request = runtime_pb2.ExpertRequest(metadata=pack_request(want, indices))
         stream = await asyncio.wait_for(stub.rpc_state_slice(request), timeout)
-        info, tensors, parts = None, [], []
+        info: Optional[StateInfo] = None
+        tensors: list[torch.Tensor] = []
+        parts: list[Any] = []
         async for message in aiter_with_timeout(stream, timeout=timeout):
             if info is None:
                 info = StateInfo.unpack(message.metadata)
@@ -160,7 +164,9 @@ class StateTransport:
                         delivered.append(server)
                     else:
                         reason = answer if isinstance(answer, BaseException) else "wrong state"
-                        logger.info("peer %s did not serve its share of the state (%r); asking the others", server, reason)
+                        logger.info(
+                            "peer %s did not serve its share of the state (%r); asking the others", server, reason
+                        )
                         servers = [s for s in servers if s != server]
                 todo = [i for i in todo if i not in got]
             future.set_result(None if todo else ([got[i] for i in range(len(target.numel))], delivered))

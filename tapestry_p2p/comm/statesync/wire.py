@@ -87,7 +87,9 @@ class StateInfo:
             return None
         if not isinstance(clean, bool):
             return None
-        if not (isinstance(round_no, int) and round_no >= 0 and isinstance(digest, str) and len(digest) <= MAX_HASH_LENGTH):
+        if not (
+            isinstance(round_no, int) and round_no >= 0 and isinstance(digest, str) and len(digest) <= MAX_HASH_LENGTH
+        ):
             return None
         if not (isinstance(numel, list) and all(isinstance(n, int) and n >= 0 for n in numel)):
             return None
