@@ -24,6 +24,7 @@ Run from the repository root (2 cores: about `--minutes` + 1 minutes):
 from __future__ import annotations
 
 import argparse
+import itertools
 import random
 import re
 import signal
@@ -214,91 +215,87 @@ class Soak:
         time.sleep(3)
         return self.swarm.leftovers()
 
-    # ---- the report ----
 
-    def report(self) -> str:
-        records = {p.name: self.read_metrics(p) for p in self.partners}
-        all_records = [r for rs in records.values() for r in rs]
-        failures = Counter(_reason(r["failure"]) for r in all_records if r["failure"])
-        by_round: dict[int, set] = defaultdict(set)
-        for r in all_records:
-            if r["group_size"] > 1:
-                by_round[r["round"]].add(r["model_hash"])
-        disagreeing = {rnd: len(h) for rnd, h in by_round.items() if len(h) > 1}
-        self.check_rounds_never_go_back(records)
-        final_diff, final_round, compared = self.final_difference()
-        leftovers = self.leftover_processes
-        lines = [
-            f"# Churn soak: {self.args.peers} partners (+{self.new_partners} late joiners), "
-            f"{self.args.minutes} minutes, seed {self.args.seed}",
-            "",
-            f"Command: `python scripts/churn_soak.py --peers {self.args.peers} --minutes {self.args.minutes} "
-            f"--seed {self.args.seed} --every {self.args.every}`",
-            "",
-            "| partner | sessions | rounds completed | alone | failed | re-synced | last round |",
-            "|---|---|---|---|---|---|---|",
-        ]
-        for partner in self.partners:
-            rs = records[partner.name]
-            lines.append(
-                f"| {partner.name} | {partner.sessions} | {len(rs)} | {sum(r['group_size'] == 1 for r in rs)} | "
-                f"{sum(bool(r['failure']) for r in rs)} | {sum(r['resynced'] for r in rs)} | "
-                f"{rs[-1]['round'] if rs else '-'} |"
+def report(soak: Soak) -> str:
+    """The Markdown report of a finished soak."""
+    records = {p.name: read_jsonl(p.folder / "metrics.jsonl") for p in soak.partners}
+    all_records = [r for rs in records.values() for r in rs]
+    failures = Counter(_reason(r["failure"]) for r in all_records if r["failure"])
+    by_round: dict[int, set] = defaultdict(set)
+    for r in all_records:
+        if r["group_size"] > 1:
+            by_round[r["round"]].add(r["model_hash"])
+    disagreeing = {rnd: len(h) for rnd, h in by_round.items() if len(h) > 1}
+    lost = soak.lost + rounds_going_back(records)
+    final_diff, final_round, compared = final_difference(soak.partners)
+    leftovers = soak.leftover_processes
+    lines = [
+        f"# Churn soak: {soak.args.peers} partners (+{soak.new_partners} late joiners), "
+        f"{soak.args.minutes} minutes, seed {soak.args.seed}",
+        "",
+        f"Command: `python scripts/churn_soak.py --peers {soak.args.peers} --minutes {soak.args.minutes} "
+        f"--seed {soak.args.seed} --every {soak.args.every}`",
+        "",
+        "| partner | sessions | rounds completed | alone | failed | re-synced | last round |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for partner in soak.partners:
+        rs = records[partner.name]
+        lines.append(
+            f"| {partner.name} | {partner.sessions} | {len(rs)} | {sum(r['group_size'] == 1 for r in rs)} | "
+            f"{sum(bool(r['failure']) for r in rs)} | {sum(r['resynced'] for r in rs)} | "
+            f"{rs[-1]['round'] if rs else '-'} |"
+        )
+    lines += [
+        "",
+        f"- Rounds completed: {len(all_records)} partner-rounds; the swarm reached round "
+        f"{max((r['round'] for r in all_records), default=0)}.",
+        f"- Rounds failed ({sum(failures.values())}), by reason: "
+        + (", ".join(f"{reason}: {count}" for reason, count in failures.most_common()) or "none"),
+        f"- Agreement: {len(by_round)} rounds averaged in groups; rounds after which the partners that averaged "
+        f"held more than one model: {len(disagreeing)}"
+        + (f" ({', '.join(f'round {k}: {v} models' for k, v in sorted(disagreeing.items()))})" if disagreeing else "")
+        + ".",
+        f"- Largest parameter difference between partners' final checkpoints (round {final_round}, "
+        f"{compared} partners): {final_diff:.3g}.",
+        f"- Lost progress: {len(lost)}" + ("".join(f"\n  - {item}" for item in lost)),
+        f"- Leftover processes: {len(leftovers)}" + ("".join(f"\n  - {item}" for item in leftovers)),
+        "",
+        "Events:",
+        "",
+        "```",
+        *soak.events,
+        "```",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def rounds_going_back(records: dict[str, list[dict]]) -> list[str]:
+    """A partner's shared round, across all its sessions, must never go backwards: each time it does."""
+    return [
+        f"{name}: round {after['round']} came after round {before['round']}"
+        for name, rs in records.items()
+        for before, after in itertools.pairwise(rs)
+        if after["round"] <= before["round"]
+    ]
+
+
+def final_difference(partners: list[Partner]) -> tuple:
+    """Largest |difference| between the final shared models of the partners that ended at the highest round."""
+    finals = {}
+    for partner in partners:
+        folder = partner.folder / "ckpt"
+        if (folder / "state.pt").exists():
+            finals[partner.name] = (
+                torch.load(folder / "state.pt", weights_only=True)["outer"]["round"],
+                load_file(str(folder / "model.safetensors")),
             )
-        lines += [
-            "",
-            f"- Rounds completed: {len(all_records)} partner-rounds; the swarm reached round "
-            f"{max((r['round'] for r in all_records), default=0)}.",
-            f"- Rounds failed ({sum(failures.values())}), by reason: "
-            + (", ".join(f"{reason}: {count}" for reason, count in failures.most_common()) or "none"),
-            f"- Agreement: {len(by_round)} rounds averaged in groups; rounds after which the partners that averaged "
-            f"held more than one model: {len(disagreeing)}"
-            + (
-                f" ({', '.join(f'round {k}: {v} models' for k, v in sorted(disagreeing.items()))})"
-                if disagreeing
-                else ""
-            )
-            + ".",
-            f"- Largest parameter difference between partners' final checkpoints (round {final_round}, "
-            f"{compared} partners): {final_diff:.3g}.",
-            f"- Lost progress: {len(self.lost)}" + ("".join(f"\n  - {item}" for item in self.lost)),
-            f"- Leftover processes: {len(leftovers)}" + ("".join(f"\n  - {item}" for item in leftovers)),
-            "",
-            "Events:",
-            "",
-            "```",
-            *self.events,
-            "```",
-        ]
-        return "\n".join(lines) + "\n"
-
-    @staticmethod
-    def read_metrics(partner: Partner) -> list[dict]:
-        return read_jsonl(partner.folder / "metrics.jsonl")
-
-    def check_rounds_never_go_back(self, records: dict[str, list[dict]]) -> None:
-        """A partner's shared round, across all its sessions, must never go backwards."""
-        for name, rs in records.items():
-            for before, after in zip(rs, rs[1:], strict=False):
-                if after["round"] <= before["round"]:
-                    self.lost.append(f"{name}: round {after['round']} came after round {before['round']}")
-
-    def final_difference(self) -> tuple:
-        """Largest |difference| between the final shared models of the partners that ended at the highest round."""
-        finals = {}
-        for partner in self.partners:
-            folder = partner.folder / "ckpt"
-            if (folder / "state.pt").exists():
-                finals[partner.name] = (
-                    torch.load(folder / "state.pt", weights_only=True)["outer"]["round"],
-                    load_file(str(folder / "model.safetensors")),
-                )
-        if not finals:
-            return float("nan"), 0, 0
-        top = max(r for r, _ in finals.values())
-        models = [m for r, m in finals.values() if r == top]
-        diff = max((float((m[k] - models[0][k]).abs().max()) for m in models[1:] for k in models[0]), default=0.0)
-        return diff, top, len(models)
+    if not finals:
+        return float("nan"), 0, 0
+    top = max(r for r, _ in finals.values())
+    models = [m for r, m in finals.values() if r == top]
+    diff = max((float((m[k] - models[0][k]).abs().max()) for m in models[1:] for k in models[0]), default=0.0)
+    return diff, top, len(models)
 
 
 def _reason(failure: str) -> str:
@@ -324,10 +321,10 @@ def main() -> None:
         soak.run()
     except KeyboardInterrupt:
         soak.stop_all()
-    report = soak.report()
-    print(report)
+    text = report(soak)
+    print(text)
     if args.report:
-        args.report.write_text(report)
+        args.report.write_text(text)
     print(f"logs and checkpoints: {workdir}")
 
 

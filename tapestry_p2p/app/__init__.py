@@ -1,0 +1,1 @@
+"""The terminal: the `tapestry` command line, the demo, the monitor UI and plots. Nothing imports `app`."""

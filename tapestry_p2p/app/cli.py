@@ -203,6 +203,11 @@ def _add_join(join: Parser) -> Parser:
         action="store_true",
         help="if the swarm is ahead of us and nobody serves its state, train from ours instead of waiting",
     )
+    _add_model_options(join)
+    return join
+
+
+def _add_model_options(join: Parser) -> None:
     model = join.add_argument_group("model and optimizer ([model], [train], [outer] in a config file)")
     model.add_argument("--block-size", type=positive_int, default=default("block_size"), help="context length in bytes")
     for flag in ("--n-layer", "--n-head", "--n-embd", "--batch-size"):
@@ -210,7 +215,6 @@ def _add_join(join: Parser) -> Parser:
     model.add_argument("--lr", type=positive_float, default=default("lr"), help="inner AdamW learning rate")
     model.add_argument("--outer-lr", type=positive_float, default=default("outer_lr"), help="outer Nesterov SGD lr")
     model.add_argument("--outer-momentum", type=float, default=default("outer_momentum"))
-    return join
 
 
 def _add_monitor(mon: Parser) -> Parser:

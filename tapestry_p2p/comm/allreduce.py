@@ -25,9 +25,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Optional
+
+# hivemind's servicer recognises streaming RPC handlers by typing.AsyncIterator only (not collections.abc's)
+from typing import Any, AsyncIterator, Optional
 
 import torch
 from hivemind.averaging.allreduce import AllReduceRunner

@@ -33,7 +33,7 @@ from tapestry_p2p.node.metrics import MetricsWriter, RoundMetrics, Summary, mean
 from tapestry_p2p.node.session import SessionOptions, SwarmSession
 from tapestry_p2p.node.sync import StateSync
 from tapestry_p2p.p2p.dht import dht_time
-from tapestry_p2p.telemetry.status import StatusPublisher, trainers_online
+from tapestry_p2p.telemetry.status import StatusPublisher
 from tapestry_p2p.training.checkpoint import CheckpointManager
 from tapestry_p2p.training.data import ByteBatches, load_text_bytes
 from tapestry_p2p.training.inner import InnerTrainer
@@ -41,8 +41,6 @@ from tapestry_p2p.training.model import build_model
 from tapestry_p2p.training.outer import SharedModel
 
 logger = logging.getLogger(__name__)
-
-WAIT_POLL_SECONDS = 1.0  # how often a node waiting for --min-peers reads the peer table
 
 
 class Node:
@@ -229,29 +227,11 @@ class Node:
             outcome = self.sync.first_catch_up(self.stop, config.start_fresh)
             if outcome == "caught up":
                 self._save()
-            elif outcome == "alone" and not self._others_online():
+            elif outcome == "alone" and not self.session.others_online():
                 logger.warning(
                     "nobody else is in run %r yet: training alone until partners join "
                     "(check --run-id if you expected a running swarm)",
                     config.run_id,
                 )
-        self._wait_for_peers()
-
-    def _others_online(self) -> bool:
-        """Whether any other node (trainer or bootstrap) reports in this run's peer table."""
-        assert self.session is not None
-        return any(p.peer_id != self.session.peer_id and p.state != "left" for p in self.session.peers())
-
-    def _wait_for_peers(self) -> None:
-        """Before the first round, wait until `min_peers` trainers of the run (us included) report in the DHT."""
-        assert self.session is not None
         self.status.update(state="idle")
-        announced = False
-        while not self.stop.is_set():
-            online = trainers_online(self.session.peers())
-            if online >= self.config.min_peers:
-                return
-            if not announced:
-                logger.info("waiting for %d trainers to come online (%d so far)", self.config.min_peers, online)
-                announced = True
-            self.stop.wait(WAIT_POLL_SECONDS)
+        self.session.wait_for_trainers(config.min_peers, self.stop)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,9 +20,17 @@ from tapestry_p2p.comm.averaging import SwarmAveraging
 from tapestry_p2p.p2p.addresses import DEFAULT_PEER_LISTEN
 from tapestry_p2p.p2p.dht import DHT, DHTOptions, start_dht, stop_dht, visible_maddrs
 from tapestry_p2p.security.identity import ephemeral_identity, load_or_create_identity, signing_key
-from tapestry_p2p.telemetry.status import PeerStatus, StatusPublisher, read_statuses, status_validators
+from tapestry_p2p.telemetry.status import (
+    PeerStatus,
+    StatusPublisher,
+    read_statuses,
+    status_validators,
+    trainers_online,
+)
 
 logger = logging.getLogger(__name__)
+
+WAIT_POLL_SECONDS = 1.0  # how often a node waiting for other trainers reads the peer table
 
 
 @dataclass
@@ -103,3 +112,19 @@ class SwarmSession:
     def peers(self) -> list[PeerStatus]:
         """The run's peer table, as the DHT has it now (validated records)."""
         return read_statuses(self.dht, self.options.run_id)
+
+    def others_online(self) -> bool:
+        """Whether any other node (trainer or bootstrap) of the run reports in the peer table."""
+        return any(p.peer_id != self.peer_id and p.state != "left" for p in self.peers())
+
+    def wait_for_trainers(self, count: int, stop: threading.Event) -> None:
+        """Wait until `count` trainers of the run (us included) report in the peer table, or `stop` is set."""
+        announced = False
+        while not stop.is_set():
+            online = trainers_online(self.peers())
+            if online >= count:
+                return
+            if not announced:
+                logger.info("waiting for %d trainers to come online (%d so far)", count, online)
+                announced = True
+            stop.wait(WAIT_POLL_SECONDS)

@@ -1,0 +1,1 @@
+"""Below everything: DHT processes, addresses, process hygiene, and the one module that touches hivemind internals."""

@@ -1,0 +1,1 @@
+"""Identities (the keys nodes sign with) and DHT record validation."""

@@ -1,0 +1,1 @@
+"""Pure torch: models, data, inner and outer optimizers, checkpoints. Never imports hivemind or the network."""

@@ -41,12 +41,12 @@ class SharedModel:
     @torch.no_grad()
     def pseudo_gradient(self, working: torch.nn.Module) -> list[torch.Tensor]:
         """theta - working, one tensor per parameter."""
-        return [theta - w for theta, w in zip(self.params, working.parameters(), strict=False)]
+        return [theta - w for theta, w in zip(self.params, working.parameters(), strict=True)]
 
     @torch.no_grad()
     def apply(self, averaged: Sequence[torch.Tensor]) -> None:
         """One outer Nesterov step with the group's averaged pseudo-gradient; advances the round."""
-        for param, grad in zip(self.params, averaged, strict=False):
+        for param, grad in zip(self.params, averaged, strict=True):
             param.grad = grad.clone()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -55,7 +55,7 @@ class SharedModel:
     @torch.no_grad()
     def copy_into(self, working: torch.nn.Module) -> None:
         """Restart the working copy from theta (inner optimizer state stays as it is)."""
-        for w, theta in zip(working.parameters(), self.params, strict=False):
+        for w, theta in zip(working.parameters(), self.params, strict=True):
             w.copy_(theta)
 
     def momentum_buffers(self) -> list[torch.Tensor]:
@@ -65,7 +65,7 @@ class SharedModel:
     @torch.no_grad()
     def load(self, params: Sequence[torch.Tensor], momentum: Sequence[torch.Tensor], round_no: int) -> None:
         """Adopt another peer's theta, outer momentum and round (a re-sync or a late join)."""
-        for p, value, buf in zip(self.params, params, momentum, strict=False):
+        for p, value, buf in zip(self.params, params, momentum, strict=True):
             p.copy_(value)
             self.optimizer.state[p]["momentum_buffer"] = buf.clone()
         self.round = round_no

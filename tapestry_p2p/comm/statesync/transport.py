@@ -10,8 +10,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Sequence
-from typing import TYPE_CHECKING, Any, Optional
+from collections.abc import Sequence
+
+# hivemind's servicer recognises streaming RPC handlers by typing.AsyncIterator only (not collections.abc's)
+from typing import TYPE_CHECKING, Any, AsyncIterator, Optional
 
 import torch
 from hivemind.compression import deserialize_torch_tensor, serialize_torch_tensor

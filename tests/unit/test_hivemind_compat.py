@@ -1,0 +1,71 @@
+"""The seam to hivemind (p2p/hivemind_compat.py): every private name we rely on exists in the installed hivemind, and
+an upgrade that changes any of them is one readable error at start-up."""
+
+from __future__ import annotations
+
+import logging
+from typing import get_type_hints
+
+import pytest
+
+from tapestry_p2p.p2p import hivemind_compat
+from tapestry_p2p.p2p.hivemind_compat import SURFACE, HivemindChanged, Name, check
+
+
+def test_the_installed_hivemind_has_every_name_we_rely_on():
+    assert check() == []
+    assert len(SURFACE) >= 20
+
+
+def test_a_changed_hivemind_is_reported_name_by_name():
+    surface = (
+        Name("hivemind.averaging.allreduce:AllReduceRunner", "_accumulate_parts_streaming"),
+        Name("hivemind.averaging.allreduce:AllReduceRunner", "_renamed_in_a_later_version"),
+        Name("hivemind.averaging.partition:TensorPartContainer", "_gone_too", instance=True),
+        Name("hivemind.no_such_module:Thing", "attribute"),
+    )
+    assert check(surface, expected_version="9.9.9") == [
+        f"hivemind {__import__('hivemind').__version__} is installed, tapestry is written against 9.9.9",
+        "hivemind.averaging.allreduce:AllReduceRunner has no _renamed_in_a_later_version",
+        "hivemind.averaging.partition:TensorPartContainer has no _gone_too",
+        "hivemind.no_such_module:Thing has no attribute",
+    ]
+
+
+def test_install_refuses_to_start_on_a_changed_hivemind(monkeypatch):
+    monkeypatch.setattr(hivemind_compat, "check", lambda: ["hivemind.x:Y has no z", "hivemind.a:B has no c"])
+    with pytest.raises(HivemindChanged, match="hivemind.x:Y has no z; hivemind.a:B has no c: reinstall with"):
+        hivemind_compat.install("main")
+
+
+def test_the_averager_filter_drops_only_no_group_and_already_reported_failures(caplog):
+    hivemind_compat.install("main")
+    averager = logging.getLogger("hivemind.averaging.averager")
+
+    class Reported(hivemind_compat.ReportedFailure, RuntimeError):
+        pass
+
+    with caplog.at_level(logging.ERROR, logger="hivemind.averaging.averager"):
+        for error in (
+            RuntimeError("Averaging step failed: could not find a group"),
+            Reported("logged"),
+            RuntimeError("a real failure"),
+        ):
+            try:
+                raise error
+            except RuntimeError:
+                averager.exception("step failed")
+    assert [str(r.exc_info[1]) for r in caplog.records] == ["a real failure"]
+
+
+def test_our_rpc_handlers_are_streams_to_hiveminds_servicer():
+    """hivemind reads `rpc_*` type hints to decide which handlers stream; a wrong AsyncIterator makes them fail."""
+    from hivemind.p2p.servicer import ServicerBase
+
+    from tapestry_p2p.comm.allreduce import ExactAllReduceRunner
+    from tapestry_p2p.comm.averager import ExactAverager
+
+    for handler in (ExactAverager.rpc_state_slice, ExactAllReduceRunner.rpc_aggregate_part):
+        hints = get_type_hints(handler)
+        assert ServicerBase._strip_iterator_hint(hints["return"])[1], handler.__qualname__
+    assert ServicerBase._strip_iterator_hint(get_type_hints(ExactAllReduceRunner.rpc_aggregate_part)["stream"])[1]
