@@ -119,13 +119,13 @@ class Node:
             return None
         training_seconds = time.monotonic() - started
         result = self._average(meeting)
-        self._apply(result)
+        inner_steps = self._apply(result)
         if self.sync.out_of_step(result):
             self.status.update(state="loading state")
         resynced = self.sync.after_round(result)
         self.sync.averaging.publish_round(self.shared.round)
         self._save()
-        return self._record(result, resynced, started, training_seconds)
+        return self._record(result, inner_steps, resynced, started, training_seconds)
 
     # ---- the four steps ----
 
@@ -166,19 +166,23 @@ class Node:
         self.status.update(state="averaging")
         return self.sync.averaging.average(delta, meeting, meta)
 
-    def _apply(self, result: AveragingResult) -> None:
-        """Step 3: the outer step; the working copy restarts from the new theta."""
+    def _apply(self, result: AveragingResult) -> int:
+        """Step 3: the outer step; the working copy restarts from the new theta. Returns the round's inner steps."""
         with self.sync.lock:
             self.shared.apply(result.averaged)
             self.shared.copy_into(self.trainer.model)
-        self.last_loss = mean(self.round_losses)
+        self.last_loss, inner_steps = mean(self.round_losses), len(self.round_losses)
+        self.round_losses.clear()
         self.rounds_done += 1
+        return inner_steps
 
-    def _record(self, result: AveragingResult, resynced: bool, started: float, training_seconds: float) -> RoundMetrics:
+    def _record(
+        self, result: AveragingResult, inner_steps: int, resynced: bool, started: float, training_seconds: float
+    ) -> RoundMetrics:
         record = RoundMetrics(
             round=self.shared.round,
             step=self.trainer.steps,
-            inner_steps=len(self.round_losses),
+            inner_steps=inner_steps,
             loss=self.last_loss,
             group_size=result.group_size,
             bytes_sent=result.bytes_sent,
@@ -192,7 +196,6 @@ class Node:
             failure=result.failure,
             resynced=resynced,
         )
-        self.round_losses.clear()
         self.metrics.write(record, training_seconds)
         return record
 
