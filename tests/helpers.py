@@ -48,37 +48,25 @@ def write_text(path: Path, seed: int, n_bytes: int = 6000) -> Path:
 
 
 def join_args(tmp_path: Path, name: str, seed: int, bootstrap: Optional[str], rounds: int = ROUNDS, *extra: str):
-    """`tapestry join` arguments for a small partner `name` with its own data, metrics and checkpoint in tmp_path."""
+    """`tapestry join` arguments for a small partner `name` with its own data, metrics and checkpoint in tmp_path;
+    `extra` flags come last, so they win."""
     folder = tmp_path / name
     folder.mkdir()
-    args = [
-        "join",
-        "--run-id",
-        "e2e",
-        "--data",
-        str(write_text(folder / "data.txt", seed)),
-        "--listen",
-        LOOPBACK,
-        "--partner",
-        name,
-        "--max-rounds",
-        str(rounds),
-        "--inner-steps",
-        "10",
-        "--threads",
-        "1",
-        "--round-window",
-        "3",
-        "--metrics",
-        str(folder / "metrics.jsonl"),
-        "--checkpoint-dir",
-        str(folder / "ckpt"),
-        *TINY_MODEL,
-        *extra,
-    ]
+    options = {
+        "--run-id": "e2e",
+        "--data": write_text(folder / "data.txt", seed),
+        "--listen": LOOPBACK,
+        "--partner": name,
+        "--max-rounds": rounds,
+        "--inner-steps": 10,
+        "--threads": 1,
+        "--round-window": 3,
+        "--metrics": folder / "metrics.jsonl",
+        "--checkpoint-dir": folder / "ckpt",
+    }
     if bootstrap:
-        args[1:1] = ["--initial-peers", bootstrap]
-    return args
+        options["--initial-peers"] = bootstrap
+    return ["join", *(str(x) for pair in options.items() for x in pair), *TINY_MODEL, *extra]
 
 
 def metrics(tmp_path: Path, name: str) -> list:

@@ -9,10 +9,11 @@ import subprocess
 import sys
 import time
 
-from helpers import write_text
+from helpers import join_args
 
+from tapestry_p2p.node.metrics import read_jsonl
 from tapestry_p2p.telemetry.status import EXPIRY
-from tapestry_p2p.testing.local_swarm import LOOPBACK, wait_for_file
+from tapestry_p2p.testing.local_swarm import wait_for_file
 
 RUN = "watched"
 
@@ -31,68 +32,19 @@ def monitor_json(bootstrap: str) -> list:
 
 def rounds_done_by(path, when: float) -> int:
     """The round a peer's metrics file had reached at unix time `when` (when its status record was published)."""
-    done = [json.loads(line)["round"] for line in path.read_text().splitlines() if json.loads(line)["time"] <= when]
-    return max(done, default=0)
+    return max((r["round"] for r in read_jsonl(path) if r["time"] <= when), default=0)
 
 
 def test_monitor_lists_exactly_the_running_peers_and_drops_a_dead_one(procs, tmp_path):
-    addr_file = tmp_path / "boot.addr"
-    boot = procs.start(
-        "boot",
-        "bootstrap",
-        "--listen",
-        LOOPBACK,
-        "--identity",
-        str(tmp_path / "boot.key"),
-        "--addr-file",
-        str(addr_file),
-        "--run-id",
-        RUN,
-        "--partner",
-        "the-bootstrap",
-    )
-    bootstrap = wait_for_file(addr_file, 60, boot).split()[0]
-    trainers = {}
-    for i, name in enumerate(["anna", "bert", "cleo"]):
-        folder = tmp_path / name
-        folder.mkdir()
-        trainers[name] = procs.start(
-            name,
-            "join",
-            "--run-id",
-            RUN,
-            "--initial-peers",
-            bootstrap,
-            "--listen",
-            LOOPBACK,
-            "--partner",
-            name,
-            "--data",
-            str(write_text(folder / "d.txt", seed=i)),
-            "--metrics",
-            str(folder / "m.jsonl"),
-            "--inner-steps",
-            "10",
-            "--threads",
-            "1",
-            "--round-window",
-            "3",
-            "--quiet",
-            "--min-peers",
-            "3",
-            "--n-layer",
-            "1",
-            "--n-embd",
-            "32",
-            "--n-head",
-            "2",
-            "--block-size",
-            "32",
-            "--batch-size",
-            "4",
+    bootstrap = procs.start_bootstrap("boot", run_id=RUN, partner="the-bootstrap")
+    trainers = {
+        name: procs.start(
+            name, *join_args(tmp_path, name, i, bootstrap, 100, "--run-id", RUN, "--quiet", "--min-peers", "3")
         )
+        for i, name in enumerate(["anna", "bert", "cleo"])
+    }
     for name in trainers:  # everyone has finished a round
-        wait_for_file(tmp_path / name / "m.jsonl", 120, trainers[name])
+        wait_for_file(tmp_path / name / "metrics.jsonl", 120, trainers[name])
 
     peers = monitor_json(bootstrap)
     by_partner = {p["partner"]: p for p in peers}
@@ -101,10 +53,10 @@ def test_monitor_lists_exactly_the_running_peers_and_drops_a_dead_one(procs, tmp
     for name in trainers:
         record = by_partner[name]
         assert record["role"] == "trainer" and record["state"] in ("training", "averaging", "loading state")
-        assert abs(record["round"] - rounds_done_by(tmp_path / name / "m.jsonl", record["time"])) <= 1
+        assert abs(record["round"] - rounds_done_by(tmp_path / name / "metrics.jsonl", record["time"])) <= 1
         assert record["group_size"] == 3 and record["compression"] == "8bit"
         assert record["bytes_sent_total"] > 0 and record["tokens_per_second"] > 0
-        assert record["peer_id"] in (tmp_path / name / "m.jsonl").read_text()
+        assert record["peer_id"] in (tmp_path / name / "metrics.jsonl").read_text()
 
     os.kill(trainers["bert"].pid, signal.SIGKILL)
     killed = time.monotonic()
