@@ -151,7 +151,7 @@ class CheckpointManager:
     def resume(self) -> list[float]:
         """Restore the checkpoint; returns the inner losses of the round it stopped in (empty between rounds)."""
         shared, state = load(self.directory)
-        self._check_model(state)
+        self._check_model(state, shared)
         self.shared.model.load_state_dict(shared)
         try:
             self.shared.load_state_dict(state["outer"])
@@ -178,13 +178,17 @@ class CheckpointManager:
         )
         return round_losses
 
-    def _check_model(self, state: dict[str, Any]) -> None:
-        """Refuse a checkpoint of another model, naming the first option that differs."""
+    def _check_model(self, state: dict[str, Any], shared: dict[str, torch.Tensor]) -> None:
+        """Refuse a checkpoint of another model, naming the first option that differs (or, for a checkpoint written
+        before checkpoints recorded their model config, the first tensor whose shape differs)."""
         found = state.get("model_config")
         expected = dataclasses.asdict(self.model)
+        if found is None:
+            self._check_shapes(shared)
+            return
         if not isinstance(found, dict) or found.keys() != expected.keys():
             raise CheckpointError(
-                f"{self.directory / STATE_FILE} records no model config of this version; {way_out(self.directory)}"
+                f"{self.directory / STATE_FILE} records a model config of another version; {way_out(self.directory)}"
             )
         differs = [name for name in expected if found[name] != expected[name]]
         if differs:
@@ -193,4 +197,15 @@ class CheckpointManager:
                 f"{self.directory / MODEL_FILE} holds a model of another shape ({name}: {found[name]} there, "
                 f"{expected[name]} with these options); pass the model options it was trained with "
                 f"([model] {name} = {found[name]}), or a new --checkpoint-dir"
+            )
+
+    def _check_shapes(self, shared: dict[str, torch.Tensor]) -> None:
+        expected = {k: tuple(v.shape) for k, v in self.shared.model.state_dict().items()}
+        found = {k: tuple(v.shape) for k, v in shared.items()}
+        if found != expected:
+            name = sorted(k for k in expected.keys() | found.keys() if found.get(k) != expected.get(k))[0]
+            raise CheckpointError(
+                f"{self.directory / MODEL_FILE} holds a model of another shape ({name}: {found.get(name)} there, "
+                f"{expected.get(name)} with these options); pass the model options it was trained with, "
+                f"or a new --checkpoint-dir"
             )

@@ -72,6 +72,20 @@ def test_a_checkpoint_records_its_model_and_refuses_another(tmp_path):
         Node(deeper)
 
 
+def test_a_checkpoint_from_before_model_configs_resumes_or_is_refused_by_shape(tmp_path):
+    config = solo_config(tmp_path, inner_steps=2, max_rounds=1)
+    node = Node(config)
+    node.run()
+    state_file = tmp_path / "ckpt" / checkpoint.STATE_FILE
+    state = torch.load(state_file, weights_only=True)
+    del state["model_config"]  # as the previous version wrote it
+    torch.save(state, state_file)
+    assert Node(config).shared.hash() == node.shared.hash()
+    wider = dataclasses.replace(config, model=dataclasses.replace(TINY, n_embd=64))
+    with pytest.raises(checkpoint.CheckpointError, match=r"another shape \(blocks.0.attn.proj.bias: \(32,\) there"):
+        Node(wider)
+
+
 def test_model_state_dict_names_each_tensor_once():
     model = GPT(TINY)
     tensors = model.state_dict()
