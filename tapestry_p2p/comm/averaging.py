@@ -35,7 +35,7 @@ from tapestry_p2p.comm.codec import compression_for
 from tapestry_p2p.comm.matchmaking import MATCHMAKING_LEAD
 from tapestry_p2p.comm.statesync.client import Download, StateClient
 from tapestry_p2p.comm.statesync.policy import canonical_state
-from tapestry_p2p.comm.statesync.wire import MAX_HASH_LENGTH, PeerState, StateId
+from tapestry_p2p.comm.statesync.wire import MAX_HASH_LENGTH, PeerState, StateId, is_count
 
 logger = logging.getLogger(__name__)
 
@@ -66,7 +66,7 @@ class RoundMeta:
         if not isinstance(data, dict):
             return None
         round_no, digest, steps = data.get("round"), data.get("hash"), data.get("steps")
-        if not (isinstance(round_no, int) and round_no >= 0 and isinstance(steps, int) and steps >= 0):
+        if not (is_count(round_no) and is_count(steps)):
             return None
         if not (isinstance(digest, str) and len(digest) <= MAX_HASH_LENGTH):
             return None

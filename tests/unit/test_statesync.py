@@ -27,6 +27,7 @@ def test_a_groupmates_round_metadata_is_validated():
         [3, "x", 1],
         {"round": 1, "hash": "x" * 65, "steps": 1},
         {"round": 1, "hash": "x", "steps": 1.5},
+        {"round": True, "hash": "x", "steps": 1},
     ):
         assert RoundMeta.parse(bad) is None, bad
 
@@ -63,8 +64,11 @@ def test_state_messages_from_peers_are_validated():
         msgpack.packb({"round": -1, "hash": "x", "numel": []}),
         msgpack.packb({"round": 1, "hash": 5, "numel": []}),
         msgpack.packb({"round": 1, "hash": "x"}),
+        msgpack.packb({"round": True, "hash": "x", "numel": [], "clean": True}),
+        msgpack.packb({"round": 1, "hash": "x", "numel": [False], "clean": True}),
     ):
         assert StateInfo.unpack(bad) is None
     assert unpack_request(pack_request("h", [0, 2]), 3) == ("h", [0, 2])
     assert unpack_request(pack_request(None, [3]), 3) is None  # out of range
     assert unpack_request(b"\x93", 3) is None
+    assert unpack_request(pack_request(None, [True]), 3) is None

@@ -25,12 +25,17 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import NamedTuple, Optional
+from typing import NamedTuple, Optional, TypeGuard
 
 import msgpack
 
 MAX_HASH_LENGTH = 64
 UNPACK_ERRORS = (msgpack.UnpackException, ValueError, KeyError, TypeError)  # what untrusted msgpack input raises
+
+
+def is_count(value: object) -> TypeGuard[int]:
+    """A non-negative int from untrusted input (msgpack's booleans are ints in Python, and are refused)."""
+    return type(value) is int and value >= 0
 
 
 class StateId(NamedTuple):
@@ -87,11 +92,9 @@ class StateInfo:
             return None
         if not isinstance(clean, bool):
             return None
-        if not (
-            isinstance(round_no, int) and round_no >= 0 and isinstance(digest, str) and len(digest) <= MAX_HASH_LENGTH
-        ):
+        if not (is_count(round_no) and isinstance(digest, str) and len(digest) <= MAX_HASH_LENGTH):
             return None
-        if not (isinstance(numel, list) and all(isinstance(n, int) and n >= 0 for n in numel)):
+        if not (isinstance(numel, list) and all(is_count(n) for n in numel)):
             return None
         return cls(round_no, digest, tuple(numel), clean)
 
@@ -109,6 +112,6 @@ def unpack_request(raw: bytes, n_tensors: int) -> Optional[tuple[Optional[str], 
         return None
     if want is not None and not isinstance(want, str):
         return None
-    if not isinstance(indices, list) or not all(isinstance(i, int) and 0 <= i < n_tensors for i in indices):
+    if not isinstance(indices, list) or not all(is_count(i) and i < n_tensors for i in indices):
         return None
     return want, indices
