@@ -29,7 +29,7 @@ from rich.text import Text
 
 from tapestry_p2p.node.session import SessionOptions, SwarmSession
 from tapestry_p2p.p2p.dht import dht_time
-from tapestry_p2p.telemetry.status import STALE_AFTER, PeerStatus
+from tapestry_p2p.telemetry.status import STALE_AFTER, PeerStatus, flags_against
 
 REFRESH_SECONDS = 1.0
 STATE_STYLES = {"training": "green", "averaging": "cyan", "loading state": "yellow", "idle": "white", "left": "dim"}
@@ -85,10 +85,11 @@ def render(peers: list[PeerStatus], now: float, title: str = "tapestry swarm") -
     """Header with totals, one row per peer sorted by partner, then the failures; fits an 80-column terminal."""
     table = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
     table.add_column("partner", overflow="ellipsis", no_wrap=True, max_width=14)
-    table.add_column("region", overflow="ellipsis", no_wrap=True, max_width=9)
+    table.add_column("region", overflow="ellipsis", no_wrap=True, max_width=7)
     table.add_column("state", no_wrap=True, min_width=13)
     for numeric in ("round", "loss", "tok/s", "MB tx/rx", "grp", "s/rnd"):
         table.add_column(numeric, justify="right", no_wrap=True)
+    table.add_column("r/c", justify="right", no_wrap=True, min_width=5)  # contributions refused/clipped by others
     for p in sorted(peers, key=lambda p: (p.partner, p.peer_id)):
         silent = now - p.time
         stale = silent > STALE_AFTER
@@ -103,9 +104,31 @@ def render(peers: list[PeerStatus], now: float, title: str = "tapestry swarm") -
             f"{_megabytes(p.bytes_sent_total)}/{_megabytes(p.bytes_received_total)}",
             str(p.group_size) if p.role == "trainer" else "-",
             f"{p.round_seconds:.1f}" if p.round_seconds else "-",
+            _flags(peers, p),
             style="dim" if stale else None,
         )
-    return Group(header(peers, now), table, *failures(peers))
+    return Group(header(peers, now), table, *failures(peers), *flagged(peers))
+
+
+def _flags(peers: list[PeerStatus], peer: PeerStatus) -> Text:
+    refused, clipped = flags_against(peers, peer.peer_id)
+    return Text(f"{refused}/{clipped}", style="bold red" if refused else "yellow" if clipped else "")
+
+
+def flagged(peers: list[PeerStatus]) -> list[Text]:
+    """One line per peer whose contributions its groupmates refused or clipped."""
+    lines = []
+    for p in sorted(peers, key=lambda p: (p.partner, p.peer_id)):
+        refused, clipped = flags_against(peers, p.peer_id)
+        if refused or clipped:
+            lines.append(
+                Text(
+                    f"{p.partner} ({p.peer_id[-8:]}): contributions refused {refused}x, clipped {clipped}x by groupmates",
+                    style="red" if refused else "yellow",
+                    overflow="fold",
+                )
+            )
+    return lines
 
 
 def failures(peers: list[PeerStatus]) -> list[Text]:

@@ -13,6 +13,10 @@ So each member ends the round holding exactly the same float32 values, whatever 
 part splitting and load balancing stay hivemind's. The runner also counts the bytes of every message it sends and
 receives, so a round's traffic is measured where it happens rather than estimated.
 
+Each reducer screens what its senders send (`screening.Screen`: exact shape, codec and weight, finite values, a norm
+within what the sender declared) and clips each sender to a bound relative to the group; a refused sender is banned
+from this reducer for the round, and refusals and clips are reported per peer (`refused`, `clipped`).
+
 When a reducer dies mid-round, the values it was averaging get *no* update this round on every member (a zero
 pseudo-gradient), instead of hivemind's "keep your own values", which would leave each survivor with a different
 model. The averager that runs this runner is `comm/averager.py`.
@@ -24,7 +28,9 @@ only wrap upstream's method.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -39,6 +45,8 @@ from hivemind.compression import CompressionInfo, deserialize_torch_tensor
 from hivemind.p2p import P2PContext, P2PDaemonError, P2PHandlerError, PeerID
 from hivemind.proto import averaging_pb2, runtime_pb2
 from hivemind.utils.asyncio import amap_in_executor
+
+from tapestry_p2p.comm.screening import Screen
 
 logger = logging.getLogger(__name__)
 
@@ -98,9 +106,15 @@ class _CountingStub:
 class ExactAllReduceRunner(AllReduceRunner):
     """An AllReduceRunner whose outputs are the decoded averages, identical on every member of the group."""
 
-    def __init__(self, after_part_served: Optional[Callable[[], None]] = None, **kwargs: Any) -> None:
+    def __init__(
+        self, screen: Screen, after_part_served: Optional[Callable[[], None]] = None, **kwargs: Any
+    ) -> None:
         super().__init__(**kwargs)
         container = self.tensor_part_container
+        part_sizes = [math.prod(shape) for shape in self.tensor_part_reducer.part_shapes]
+        self.screen = dataclasses.replace(screen, part_sizes=part_sizes)
+        self.refused: dict[str, str] = {}  # sender (base58) -> why this reducer refused its parts this round
+        self.clipped: dict[str, float] = {}  # sender (base58) -> the factor its parts were scaled by (< 1)
         container.return_deltas = False  # outputs are averages, not deltas; a failed reducer's span is zeroed later
         self.span_sizes = [sum(part.numel() for part, _ in parts) for parts in container._input_parts_by_peer]
         self.failed_reducers: set[int] = set()
@@ -171,9 +185,10 @@ class ExactAllReduceRunner(AllReduceRunner):
         peer_index = self.ordered_peer_ids.index(peer_id)
         sender_index = self.sender_peer_ids.index(peer_id)
         try:
+            scale = self._scale(sender_index)
             for part_index, tensor_part in enumerate(self.parts_for_local_averaging):
                 averaged = await self.tensor_part_reducer.accumulate_part(
-                    sender_index, part_index, tensor_part, weight=self.weight
+                    sender_index, part_index, tensor_part * scale if scale != 1.0 else tensor_part, weight=self.weight
                 )
                 wire = await self._publish(part_index, averaged)
                 decoded = deserialize_torch_tensor(wire)
@@ -202,19 +217,25 @@ class ExactAllReduceRunner(AllReduceRunner):
     async def _accumulate_parts_streaming(
         self, stream: AsyncIterator[averaging_pb2.AveragingData], sender_index: int
     ) -> AsyncIterator[averaging_pb2.AveragingData]:
-        # forked from hivemind 1.1.12 averaging/allreduce.py:AllReduceRunner._accumulate_parts_streaming; changes: the
-        # reply is the part's published average (`_publish`: the same bytes for every sender) instead of a delta
-        # re-encoded with the sender's codec. Kept from upstream: a sender banned in the meantime ends its stream.
+        # forked from hivemind 1.1.12 averaging/allreduce.py:AllReduceRunner._accumulate_parts_streaming; changes: each
+        # part is screened (a refused sender is banned from this reducer for the round) and scaled by the sender's
+        # clip factor; the reply is the part's published average (`_publish`: the same bytes for every sender)
+        # instead of a delta re-encoded with the sender's codec. Kept from upstream: a banned sender's stream ends.
         part_index = 0
+        scale = self._scale(sender_index)
         try:
-            async for tensor_part, weight in amap_in_executor(
-                lambda msg: (deserialize_torch_tensor(msg.tensor_part), msg.weight),
+            async for tensor_part, weight, codec in amap_in_executor(
+                lambda msg: (deserialize_torch_tensor(msg.tensor_part), msg.weight, msg.tensor_part.compression),
                 stream,
                 max_prefetch=self.tensor_part_container.prefetch,
             ):
+                refusal = self.screen.check(sender_index, part_index, tensor_part, weight, codec)
+                if refusal is not None:
+                    self._refuse(sender_index, refusal)
+                    break
                 try:
                     averaged = await self.tensor_part_reducer.accumulate_part(
-                        sender_index, part_index, tensor_part, weight=weight
+                        sender_index, part_index, tensor_part * scale if scale != 1.0 else tensor_part, weight=weight
                     )
                 except BannedException:
                     logger.debug("sender #%d was banned in the meantime: its stream ends here", sender_index)
@@ -225,6 +246,18 @@ class ExactAllReduceRunner(AllReduceRunner):
         finally:
             if part_index != self.tensor_part_reducer.num_parts:
                 await self._ban_sender(self.sender_peer_ids[sender_index])
+
+    def _scale(self, sender_index: int) -> float:
+        """The clip factor of a sender's parts at this reducer; clips are remembered for the round's report."""
+        scale = self.screen.scale(sender_index)
+        if scale < 1.0:
+            self.clipped[self.sender_peer_ids[sender_index].to_base58()] = scale
+        return scale
+
+    def _refuse(self, sender_index: int, reason: str) -> None:
+        peer = self.sender_peer_ids[sender_index].to_base58()
+        self.refused.setdefault(peer, reason)
+        logger.warning("refused the parts of groupmate %s this round: it %s", peer, reason)
 
     def failed_spans(self) -> list[tuple[int, int]]:
         """[start, end) ranges, in the flattened order of the tensors, of the reducers that failed this round."""

@@ -7,10 +7,14 @@ gets a list back. `average` is the round's one blocking call; overlapping rounds
 
 The average is weighted by each member's inner steps this round (see `SwarmAveraging.average`).
 
-Agreement: every peer gathers its groupmates' `RoundMeta` (round, hash, steps). If the group's members disagree on the
-shared model (a peer missed a round, or crashed and came back), the canonical state is the one held by most members
-of the highest round (ties: the smallest peer id, see `statesync.policy`); `needs_resync` tells the other members to
-download it afterwards. A round that lost a part (a groupmate died mid-stream) ends with a second comparison,
+Agreement: every peer gathers its groupmates' `RoundMeta` (round, hash, steps, norm). If the group's members disagree
+on the shared model (a peer missed a round, or crashed and came back), the elected state is the one a majority of
+them hold (see `statesync.policy.elected_state`: a claim to be ahead wins nothing); `needs_resync` tells the other
+members to download it afterwards.
+
+Influence: the weight is the member's inner steps, at most H; before encoding, a pseudo-gradient that is not finite is
+replaced by zeros at a negligible weight (the codec would turn NaN into finite values); each reducer screens and clips
+its senders (`screening.py`), and the round's result says whom we refused or clipped. A round that lost a part (a groupmate died mid-stream) ends with a second comparison,
 `agreed_state`, among the members that finished it.
 
 Failures: "no group" and network failures end the round with our own update and a `failure` reason; an exception
@@ -21,6 +25,7 @@ inside our own code (here or in the averager's overrides) is logged with its tra
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Optional, Protocol
@@ -34,8 +39,12 @@ from tapestry_p2p.comm.averager import AllReduceOutcome, AveragingBug, ExactAver
 from tapestry_p2p.comm.codec import compression_for
 from tapestry_p2p.comm.matchmaking import MATCHMAKING_LEAD
 from tapestry_p2p.comm.statesync.client import Download, StateClient
-from tapestry_p2p.comm.statesync.policy import canonical_state
-from tapestry_p2p.comm.statesync.wire import MAX_HASH_LENGTH, PeerState, StateId, is_count
+from tapestry_p2p.comm.screening import DEFAULT_CLIP_MULTIPLE, RoundMeta, weight_for
+from tapestry_p2p.comm.statesync.policy import elected_state
+from tapestry_p2p.comm.statesync.wire import PeerState, StateId
+from tapestry_p2p.security.membership import Members
+
+__all__ = ["AveragingResult", "RoundMeta", "SoloAveraging", "SwarmAveraging", "alone"]
 
 logger = logging.getLogger(__name__)
 
@@ -46,35 +55,7 @@ ALLREDUCE_TIMEOUT = 60.0  # the longest an all-reduce may take once the group is
 NEXT_CHUNK_TIMEOUT = 10.0  # a groupmate silent for this long is dropped from the round
 # Smaller parts balance the reducers' load better on small models (hivemind splits each span into parts this big).
 PART_SIZE_BYTES = 64 * 1024
-# A member with no inner steps still takes part (so it ends the round with the group's model) at this negligible
-# weight, which keeps the total positive even if every member of a group arrived empty-handed.
-ZERO_STEP_WEIGHT = 1e-6
 DECLARE_STATE_PERIOD = 10.0  # seconds between hivemind's re-declarations that we serve our state
-
-
-@dataclass(frozen=True)
-class RoundMeta:
-    """What each member tells its group about the round it averages (hivemind's `gather`)."""
-
-    round: int  # the shared model's round going in
-    hash: str  # its hash
-    steps: int  # inner steps this round (the member's weight)
-
-    @classmethod
-    def parse(cls, data: Any) -> Optional[RoundMeta]:
-        """A groupmate's metadata (untrusted); None if it is malformed."""
-        if not isinstance(data, dict):
-            return None
-        round_no, digest, steps = data.get("round"), data.get("hash"), data.get("steps")
-        if not (is_count(round_no) and is_count(steps)):
-            return None
-        if not (isinstance(digest, str) and len(digest) <= MAX_HASH_LENGTH):
-            return None
-        return cls(round_no, digest, steps)
-
-    @property
-    def state(self) -> PeerState:
-        return PeerState(self.round, self.hash)
 
 
 @dataclass
@@ -88,6 +69,9 @@ class AveragingResult:
     needs_resync: bool = False
     group_round: int = 0  # the round the group's canonical members reach with this round (0 if unknown)
     clean: bool = True  # we received every averaged part (no span zeroed for a lost reducer)
+    dropped: dict[str, str] = field(default_factory=dict)  # groupmate -> why it was left out of the round
+    refused: dict[str, str] = field(default_factory=dict)  # groupmate -> why we refused its parts as a reducer
+    clipped: dict[str, float] = field(default_factory=dict)  # groupmate -> the factor we scaled its parts by
 
 
 def alone(delta: Sequence[torch.Tensor], failure: Optional[str] = None) -> AveragingResult:
@@ -147,9 +131,13 @@ class SwarmAveraging:
         shapes: Sequence[torch.Size],
         compression: str,
         state_fn: Callable[[], tuple[dict[str, Any], list[torch.Tensor]]],
+        max_steps: int,
+        members: Optional[Members] = None,
+        clip_multiple: float = DEFAULT_CLIP_MULTIPLE,
         fault: Optional[FaultHook] = None,
     ) -> None:
         self._buffers = [torch.zeros(shape) for shape in shapes]
+        self._max_steps = max_steps
         self._averager = ExactAverager(
             self._buffers,
             dht,
@@ -164,8 +152,13 @@ class SwarmAveraging:
             compression=compression_for(compression),
             state_fn=state_fn,
             declare_state_period=DECLARE_STATE_PERIOD,
+            members=members or Members.open(),
+            max_steps=max_steps,
+            codec=compression,
+            clip_multiple=clip_multiple,
             fault=fault,
         )
+        self.replace_members = self._averager.replace_members
         self._states = StateClient(dht, self._averager)
         self.publish_round = self._states.publish_round
         self.highest_round_online = self._states.highest_round_online
@@ -173,9 +166,16 @@ class SwarmAveraging:
         self.agreed_state = self._states.agreed_state
 
     def average(self, delta: Sequence[torch.Tensor], meeting: float, meta: RoundMeta) -> AveragingResult:
+        norm = math.sqrt(sum(float(d.double().square().sum()) for d in delta))
+        finite = math.isfinite(norm)
+        if not finite:  # the 8-bit codec would turn NaN into finite values: contribute nothing instead
+            logger.error("our pseudo-gradient is not finite: contributing nothing to round %d", meta.round + 1)
+            meta = RoundMeta(meta.round, meta.hash, steps=0, norm=0.0)
+        else:
+            meta = RoundMeta(meta.round, meta.hash, meta.steps, norm)
         with self._averager.get_tensors() as buffers:
             for buffer, d in zip(buffers, delta, strict=True):
-                buffer.copy_(d)
+                buffer.copy_(d if finite else torch.zeros_like(d))
         try:
             outcome = self._step(meeting, meta)
         except AveragingBug as e:  # logged with its traceback in the averager process
@@ -197,9 +197,9 @@ class SwarmAveraging:
         return _result(averaged, outcome, meta)
 
     def _step(self, meeting: float, meta: RoundMeta) -> AllReduceOutcome:
-        # Weighted by inner steps: a partner that joined the meeting after fewer steps moves the average less.
+        # Weighted by inner steps (at most H): a partner that joined the meeting after fewer steps moves the average less.
         timeout = max(meeting - get_dht_time(), 0.0) + MEETING_GRACE
-        weight = float(max(meta.steps, ZERO_STEP_WEIGHT))
+        weight = weight_for(meta.steps, self._max_steps)
         return self._averager.step(
             gather=asdict(meta), scheduled_time=meeting, weight=weight, timeout=timeout, allow_retries=False
         )
@@ -214,7 +214,7 @@ class SwarmAveraging:
 def _result(averaged: list[torch.Tensor], outcome: AllReduceOutcome, meta: RoundMeta) -> AveragingResult:
     """What a completed all-reduce means for the node: the average, and whether it left us out of step."""
     states = {peer: parsed.state for peer, data in outcome.gathered.items() if (parsed := RoundMeta.parse(data))}
-    canonical = canonical_state(states)
+    elected = elected_state(states)
     failure = None
     if outcome.failed_fraction > 0:
         failure = f"{outcome.failed_fraction:.1%} of values lost their reducer (no update for them this round)"
@@ -227,7 +227,10 @@ def _result(averaged: list[torch.Tensor], outcome: AllReduceOutcome, meta: Round
         bytes_received=outcome.traffic.received,
         peers=sorted(outcome.gathered),
         failure=failure,
-        needs_resync=canonical is not None and canonical != meta.state.id,
-        group_round=canonical.round + 1 if canonical is not None else 0,
+        needs_resync=elected is not None and elected != meta.state.id,
+        group_round=elected.round + 1 if elected is not None else 0,
         clean=outcome.failed_fraction == 0,
+        dropped=outcome.dropped,
+        refused=outcome.refused,
+        clipped=outcome.clipped,
     )

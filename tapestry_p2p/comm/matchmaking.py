@@ -9,6 +9,11 @@ their inner loop `lead` seconds before the meeting, so a slower partner contribu
 holding everybody up, and a faster one waits at most `window` seconds. Since a later proposal is always later in
 time, every peer that reads after the first proposal landed agrees on the same minimum.
 
+Proposals are untrusted: each is stored under its proposer's owner-signed subkey (in a consortium, members only, see
+`security.dht_auth`), and a proposal is used only if it lies between `lead / 2` and `window + PROPOSAL_SLACK` seconds
+ahead of now. A proposal far in the future cannot freeze the swarm, and one in the past cannot break agreement
+(R1/R2 in the security review): at worst a member delays one round by one window.
+
 Tuning: `window` must cover one poll interval plus `lead` (hivemind needs about `lead` seconds of matchmaking before
 the all-reduce starts); raise it on links with high DHT latency.
 """
@@ -28,6 +33,7 @@ logger = logging.getLogger(__name__)
 
 POLL_INTERVAL = 1.0  # seconds between DHT reads while training
 MATCHMAKING_LEAD = 2.0  # seconds before the meeting at which peers enter hivemind's matchmaking
+PROPOSAL_SLACK = 5.0  # seconds beyond `window` a proposal may lie ahead (clock skew, DHT latency)
 
 
 @dataclass
@@ -42,10 +48,11 @@ class RoundSchedule:
 class MeetingClock:
     """The agreed start time of one round's all-reduce, as seen by one peer."""
 
-    def __init__(self, dht: DHT, run_id: str, round_no: int, schedule: RoundSchedule) -> None:
+    def __init__(self, dht: DHT, run_id: str, round_no: int, schedule: RoundSchedule, subkey: bytes) -> None:
+        """`subkey`: our owner-signed DHT subkey (`security.dht_auth.owner_subkey`)."""
         self.dht, self.schedule = dht, schedule
         self.key = f"{run_id}.meet.{round_no}"
-        self._subkey = dht.peer_id.to_base58()
+        self._subkey = subkey
         self._meeting: Optional[float] = None
         self._last_poll = -math.inf
 
@@ -53,9 +60,13 @@ class MeetingClock:
         found = self.dht.get(self.key, latest=True)
         if found is None or not isinstance(found.value, dict):
             return None
+        now = get_dht_time()
+        earliest, latest = now + MATCHMAKING_LEAD / 2, now + self.schedule.window + PROPOSAL_SLACK
         times = [
-            v.value for v in found.value.values() if isinstance(v.value, (int, float)) and math.isfinite(v.value)
-        ]  # untrusted: ignore anything that is not a finite number
+            v.value
+            for v in found.value.values()
+            if type(v.value) in (int, float) and math.isfinite(v.value) and earliest <= v.value <= latest
+        ]  # untrusted: only finite numbers in the catchable window count
         return min(times) if times else None
 
     def poll(self) -> Optional[float]:

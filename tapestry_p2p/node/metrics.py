@@ -6,12 +6,13 @@ from __future__ import annotations
 
 import json
 import math
+from collections import Counter
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from tapestry_p2p.telemetry.status import StatusPublisher
+from tapestry_p2p.telemetry.status import MAX_FLAGGED, StatusPublisher
 
 MAX_FAILURE_CHARS = 200  # the status record's bound on `last_failure`
 
@@ -39,6 +40,8 @@ class RoundMetrics:
     compression: str
     failure: Optional[str]
     resynced: bool
+    refused: dict[str, str] = field(default_factory=dict)  # groupmate -> why we refused (or left out) its contribution
+    clipped: dict[str, float] = field(default_factory=dict)  # groupmate -> the factor we scaled its contribution by
 
     def to_json(self) -> str:
         record = asdict(self)
@@ -59,6 +62,8 @@ class MetricsWriter:
     def __init__(self, path: Optional[Path], status: StatusPublisher, tokens_per_step: int) -> None:
         self.path, self.status, self.tokens_per_step = path, status, tokens_per_step
         self.sent_total = self.received_total = 0
+        self.refused: Counter[str] = Counter()  # groupmate -> rounds in which we refused or left out its contribution
+        self.clipped: Counter[str] = Counter()  # groupmate -> rounds in which we clipped it
 
     def write(self, record: RoundMetrics, training_seconds: float) -> None:
         if self.path is not None:
@@ -66,6 +71,8 @@ class MetricsWriter:
                 f.write(record.to_json() + "\n")
         self.sent_total += record.bytes_sent
         self.received_total += record.bytes_received
+        self.refused.update(record.refused.keys())
+        self.clipped.update(record.clipped.keys())
         tokens = record.inner_steps * self.tokens_per_step
         self.status.update(
             state="training",
@@ -80,6 +87,8 @@ class MetricsWriter:
             group_size=record.group_size,
             round_seconds=float(record.round_seconds),
             last_failure=record.failure[:MAX_FAILURE_CHARS] if record.failure else None,
+            refused=dict(self.refused.most_common(MAX_FLAGGED)),
+            clipped=dict(self.clipped.most_common(MAX_FLAGGED)),
         )
 
 

@@ -135,7 +135,9 @@ class Node:
         clock = (
             None
             if self.session is None
-            else MeetingClock(self.session.dht, self.config.run_id, round_no, self.config.schedule)
+            else MeetingClock(
+                self.session.dht, self.config.run_id, round_no, self.config.schedule, self.session.owner
+            )
         )
         self.status.update(state="training")
         meeting = None
@@ -195,6 +197,8 @@ class Node:
             compression=self.config.compression,
             failure=result.failure,
             resynced=resynced,
+            refused={**result.dropped, **result.refused},
+            clipped=result.clipped,
         )
         self.metrics.write(record, training_seconds)
         return record
@@ -222,7 +226,11 @@ class Node:
             inner_step=self.trainer.steps,
         )
         self.sync.averaging = self.session.averaging(
-            [p.shape for p in self.shared.params], config.compression, self.sync.share_state, self.fault
+            [p.shape for p in self.shared.params],
+            config.compression,
+            self.sync.share_state,
+            config.inner_steps,
+            self.fault,
         )
         self.sync.averaging.publish_round(self.shared.round)
         if config.initial_peers:

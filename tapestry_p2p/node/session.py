@@ -1,10 +1,16 @@
 """Being in a run's swarm: identity -> DHT node -> status record -> averager, started in that order and stopped in
 reverse. Every kind of node uses it: a trainer (all four), `tapestry bootstrap` (no averager) and `tapestry monitor`
-(a client-mode DHT only, with a throwaway identity)."""
+(a client-mode DHT only).
+
+With a consortium file the session is members-only: our identity must be one of its nodes, the DHT signs and checks
+every request (`security.dht_auth`), the averager refuses non-members (`comm.averager`), the peer table shows only
+members under their consortium names, and `node.consortium_watch` installs newer quorum-signed versions in every
+process of the node while it runs. Without one the swarm is open, and the session says so."""
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import threading
 from collections.abc import Callable, Sequence
@@ -17,9 +23,13 @@ import torch
 
 from tapestry_p2p.comm.averager import FaultHook
 from tapestry_p2p.comm.averaging import SwarmAveraging
+from tapestry_p2p.node.consortium_watch import ConsortiumWatch
 from tapestry_p2p.p2p.addresses import DEFAULT_PEER_LISTEN
 from tapestry_p2p.p2p.dht import DHT, DHTOptions, start_dht, stop_dht, visible_maddrs
+from tapestry_p2p.security.consortium import Consortium, ConsortiumError, names_of
+from tapestry_p2p.security.dht_auth import MemberAuthorizer, owner_subkey
 from tapestry_p2p.security.identity import ephemeral_identity, load_or_create_identity, signing_key
+from tapestry_p2p.security.membership import Members
 from tapestry_p2p.telemetry.status import (
     PeerStatus,
     StatusPublisher,
@@ -43,6 +53,8 @@ class SessionOptions:
     announce: list[str] = field(default_factory=list)
     identity: Optional[Path] = None  # None: a fresh identity, deleted when the session ends
     client_mode: bool = False  # a DHT client (the monitor): reads the swarm, is not reachable
+    consortium: Optional[Consortium] = None  # None: an open swarm
+    consortium_file: Optional[Path] = None  # where `consortium` was read from (watched for newer versions)
 
 
 class SwarmSession:
@@ -55,6 +67,10 @@ class SwarmSession:
         self.key: Any
         self.peer_id = ""
         self.status = StatusPublisher.disabled()
+        self.consortium = options.consortium
+        self.members = Members(names_of(options.consortium), options.consortium.version if options.consortium else 0)
+        self.owner = b""  # our DHT subkey for owner-signed records
+        self._averaging: Optional[SwarmAveraging] = None
 
     def __enter__(self) -> SwarmSession:
         try:
@@ -67,19 +83,36 @@ class SwarmSession:
     def _start(self) -> None:
         options = self.options
         identity = options.identity or self._stack.enter_context(ephemeral_identity())
-        load_or_create_identity(identity)  # creates a missing file; refuses a corrupt one or one readable by others
+        peer_id = load_or_create_identity(identity).to_base58()  # refuses a corrupt file or one readable by others
+        if not self.members.allows(peer_id):
+            raise ConsortiumError(
+                f"this node ({peer_id}) is not in the consortium file: send the key `tapestry identity` prints to a "
+                f"member, and start with the version that adds it"
+            )
         self.key = signing_key(identity)
+        self.owner = owner_subkey(self.key)
         dht_options = DHTOptions(
             initial_peers=options.initial_peers,
             listen=options.listen,
             announce=options.announce,
             identity=identity,
             client_mode=options.client_mode,
-            record_validators=status_validators(options.run_id, self.key),
+            record_validators=status_validators(options.run_id, self.key, self.members),
+            authorizer=None if self.members.is_open else MemberAuthorizer(self.key, self.members),
         )
         self.dht = start_dht(dht_options)
         self._stack.callback(stop_dht, self.dht)
         self.peer_id = self.dht.peer_id.to_base58()
+        if self.members.is_open and not options.client_mode:
+            logger.warning(
+                "open swarm: anyone who knows run id %r can join, send updates and read the model "
+                "(pass --consortium FILE to admit members only)",
+                options.run_id,
+            )
+        if self.consortium is not None:
+            watch = ConsortiumWatch(self, self.consortium, options.consortium_file)
+            watch.start()
+            self._stack.callback(watch.stop)
 
     def __exit__(
         self, kind: Optional[type[BaseException]], error: Optional[BaseException], tb: Optional[TracebackType]
@@ -102,16 +135,30 @@ class SwarmSession:
         shapes: Sequence[torch.Size],
         compression: str,
         state_fn: Callable[[], tuple[dict[str, Any], list[torch.Tensor]]],
+        max_steps: int,
         fault: Optional[FaultHook] = None,
     ) -> SwarmAveraging:
         """Start the run's averager (a child process), stopped before the status and DHT when the session ends."""
-        averaging = SwarmAveraging(self.dht, self.options.run_id, shapes, compression, state_fn, fault)
+        averaging = SwarmAveraging(
+            self.dht, self.options.run_id, shapes, compression, state_fn, max_steps, self.members, fault=fault
+        )
         self._stack.callback(averaging.shutdown)
+        self._averaging = averaging
         return averaging
 
+    def install_consortium(self, consortium: Consortium) -> None:
+        """Admit the members of a newer consortium version in every process of this node (no restart)."""
+        names = names_of(consortium)
+        self.consortium = consortium
+        self.members.replace(names, consortium.version)
+        self.dht.run_coroutine(functools.partial(_replace_dht_members, names=names, version=consortium.version))
+        if self._averaging is not None:
+            self._averaging.replace_members(names, consortium.version)
+
     def peers(self) -> list[PeerStatus]:
-        """The run's peer table, as the DHT has it now (validated records)."""
-        return read_statuses(self.dht, self.options.run_id)
+        """The run's peer table, as the DHT has it now (validated records; in a consortium, members only, named as
+        the consortium file names them)."""
+        return read_statuses(self.dht, self.options.run_id, self.members)
 
     def others_online(self) -> bool:
         """Whether any other node (trainer or bootstrap) of the run reports in the peer table."""
@@ -128,3 +175,8 @@ class SwarmSession:
                 logger.info("waiting for %d trainers to come online (%d so far)", count, online)
                 announced = True
             stop.wait(WAIT_POLL_SECONDS)
+
+
+async def _replace_dht_members(_dht: DHT, node: Any, names: Optional[dict[str, str]], version: int) -> None:
+    """In the DHT process: the authorizer and the record validator share one Members object."""
+    node.protocol.authorizer.members.replace(names, version)

@@ -49,6 +49,7 @@ class DHTOptions:
     identity: Path | None = None  # an existing identity file (see security.identity)
     client_mode: bool = False
     record_validators: list[Any] = field(default_factory=list)  # hivemind RecordValidatorBase instances
+    authorizer: Any = None  # a hivemind AuthorizerBase for every DHT request and response (None: open)
 
 
 def start_dht(options: DHTOptions) -> DHT:
@@ -64,7 +65,13 @@ def start_dht(options: DHTOptions) -> DHT:
         # No UPnP/NAT-PMP: it multicasts on every interface of the machine. Partners behind NAT forward a port
         # and pass --announce instead, which also makes the address they are reached at explicit.
         nat_port_map=False,
+        # No circuit relay service and no AutoNAT: a node would otherwise relay strangers' traffic (N3 in the
+        # security review); partners behind NAT forward a port and pass --announce.
+        use_relay=False,
+        use_auto_relay=False,
+        auto_nat=False,
         record_validators=options.record_validators,
+        authorizer=options.authorizer,
         start=False,
     )
     if options.identity is not None:

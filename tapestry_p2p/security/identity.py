@@ -19,7 +19,9 @@ from pathlib import Path
 from typing import Any
 
 import multihash
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
 from hivemind.p2p import PeerID
 from hivemind.proto import crypto_pb2
 from hivemind.utils.crypto import RSAPrivateKey
@@ -98,11 +100,23 @@ def peer_id_of(owner: bytes) -> str | None:
     found = hivemind_compat.owner_public_keys(owner)
     if len(found) != 1:
         return None
+    return peer_id_of_key(found[0])
+
+
+def peer_id_of_key(ssh_key: bytes) -> str | None:
+    """The libp2p peer id (base58) of an RSA public key in OpenSSH format, or None if it is not one."""
     try:
-        public = serialization.load_ssh_public_key(found[0])
-    except (ValueError, TypeError):
+        public = serialization.load_ssh_public_key(ssh_key.strip())
+    except (ValueError, TypeError, UnsupportedAlgorithm):
+        return None
+    if not isinstance(public, rsa.RSAPublicKey):
         return None
     der = public.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
     encoded = crypto_pb2.PublicKey(key_type=crypto_pb2.RSA, data=der).SerializeToString()
     digest = multihash.encode(hashlib.sha256(encoded).digest(), multihash.coerce_code("sha2-256"))
     return PeerID(digest).to_base58()
+
+
+def public_key_line(identity: Path) -> str:
+    """The identity's public key in OpenSSH format: what a partner sends to be added to a consortium."""
+    return signing_key(identity).get_public_key().to_bytes().decode()

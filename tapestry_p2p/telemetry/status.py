@@ -26,6 +26,7 @@ from hivemind.utils import get_dht_time
 
 from tapestry_p2p import __version__
 from tapestry_p2p.security.identity import peer_id_of
+from tapestry_p2p.security.membership import Members
 from tapestry_p2p.security.records import record_validators
 
 logger = logging.getLogger(__name__)
@@ -39,13 +40,15 @@ Role = Literal["trainer", "bootstrap", "monitor"]
 State = Literal["training", "averaging", "loading state", "idle", "left"]
 _Name = pydantic.constr(strict=True, max_length=64)
 _Count = pydantic.conint(strict=True, ge=0, le=2**62)
+_PeerId = pydantic.constr(strict=True, min_length=1, max_length=128)
+MAX_FLAGGED = 32  # peers a status record may name as refused or clipped
 _Seconds = pydantic.confloat(strict=True, ge=0, le=1e9)
 
 
 class PeerStatus(pydantic.BaseModel):
     """One peer's status record. Every field is required, strictly typed and bounded: it comes from strangers."""
 
-    peer_id: pydantic.constr(strict=True, min_length=1, max_length=128)
+    peer_id: _PeerId
     partner: _Name
     region: _Name
     role: Role
@@ -64,10 +67,19 @@ class PeerStatus(pydantic.BaseModel):
     version: pydantic.constr(strict=True, max_length=32)
     uptime: _Seconds
     last_failure: Optional[pydantic.constr(strict=True, max_length=200)]
+    # groupmate peer id -> rounds in which this node refused (or left out) / clipped that groupmate's contribution
+    refused: dict[_PeerId, _Count]
+    clipped: dict[_PeerId, _Count]
     time: pydantic.confloat(strict=True, ge=0, le=1e11)  # unix seconds (DHT time) of publication
 
     class Config:
         extra = pydantic.Extra.forbid
+
+    @pydantic.validator("refused", "clipped")
+    def _bounded(cls, value: dict[str, int]) -> dict[str, int]:  # noqa: N805 (pydantic's validator signature)
+        if len(value) > MAX_FLAGGED:
+            raise ValueError(f"at most {MAX_FLAGGED} peers")
+        return value
 
 
 class StatusSchema(pydantic.BaseModel):
@@ -80,13 +92,14 @@ def status_key(run_id: str) -> str:
     return f"{run_id}_status"
 
 
-def status_validators(run_id: str, key: Any) -> list[Any]:
-    """The record validators every tapestry DHT node of a run runs (signatures, then the status schema)."""
-    return record_validators(key, StatusSchema, prefix=run_id)
+def status_validators(run_id: str, key: Any, members: Members) -> list[Any]:
+    """The record validators every tapestry DHT node of a run runs (signatures, membership, the status schema)."""
+    return record_validators(key, StatusSchema, prefix=run_id, members=members)
 
 
-def parse_records(found: Any) -> list[PeerStatus]:
-    """Validate what a DHT read returned (untrusted): drop malformed records and peers speaking for others."""
+def parse_records(found: Any, members: Optional[Members] = None) -> list[PeerStatus]:
+    """Validate what a DHT read returned (untrusted): drop malformed records and peers speaking for others; with
+    `members` of a consortium, drop non-members and show each member under its consortium name."""
     if found is None or not isinstance(found.value, dict):
         return []
     peers = []
@@ -95,13 +108,25 @@ def parse_records(found: Any) -> list[PeerStatus]:
             status = PeerStatus.parse_obj(entry.value)
         except (pydantic.ValidationError, TypeError, AttributeError):
             continue
-        if isinstance(owner, bytes) and peer_id_of(owner) == status.peer_id:
-            peers.append(status)
+        if not (isinstance(owner, bytes) and peer_id_of(owner) == status.peer_id):
+            continue
+        if members is not None and not members.is_open:
+            name = members.name_of(status.peer_id)
+            if name is None:
+                continue
+            status = status.copy(update={"partner": name})
+        peers.append(status)
     return sorted(peers, key=lambda s: (s.partner, s.peer_id))
 
 
-def read_statuses(dht: DHT, run_id: str) -> list[PeerStatus]:
-    return parse_records(dht.get(status_key(run_id), latest=True))
+def read_statuses(dht: DHT, run_id: str, members: Optional[Members] = None) -> list[PeerStatus]:
+    return parse_records(dht.get(status_key(run_id), latest=True), members)
+
+
+def flags_against(peers: list[PeerStatus], peer_id: str) -> tuple[int, int]:
+    """How many times the other peers refused and clipped `peer_id`'s contributions (from their records)."""
+    others = [p for p in peers if p.peer_id != peer_id]
+    return sum(p.refused.get(peer_id, 0) for p in others), sum(p.clipped.get(peer_id, 0) for p in others)
 
 
 def trainers_online(peers: list[PeerStatus]) -> int:
@@ -146,6 +171,8 @@ class StatusPublisher:
             compression="-",
             version=__version__,
             last_failure=None,
+            refused={},
+            clipped={},
             state="idle",
         )
         self.fields = {**defaults, **self.fields}

@@ -32,7 +32,7 @@ def swarm():
         for _ in range(n):
             dht = start_dht(DHTOptions(initial_peers=visible_maddrs(boot), listen=LOOPBACK))
             started.append(dht)
-            peers.append(SwarmAveraging(dht, run_id, SHAPES, compression, _no_state))
+            peers.append(SwarmAveraging(dht, run_id, SHAPES, compression, _no_state, max_steps=100))
             started.append(peers[-1])
         return peers
 

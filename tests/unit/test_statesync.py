@@ -1,4 +1,4 @@
-"""State sync policy and wire format (comm/statesync): canonical state, agreement after a failed round,
+"""State sync policy and wire format (comm/statesync): the elected state, agreement after a failed round,
 splitting a download, validating what peers send."""
 
 from __future__ import annotations
@@ -7,27 +7,35 @@ import msgpack
 import pytest
 
 from tapestry_p2p.comm.averaging import RoundMeta
-from tapestry_p2p.comm.statesync.policy import agreed_after_failure, assign, canonical_state
+from tapestry_p2p.comm.statesync.policy import agreed_after_failure, assign, elected_state
 from tapestry_p2p.comm.statesync.wire import PeerState, StateId, StateInfo, pack_request, unpack_request
 
 
-def test_canonical_state_prefers_highest_round_then_majority_then_smallest_peer():
-    states = {"b": PeerState(3, "x"), "a": PeerState(3, "y"), "c": PeerState(2, "z")}
-    assert canonical_state(states) == StateId(3, "y")
-    states["d"] = PeerState(3, "x")
-    assert canonical_state(states) == StateId(3, "x")
-    assert canonical_state({}) is None
+def test_the_state_a_majority_holds_is_elected_never_the_highest_round():
+    honest = {"b": PeerState(3, "x"), "c": PeerState(3, "x")}
+    assert elected_state({**honest, "a": PeerState(1_000_000, "zero")}) == StateId(3, "x")  # S1/S2: the liar loses
+    assert elected_state({"a": PeerState(1_000_000, "zero"), "b": PeerState(3, "x")}) is None  # no majority: nothing
+    assert elected_state({"a": PeerState(4, "y"), "b": PeerState(4, "y"), "c": PeerState(3, "x")}) == StateId(4, "y")
+    assert elected_state({"b": PeerState(3, "x"), "a": PeerState(3, "y")}) == StateId(3, "y")  # one round: smallest id
+    assert elected_state({"b": PeerState(3, "x")}) == StateId(3, "x")
+    assert elected_state({}) is None
 
 
 def test_a_groupmates_round_metadata_is_validated():
-    assert RoundMeta.parse({"round": 3, "hash": "x", "steps": 10}) == RoundMeta(3, "x", 10)
+    good = {"round": 3, "hash": "x", "steps": 10, "norm": 1.5}
+    assert RoundMeta.parse(good) == RoundMeta(3, "x", 10, 1.5)
     for bad in (
-        {"round": "3", "hash": 5, "steps": 1},
-        {"round": -1, "hash": "x", "steps": 1},
+        {"round": "3", "hash": 5, "steps": 1, "norm": 1.0},
+        {"round": -1, "hash": "x", "steps": 1, "norm": 1.0},
         [3, "x", 1],
-        {"round": 1, "hash": "x" * 65, "steps": 1},
-        {"round": 1, "hash": "x", "steps": 1.5},
-        {"round": True, "hash": "x", "steps": 1},
+        {"round": 1, "hash": "x" * 65, "steps": 1, "norm": 1.0},
+        {"round": 1, "hash": "x", "steps": 1.5, "norm": 1.0},
+        {"round": True, "hash": "x", "steps": 1, "norm": 1.0},
+        {**good, "norm": float("nan")},
+        {**good, "norm": -1.0},
+        {**good, "norm": 1},  # an int: the sender's code is not ours
+        {**good, "extra": 1},
+        {"round": 3, "hash": "x", "steps": 10},
     ):
         assert RoundMeta.parse(bad) is None, bad
 
@@ -40,7 +48,7 @@ def test_after_a_failed_round_members_that_lost_nothing_win():
     }
     assert agreed_after_failure(states) == StateId(5, "full")  # even against a majority
     states["b"] = PeerState(5, "full", clean=False)
-    assert agreed_after_failure(states) == StateId(5, "zeroed")  # nobody clean: the canonical state
+    assert agreed_after_failure(states) == StateId(5, "zeroed")  # nobody clean: the elected state
 
 
 def test_state_download_is_split_evenly_across_servers():

@@ -30,6 +30,8 @@ def status(partner: str, **changes) -> PeerStatus:
         version="0.1.0",
         uptime=60.0,
         last_failure=None,
+        refused={},
+        clipped={},
         time=1000.0,
     )
     return PeerStatus(**{**values, **changes})
@@ -87,3 +89,24 @@ def test_a_status_update_is_validated_where_it_is_made():
 def test_a_node_that_left_is_not_counted_as_online():
     peers = [status("a"), status("b", state="left"), status("c", role="bootstrap"), status("d", state="idle")]
     assert trainers_online(peers) == 2
+
+
+def test_a_peer_whose_contributions_were_refused_or_clipped_is_shown_to_everyone():
+    bad = "12D3Kooost-gmbh"
+    peers = [
+        status("north-lab", refused={bad: 2}, clipped={bad: 1}),
+        status("sur-uni", clipped={bad: 3}),
+        status("ost-gmbh"),
+    ]
+    console = Console(record=True, width=80, color_system=None)
+    console.print(render(peers, now=1000.0))
+    text = console.export_text()
+    assert max(len(line) for line in text.splitlines()) <= 80
+    rows = {line.split()[0]: line.split() for line in text.splitlines() if line.startswith(" ") and line.split()}
+    assert rows["ost-gmbh"][-1] == "2/4" and rows["north-lab"][-1] == "0/0"  # refused/clipped by the others
+    assert "ost-gmbh (ost-gmbh): contributions refused 2x, clipped 4x by groupmates" in text
+
+
+def test_status_records_name_a_bounded_number_of_flagged_peers():
+    with pytest.raises(ValueError, match="at most"):
+        status("a", refused={f"peer{i}": 1 for i in range(40)})

@@ -1,8 +1,12 @@
 """State sync as a node asks for it: who is ahead, which state to download, and what a group agreed on after a round.
 
 Peers advertise their round as hivemind's state-sharing priority (the averager's `all_averagers` DHT key); a node
-that is behind asks the peers that advertise a later round for their state infos, picks the canonical state
-(`policy.canonical_state`) and downloads it in slices from every peer holding it (`transport.py`).
+that sees a later round advertised asks every advertiser (members only, in a consortium) for its state info, adopts
+the state a majority of them hold (`policy.elected_state`; an advertised round is only a hint, never a reason) and
+downloads it in slices from every peer holding it (`transport.py`).
+
+Every call here has an overall deadline, and whatever a remote peer makes a call raise is logged and turned into
+"nothing downloaded": a peer can delay a download, never stop the node (S3 in the security review).
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ import torch
 from hivemind.dht import DHT
 from hivemind.p2p import PeerID
 
-from tapestry_p2p.comm.statesync.policy import agreed_after_failure, canonical_state
+from tapestry_p2p.comm.statesync.policy import agreed_after_failure, elected_state
 from tapestry_p2p.comm.statesync.wire import PeerState, StateId
 
 logger = logging.getLogger(__name__)
@@ -67,15 +71,27 @@ class StateClient:
     def download_state(
         self, min_round: int, peers: Optional[Sequence[str]] = None, want: Optional[StateId] = None
     ) -> Optional[Download]:
-        """The state `want` (default: the canonical one) among `peers` (default: every peer advertising `min_round` or
-        later), downloaded in slices from all peers that hold it; None if nobody serves it, or the download failed."""
+        """The state `want` (default: the one a majority of `peers` hold, if it is `min_round` or later) among `peers`
+        (default: every other advertiser), downloaded in slices from all peers that hold it; None if there is no such
+        state, nobody serves it, or the download failed."""
+        try:
+            return self._download(min_round, peers, want)
+        except Exception as e:  # noqa: BLE001 (a remote peer must not stop the node: whatever it caused, log it)
+            logger.warning("state download failed (%s: %s); carrying on with our own state", type(e).__name__, e)
+            return None
+
+    def _download(
+        self, min_round: int, peers: Optional[Sequence[str]], want: Optional[StateId]
+    ) -> Optional[Download]:
         if peers is None:
-            peers = [peer for peer, r in self._advertised().items() if r >= min_round]
+            peers = sorted(self._advertised())
         if not peers:
             return None
-        infos = {p: i for p, i in self._averager.state_infos(peers, STATE_TIMEOUT).items() if i.round >= min_round}
-        target = canonical_state({p: i.state for p, i in infos.items()}) if want is None else want
-        if target is None or not any(info.id == target for info in infos.values()):
+        infos = self._averager.state_infos(peers, STATE_TIMEOUT)
+        target = elected_state({p: i.state for p, i in infos.items()}) if want is None else want
+        if target is None or target.round < min_round or not any(info.id == target for info in infos.values()):
+            if want is None and any(info.round >= min_round for info in infos.values()):
+                logger.info("peers are ahead, but no state is held by a majority of the %d that answered", len(infos))
             return None
         servers = sorted(p for p, info in infos.items() if info.id == target)
         logger.info("downloading the state of round %d (%s) from %d peers", target.round, target.hash, len(servers))
@@ -90,8 +106,13 @@ class StateClient:
         `policy.agreed_after_failure`)."""
         deadline = time.monotonic() + AGREEMENT_WAIT
         target_round = max(mine.round, group_round)
+        finished: dict[str, PeerState] = {}
         while True:
-            infos = self._averager.state_infos(others, STATE_TIMEOUT)
+            try:
+                infos = self._averager.state_infos(others, STATE_TIMEOUT)
+            except Exception as e:  # noqa: BLE001 (a remote peer must not stop the node: whatever it caused, log it)
+                logger.warning("comparing states with the group failed (%s: %s)", type(e).__name__, e)
+                return None
             finished = {p: i.state for p, i in infos.items() if i.round >= target_round}
             if len(finished) == len(infos) or time.monotonic() > deadline:
                 break

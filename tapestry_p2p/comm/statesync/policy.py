@@ -1,6 +1,7 @@
 """State sync policy, pure functions: which copy of the shared state a group converges on, and who serves what.
 
-- `canonical_state`: the state held by most peers of the highest round (ties: the smallest peer id);
+- `elected_state`: the state held by a majority of the peers that answer (a split within one round: most holders,
+  ties to the smallest peer id); a peer that claims a later round wins nothing by it;
 - `agreed_after_failure`: after a round that lost parts, peers whose round went through without a failure ("clean")
   all hold the same model, so the others defer to them;
 - `assign`: tensors split across the peers that hold the wanted state (largest first, to the least-loaded peer).
@@ -15,15 +16,23 @@ from typing import Optional
 from tapestry_p2p.comm.statesync.wire import PeerState, StateId
 
 
-def canonical_state(states: Mapping[str, PeerState]) -> Optional[StateId]:
-    """The state the peers should converge on: most holders of the highest round, ties to the smallest peer id."""
+def elected_state(states: Mapping[str, PeerState]) -> Optional[StateId]:
+    """The state the peers should converge on: the one held by a strict majority of them, never the highest round.
+
+    Without a majority, only a split among peers of one round (a round that failed for some) is settled, by most
+    holders, ties to the smallest peer id; a state that claims a later round than others never wins without a
+    majority, so one peer cannot take the others over by claiming to be ahead (S1/S2 in the security review).
+    """
     if not states:
         return None
-    top_round = max(s.round for s in states.values())
-    counts = Counter(s.hash for s in states.values() if s.round == top_round)
+    counts = Counter(s.id for s in states.values())
     best = max(counts.values())
-    tied = {h for h, c in counts.items() if c == best}
-    first_peer = min(peer for peer, s in states.items() if s.round == top_round and s.hash in tied)
+    if 2 * best > len(states):
+        return next(state for state, count in counts.items() if count == best)
+    if len({s.round for s in states.values()}) > 1:
+        return None
+    tied = {state for state, count in counts.items() if count == best}
+    first_peer = min(peer for peer, s in states.items() if s.id in tied)
     return states[first_peer].id
 
 
@@ -31,10 +40,11 @@ def agreed_after_failure(states: Mapping[str, PeerState]) -> Optional[StateId]:
     """The state a group should agree on after a round that lost parts.
 
     A member whose round was clean received every part, and each part's bytes were the same for every member that
-    received it, so all clean members hold one model: it wins if there is one. Otherwise the canonical state.
+    received it, so all clean members hold one model: their elected state wins if there is one. Otherwise the state
+    all of them elect (see `elected_state`).
     """
     clean = {peer: s for peer, s in states.items() if s.clean}
-    return canonical_state(clean or states)
+    return (elected_state(clean) if clean else None) or elected_state(states)
 
 
 def assign(

@@ -3,6 +3,10 @@
 `StateTransport` is a mixin of `comm.averager.ExactAverager` (a hivemind DecentralizedAverager): its `rpc_state_slice`
 is served through hivemind's p2p servicer under the averager's prefix, and the client calls run inside the averager
 process, reached from the node's process through hivemind's pipe (`_call_in_averager`). Wire format: `wire.py`.
+
+Limits (every byte is hostile): each request to a peer has an overall deadline, not only one per message; a server
+may send at most the bytes of the tensors asked for (plus framing) before it is cut off; only members may ask for
+our state (`security.membership`).
 """
 
 from __future__ import annotations
@@ -29,7 +33,9 @@ from tapestry_p2p.comm.statesync.wire import StateInfo, pack_request, unpack_req
 logger = logging.getLogger(__name__)
 
 PROGRESS_PERIOD = 2.0  # seconds between progress lines of a state download
-PIPE_GRACE = 10.0  # extra seconds the node's process waits for the averager process to answer a state-info call
+PIPE_GRACE = 10.0  # extra seconds the node's process waits for the averager process to answer
+MIN_DOWNLOAD_RATE = 1e6  # bytes/s: a server slower than this over a whole download is dropped (overall deadline)
+FRAMING_BYTES = 4096  # per tensor: what a serialized, streamed tensor may carry beyond its float32 values
 
 
 class _Progress:
@@ -59,6 +65,7 @@ class StateTransport:
     if TYPE_CHECKING:  # provided by hivemind's DecentralizedAverager
         _p2p: Any
         _outer_pipe: Any
+        _members: Any
         prefix: str
         serializer: Any
         allow_state_sharing: bool
@@ -68,9 +75,12 @@ class StateTransport:
     # ---- server ----
 
     async def rpc_state_slice(
-        self, request: runtime_pb2.ExpertRequest, _context: P2PContext
+        self, request: runtime_pb2.ExpertRequest, context: P2PContext
     ) -> AsyncIterator[averaging_pb2.DownloadData]:
         if not self.allow_state_sharing:
+            return
+        if not self._members.allows(context.remote_id.to_base58()):
+            logger.warning("refused a state request from %s: not a member of the consortium", context.remote_id)
             return
         metadata, tensors, _ = await self._get_current_state_from_host_process()
         metadata = self.serializer.loads(metadata)
@@ -105,14 +115,37 @@ class StateTransport:
 
         Returns the tensors and the servers that delivered, or None if they could not deliver it all.
         """
+        deadline = download_deadline(target.nbytes, timeout)
         return self._call_in_averager(
-            self._fetch_state.__name__, None, servers=list(servers), target=target, timeout=timeout
+            self._fetch_state.__name__, deadline + PIPE_GRACE, servers=list(servers), target=target, timeout=timeout
         )
 
     # ---- client, in the averager process ----
 
     async def _ask_for_state(
-        self, peer: str, want: Optional[str], indices: Sequence[int], timeout: float, progress: Optional[_Progress]
+        self,
+        peer: str,
+        want: Optional[str],
+        indices: Sequence[int],
+        timeout: float,
+        progress: Optional[_Progress],
+        max_bytes: int = 0,
+    ) -> Answer:
+        """One request: the peer's info, then the tensors `indices` if it holds `want`. `timeout` bounds each message
+        and `download_deadline(max_bytes, timeout)` the whole answer; more than `max_bytes` of tensors is refused."""
+        return await asyncio.wait_for(
+            self._read_answer(peer, want, indices, timeout, progress, max_bytes),
+            download_deadline(max_bytes, timeout),
+        )
+
+    async def _read_answer(
+        self,
+        peer: str,
+        want: Optional[str],
+        indices: Sequence[int],
+        timeout: float,
+        progress: Optional[_Progress],
+        max_bytes: int,
     ) -> Answer:
         stub = type(self).get_stub(self._p2p, PeerID.from_base58(peer), namespace=self.prefix)  # type: ignore[attr-defined]
         request = runtime_pb2.ExpertRequest(metadata=pack_request(want, indices))
@@ -120,12 +153,16 @@ class StateTransport:
         info: Optional[StateInfo] = None
         tensors: list[torch.Tensor] = []
         parts: list[Any] = []
+        received = 0
         async for message in aiter_with_timeout(stream, timeout=timeout):
             if info is None:
                 info = StateInfo.unpack(message.metadata)
                 if info is None:
                     return None, []
                 continue
+            received += len(message.tensor_part.buffer)
+            if received > max_bytes:
+                raise ValueError(f"peer {peer} sent more than the {max_bytes} bytes asked for")
             if message.tensor_part.dtype and parts:
                 tensors.append(deserialize_torch_tensor(combine_from_streaming(parts)))
                 parts = []
@@ -154,28 +191,55 @@ class StateTransport:
         progress = _Progress(target.nbytes, len(servers))
         todo = list(range(len(target.numel)))
         try:
-            while todo and servers:
-                plan = policy.assign(target.numel, servers, todo)
-                answers = await asyncio.gather(
-                    *(self._ask_for_state(s, target.hash, chosen, timeout, progress) for s, chosen in plan.items()),
-                    return_exceptions=True,
-                )
-                for (server, chosen), answer in zip(plan.items(), answers, strict=True):
-                    if _delivers(answer, target, chosen):
-                        got.update(zip(chosen, answer[1], strict=True))  # type: ignore[index]
-                        delivered.append(server)
-                    else:
-                        reason = answer if isinstance(answer, BaseException) else "wrong state"
-                        logger.info(
-                            "peer %s did not serve its share of the state (%r); asking the others", server, reason
-                        )
-                        servers = [s for s in servers if s != server]
-                todo = [i for i in todo if i not in got]
+            async with asyncio.timeout(download_deadline(target.nbytes, timeout)):
+                await self._fetch_rounds(servers, target, timeout, todo, got, delivered, progress)
             future.set_result(None if todo else ([got[i] for i in range(len(target.numel))], delivered))
         except BaseException as e:
             if not future.done():
                 future.set_exception(e)
-            raise
+            if not isinstance(e, Exception):
+                raise
+
+    async def _fetch_rounds(
+        self,
+        servers: list[str],
+        target: StateInfo,
+        timeout: float,
+        todo: list[int],
+        got: dict[int, torch.Tensor],
+        delivered: list[str],
+        progress: _Progress,
+    ) -> None:
+        """Ask the servers for their shares until every tensor in `todo` is in `got` (or no server is left)."""
+        while todo and servers:
+            plan = policy.assign(target.numel, servers, todo)
+            answers = await asyncio.gather(
+                *(
+                    self._ask_for_state(s, target.hash, chosen, timeout, progress, _expected_bytes(target, chosen))
+                    for s, chosen in plan.items()
+                ),
+                return_exceptions=True,
+            )
+            for (server, chosen), answer in zip(plan.items(), answers, strict=True):
+                if _delivers(answer, target, chosen):
+                    got.update(zip(chosen, answer[1], strict=True))  # type: ignore[index]
+                    delivered.append(server)
+                else:
+                    reason = answer if isinstance(answer, BaseException) else "wrong state"
+                    logger.info(
+                        "peer %s did not serve its share of the state (%r); asking the others", server, reason
+                    )
+                    servers = [s for s in servers if s != server]
+            todo[:] = [i for i in todo if i not in got]
+
+
+def download_deadline(nbytes: int, timeout: float) -> float:
+    """The overall deadline of one answer of `nbytes` bytes: `timeout`, plus the time it takes at MIN_DOWNLOAD_RATE."""
+    return timeout + nbytes / MIN_DOWNLOAD_RATE
+
+
+def _expected_bytes(target: StateInfo, chosen: Sequence[int]) -> int:
+    return sum(4 * target.numel[i] + FRAMING_BYTES for i in chosen)
 
 
 def _delivers(answer: Answer | BaseException, target: StateInfo, chosen: list[int]) -> bool:
