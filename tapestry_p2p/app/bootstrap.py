@@ -15,6 +15,7 @@ from typing import Optional
 from tapestry_p2p.errors import UserError
 from tapestry_p2p.node.session import SessionOptions, SwarmSession
 from tapestry_p2p.p2p.addresses import DEFAULT_BOOTSTRAP_LISTEN, check_ports_free, parse_maddrs
+from tapestry_p2p.security.consortium import load as load_consortium
 from tapestry_p2p.security.identity import load_or_create_identity
 from tapestry_p2p.training.checkpoint import atomic_write
 
@@ -36,6 +37,7 @@ class BootstrapOptions:
     addr_file: Optional[Path] = None
     partner: str = "bootstrap"
     region: str = "unknown"
+    consortium: Optional[Path] = None  # members only (the bootstrap's key must be one of its nodes); None: open
 
 
 def run_bootstrap_node(
@@ -66,7 +68,13 @@ def _validated(options: BootstrapOptions) -> SessionOptions:
         listen=listen,
         announce=parse_maddrs(options.announce, option="--announce", need_peer_id=False),
         identity=options.identity,
+        consortium=None if options.consortium is None else load_consortium(options.consortium),
+        consortium_file=options.consortium,
     )
+    if session.consortium is not None and session.consortium.run_id != options.run_id:
+        raise BootstrapError(
+            f"{options.consortium} is the consortium of run {session.consortium.run_id!r}, not {options.run_id!r}"
+        )
     if options.identity == DEFAULT_IDENTITY:
         options.identity.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     load_or_create_identity(options.identity)

@@ -20,7 +20,7 @@ import tomllib
 from collections.abc import Sequence
 from pathlib import Path
 from types import FrameType
-from typing import Any, Optional
+from typing import Any, Literal, Optional
 
 from tapestry_p2p.errors import UserError
 from tapestry_p2p.p2p import hivemind_compat
@@ -110,6 +110,10 @@ def build_parser() -> tuple[Parser, dict[str, Parser]]:
         ),
         "join": _add_join(sub.add_parser("join", help="train with the swarm (or start a new one)")),
         "monitor": _add_monitor(sub.add_parser("monitor", help="live peer table of a run")),
+        "identity": _add_identity(sub.add_parser("identity", help="create or show a node's key and its public id")),
+        "consortium": _add_consortium(
+            sub.add_parser("consortium", help="create, extend, sign and verify a consortium file (members only)")
+        ),
         "plot": _add_plot(sub.add_parser("plot", help="PNG of loss and bytes per round from --metrics files")),
         "demo": _add_demo(
             sub.add_parser("demo", help="a whole swarm on this machine: bootstrap + 3 partners, then a comparison")
@@ -144,6 +148,7 @@ def _add_bootstrap(boot: Parser) -> Parser:
     )
     boot.add_argument("--addr-file", type=Path, help="write our full multiaddrs here, one per line, once ready")
     boot.add_argument("--run-id", default=DEFAULT_RUN_ID, help="the run whose peer table lists this node")
+    boot.add_argument("--consortium", type=Path, help="consortium file: serve its members only (default: open)")
     boot.add_argument("--partner", default="bootstrap", help="name shown in the peer table")
     boot.add_argument("--region", default="unknown", help="where this node runs, shown in the peer table")
     return boot
@@ -164,6 +169,9 @@ def _add_join(join: Parser) -> Parser:
     join.add_argument("--data", type=Path, help="a .txt/.jsonl file or a folder of them (UTF-8)")
     join.add_argument("--identity", type=Path, help="private key file (default: a new identity each start)")
     join.add_argument(
+        "--consortium", type=Path, help="consortium file: train with its members only (needs --identity; default: open)"
+    )
+    join.add_argument(
         "--listen",
         nargs="+",
         metavar="MADDR",
@@ -172,6 +180,20 @@ def _add_join(join: Parser) -> Parser:
     )
     join.add_argument("--announce", nargs="+", metavar="MADDR", default=[], help="public addresses to advertise")
     join.add_argument("--checkpoint-dir", type=Path, help="write (and resume from) checkpoints here")
+    join.add_argument(
+        "--keep-checkpoints",
+        type=int,
+        default=default("keep_checkpoints"),
+        metavar="K",
+        help="keep the last K rounds in <checkpoint-dir>/history, to roll back a bad round (0: none)",
+    )
+    join.add_argument(
+        "--clip-multiple",
+        type=positive_float,
+        default=default("clip_multiple"),
+        metavar="K",
+        help="clip each groupmate's update to K x the group's median norm",
+    )
     join.add_argument(
         "--inner-steps", type=positive_int, default=default("inner_steps"), metavar="H", help="inner steps per round"
     )
@@ -222,9 +244,34 @@ def _add_monitor(mon: Parser) -> Parser:
 
     mon.add_argument("--initial-peers", nargs="+", metavar="MADDR", required=True, help="any node of the swarm")
     mon.add_argument("--run-id", default=DEFAULT_RUN_ID, help="the run to watch")
+    mon.add_argument("--consortium", type=Path, help="consortium file of the run (needs --identity of a member node)")
+    mon.add_argument("--identity", type=Path, help="this monitor's key file, listed in the consortium file")
     mon.add_argument("--once", action="store_true", help="print one snapshot and exit")
     mon.add_argument("--json", action="store_true", help="print one snapshot as JSON (a list of peers) and exit")
     return mon
+
+
+def _add_identity(ident: Parser) -> Parser:
+    ident.add_argument("--identity", type=Path, required=True, help="private key file, created if it is missing")
+    return ident
+
+
+def _add_consortium(cons: Parser) -> Parser:
+    actions = cons.add_subparsers(dest="action", required=True, parser_class=Parser)
+    create = actions.add_parser("create", help="a new consortium file (version 1, no members yet)")
+    create.add_argument("file", type=Path)
+    create.add_argument("--run-id", required=True, help="the run this consortium trains")
+    add = actions.add_parser("add", help="add a node (and its partner, if new); a signed file becomes a new version")
+    add.add_argument("file", type=Path)
+    add.add_argument("--partner", required=True, help="the partner's name, as every peer table will show it")
+    add.add_argument("--node", required=True, help="the node's public key, as `tapestry identity` prints it")
+    sign = actions.add_parser("sign", help="sign the file with one of your member nodes' keys")
+    sign.add_argument("file", type=Path)
+    sign.add_argument("--identity", type=Path, required=True, help="a member node's key file")
+    verify = actions.add_parser("verify", help="check the signatures (and that it follows --previous)")
+    verify.add_argument("file", type=Path)
+    verify.add_argument("--previous", type=Path, help="the version it replaces")
+    return cons
 
 
 def _add_plot(plot: Parser) -> Parser:
@@ -363,7 +410,8 @@ def cmd_bootstrap(args: argparse.Namespace) -> int:
         identity=args.identity,
         initial_peers=args.initial_peers,
         addr_file=args.addr_file,
-        run_id=args.run_id,
+        run_id=_run_id(args),
+        consortium=args.consortium,
         partner=args.partner,
         region=args.region,
     )
@@ -404,7 +452,10 @@ def node_config(args: argparse.Namespace) -> Any:
         sections[section][name] = getattr(args, dest)
     built = {name: cls(**sections[name]) for name, cls in _section_classes().items()}
     return NodeConfig(
-        run_id=args.run_id,
+        run_id=_run_id(args),
+        consortium=args.consortium,
+        keep_checkpoints=args.keep_checkpoints,
+        clip_multiple=args.clip_multiple,
         data=args.data,
         initial_peers=parse_maddrs(args.initial_peers, option="--initial-peers", need_peer_id=True),
         listen=parse_maddrs(args.listen, option="--listen", need_peer_id=False),
@@ -424,12 +475,51 @@ def node_config(args: argparse.Namespace) -> Any:
     )
 
 
+def _run_id(args: argparse.Namespace) -> str:
+    """--run-id, or the consortium file's run when --run-id is left at its default."""
+    from tapestry_p2p.node.config import DEFAULT_RUN_ID
+    from tapestry_p2p.security.consortium import load
+
+    if args.consortium is None or args.run_id != DEFAULT_RUN_ID:
+        return str(args.run_id)
+    return load(args.consortium).run_id
+
+
 def cmd_monitor(args: argparse.Namespace) -> int:
     from tapestry_p2p.app.monitor import watch
     from tapestry_p2p.p2p.addresses import parse_maddrs
+    from tapestry_p2p.security.consortium import load
 
     peers = parse_maddrs(args.initial_peers, option="--initial-peers", need_peer_id=True)
-    return watch(peers, args.run_id, "json" if args.json else "once" if args.once else "live", console())
+    consortium = None
+    if args.consortium is not None:
+        if args.identity is None:
+            raise UsageError("--consortium needs --identity: a key file the consortium lists for this monitor")
+        consortium = load(args.consortium)
+    mode: Literal["live", "once", "json"] = "json" if args.json else "once" if args.once else "live"
+    return watch(peers, _run_id(args), mode, console(), args.identity, consortium)
+
+
+def cmd_identity(args: argparse.Namespace) -> int:
+    from tapestry_p2p.security.identity import load_or_create_identity, public_key_line
+
+    peer_id = load_or_create_identity(args.identity).to_base58()
+    out = console()
+    out.print(f"peer id:    {peer_id}", soft_wrap=True, markup=False)
+    out.print(f"public key: {public_key_line(args.identity)}", soft_wrap=True, markup=False)
+    out.print("To become a member, send the public key to a member of the consortium, who runs:", markup=False)
+    out.print(
+        f"  tapestry consortium add FILE --partner YOUR-NAME --node '{public_key_line(args.identity)}'",
+        soft_wrap=True,
+        markup=False,
+    )
+    return 0
+
+
+def cmd_consortium(args: argparse.Namespace) -> int:
+    from tapestry_p2p.app.consortium import run_consortium_command
+
+    return run_consortium_command(args, console())
 
 
 def cmd_plot(args: argparse.Namespace) -> int:
@@ -451,6 +541,8 @@ COMMANDS = {
     "bootstrap": cmd_bootstrap,
     "join": cmd_join,
     "monitor": cmd_monitor,
+    "identity": cmd_identity,
+    "consortium": cmd_consortium,
     "plot": cmd_plot,
     "demo": cmd_demo,
 }

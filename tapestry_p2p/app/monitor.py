@@ -19,7 +19,8 @@ import threading
 import time
 import tty
 from collections.abc import Iterator
-from typing import Literal
+from pathlib import Path
+from typing import Literal, Optional
 
 from rich import box
 from rich.console import Console, Group
@@ -29,6 +30,7 @@ from rich.text import Text
 
 from tapestry_p2p.node.session import SessionOptions, SwarmSession
 from tapestry_p2p.p2p.dht import dht_time
+from tapestry_p2p.security.consortium import Consortium
 from tapestry_p2p.telemetry.status import STALE_AFTER, PeerStatus, flags_against
 
 REFRESH_SECONDS = 1.0
@@ -36,14 +38,30 @@ STATE_STYLES = {"training": "green", "averaging": "cyan", "loading state": "yell
 CLIENT_LISTEN = ["/ip4/127.0.0.1/tcp/0"]  # a DHT client dials out only
 
 
-def monitor_session(initial_peers: list[str], run_id: str) -> SwarmSession:
-    """A client-mode DHT node of the run, with a throwaway identity (use as a context manager)."""
-    return SwarmSession(SessionOptions(run_id, initial_peers, CLIENT_LISTEN, client_mode=True))
+def monitor_session(
+    initial_peers: list[str],
+    run_id: str,
+    identity: Optional[Path] = None,
+    consortium: Optional[Consortium] = None,
+) -> SwarmSession:
+    """A client-mode DHT node of the run (use as a context manager): with a throwaway identity in an open swarm, or
+    with a key the consortium lists."""
+    options = SessionOptions(
+        run_id, initial_peers, CLIENT_LISTEN, identity=identity, client_mode=True, consortium=consortium
+    )
+    return SwarmSession(options)
 
 
-def watch(initial_peers: list[str], run_id: str, mode: Literal["live", "once", "json"], console: Console) -> int:
+def watch(
+    initial_peers: list[str],
+    run_id: str,
+    mode: Literal["live", "once", "json"],
+    console: Console,
+    identity: Optional[Path] = None,
+    consortium: Optional[Consortium] = None,
+) -> int:
     """`tapestry monitor`: the live table, one snapshot, or one JSON snapshot."""
-    with monitor_session(initial_peers, run_id) as session:
+    with monitor_session(initial_peers, run_id, identity, consortium) as session:
         if mode == "json":
             print(snapshot_json(snapshot(session)))
         elif mode == "once":
@@ -121,9 +139,10 @@ def flagged(peers: list[PeerStatus]) -> list[Text]:
     for p in sorted(peers, key=lambda p: (p.partner, p.peer_id)):
         refused, clipped = flags_against(peers, p.peer_id)
         if refused or clipped:
+            who = f"{p.partner} ({str(p.peer_id)[-8:]})"
             lines.append(
                 Text(
-                    f"{p.partner} ({p.peer_id[-8:]}): contributions refused {refused}x, clipped {clipped}x by groupmates",
+                    f"{who}: contributions refused {refused}x, clipped {clipped}x by others",
                     style="red" if refused else "yellow",
                     overflow="fold",
                 )

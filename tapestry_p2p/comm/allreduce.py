@@ -106,9 +106,7 @@ class _CountingStub:
 class ExactAllReduceRunner(AllReduceRunner):
     """An AllReduceRunner whose outputs are the decoded averages, identical on every member of the group."""
 
-    def __init__(
-        self, screen: Screen, after_part_served: Optional[Callable[[], None]] = None, **kwargs: Any
-    ) -> None:
+    def __init__(self, screen: Screen, after_part_served: Optional[Callable[[], None]] = None, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         container = self.tensor_part_container
         part_sizes = [math.prod(shape) for shape in self.tensor_part_reducer.part_shapes]

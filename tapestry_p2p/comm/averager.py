@@ -18,10 +18,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import asdict, dataclass, field
+
 # hivemind's servicer recognises streaming RPC handlers by typing.AsyncIterator only (not collections.abc's)
-from typing import Any, AsyncIterator, Optional
+from typing import Any, Optional
 
 import torch
 from hivemind.averaging import DecentralizedAverager
@@ -30,7 +31,7 @@ from hivemind.averaging.group_info import GroupInfo
 from hivemind.averaging.matchmaking import MatchmakingException
 from hivemind.averaging.partition import AllreduceException
 from hivemind.dht.routing import DHTID
-from hivemind.p2p import P2PContext, PeerID
+from hivemind.p2p import P2PContext
 from hivemind.proto import averaging_pb2
 from hivemind.utils.asyncio import as_aiter, azip, enter_asynchronously
 from hivemind.utils.mpfuture import MPFuture
@@ -102,7 +103,8 @@ class ExactAverager(StateTransport, DecentralizedAverager):
         self._bug: Optional[AveragingBug] = None
         super().__init__(*args, allow_state_sharing=state_fn is not None, start=False, **kwargs)
         # peers are matched only if they average the same shapes with the same codec and H (A7 in the review)
-        self.schema_hash = DHTID.generate(source=[self.schema_hash.hex(), codec, max_steps]).to_bytes()
+        hivemind_hash: bytes = self.schema_hash  # type: ignore[has-type]
+        self.schema_hash = DHTID.generate(source=[hivemind_hash.hex(), codec, max_steps]).to_bytes()
         if start:
             self.run_in_background(await_ready=True)
 

@@ -14,8 +14,10 @@ members to download it afterwards.
 
 Influence: the weight is the member's inner steps, at most H; before encoding, a pseudo-gradient that is not finite is
 replaced by zeros at a negligible weight (the codec would turn NaN into finite values); each reducer screens and clips
-its senders (`screening.py`), and the round's result says whom we refused or clipped. A round that lost a part (a groupmate died mid-stream) ends with a second comparison,
-`agreed_state`, among the members that finished it.
+its senders (`screening.py`), and the round's result says whom we refused or clipped.
+
+A round that lost a part (a groupmate died mid-stream) ends with a second comparison, `agreed_state`, among the
+members that finished it.
 
 Failures: "no group" and network failures end the round with our own update and a `failure` reason; an exception
 inside our own code (here or in the averager's overrides) is logged with its traceback and reported the same way, as
@@ -38,8 +40,8 @@ from tapestry_p2p.comm.allreduce import NETWORK_FAILURES
 from tapestry_p2p.comm.averager import AllReduceOutcome, AveragingBug, ExactAverager, FaultHook
 from tapestry_p2p.comm.codec import compression_for
 from tapestry_p2p.comm.matchmaking import MATCHMAKING_LEAD
-from tapestry_p2p.comm.statesync.client import Download, StateClient
 from tapestry_p2p.comm.screening import DEFAULT_CLIP_MULTIPLE, RoundMeta, weight_for
+from tapestry_p2p.comm.statesync.client import Download, StateClient
 from tapestry_p2p.comm.statesync.policy import elected_state
 from tapestry_p2p.comm.statesync.wire import PeerState, StateId
 from tapestry_p2p.security.membership import Members
@@ -197,7 +199,7 @@ class SwarmAveraging:
         return _result(averaged, outcome, meta)
 
     def _step(self, meeting: float, meta: RoundMeta) -> AllReduceOutcome:
-        # Weighted by inner steps (at most H): a partner that joined the meeting after fewer steps moves the average less.
+        # Weighted by inner steps (at most H): a partner that came to the meeting with fewer steps moves it less.
         timeout = max(meeting - get_dht_time(), 0.0) + MEETING_GRACE
         weight = weight_for(meta.steps, self._max_steps)
         return self._averager.step(

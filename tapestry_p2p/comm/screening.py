@@ -105,7 +105,8 @@ class Screen:
         if codec != self.codec:
             return f"sent a part with codec #{codec}, the round's is #{self.codec}"
         if part.dtype != torch.float32 or part.numel() != self.part_sizes[part_index]:
-            return f"sent {part.numel()} values of {part.dtype} for part #{part_index}, expected {self.part_sizes[part_index]}"
+            size = self.part_sizes[part_index]
+            return f"sent {part.numel()} values of {part.dtype} for part #{part_index}, expected {size} of float32"
         expected = weight_for(self.declared_steps[sender], self.max_steps)
         if not math.isclose(weight, expected, rel_tol=1e-6):
             return f"sent weight {weight:g}, its declared steps give {expected:g}"

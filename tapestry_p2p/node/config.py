@@ -16,6 +16,7 @@ from typing import Optional
 
 from tapestry_p2p.comm.codec import CODECS, Codec
 from tapestry_p2p.comm.matchmaking import RoundSchedule
+from tapestry_p2p.comm.screening import DEFAULT_CLIP_MULTIPLE
 from tapestry_p2p.p2p.addresses import DEFAULT_PEER_LISTEN
 from tapestry_p2p.training.inner import TrainConfig
 from tapestry_p2p.training.model import ModelConfig
@@ -44,7 +45,9 @@ class NodeConfig:
     listen: list[str] = field(default_factory=lambda: list(DEFAULT_PEER_LISTEN))
     announce: list[str] = field(default_factory=list)
     identity: Optional[Path] = None
+    consortium: Optional[Path] = None  # the consortium file (members only); None: an open swarm
     checkpoint_dir: Optional[Path] = None
+    keep_checkpoints: int = 3  # rounds kept in <checkpoint_dir>/history for a roll-back (0: none)
     metrics: Optional[Path] = None
     partner: str = "partner"
     region: str = "unknown"
@@ -52,6 +55,7 @@ class NodeConfig:
     max_rounds: Optional[int] = None  # stop after this many outer rounds; None: until interrupted
     min_peers: int = 1  # trainers (us included) that must be online before our first round
     compression: Codec = "8bit"
+    clip_multiple: float = DEFAULT_CLIP_MULTIPLE  # a sender's update is clipped to this x the group's median norm
     threads: int = 0  # torch threads; 0 keeps torch's default
     solo: bool = False  # no network at all: the trained-alone baseline
     start_fresh: bool = False  # if the swarm is ahead and nobody serves its state: train from our own, don't wait
@@ -70,5 +74,11 @@ class NodeConfig:
             raise ValueError(f"compression must be one of {', '.join(CODECS)}, got {self.compression!r}")
         if self.threads < 0:
             raise ValueError(f"threads must be >= 0, got {self.threads}")
+        if self.keep_checkpoints < 0:
+            raise ValueError(f"keep checkpoints must be >= 0, got {self.keep_checkpoints}")
+        if not self.clip_multiple >= 1.0:
+            raise ValueError(f"clip multiple must be at least 1, got {self.clip_multiple}")
+        if self.consortium is not None and self.identity is None:
+            raise ValueError("a member node needs its persistent identity: pass --identity with --consortium")
         if self.min_peers <= 0:
             raise ValueError(f"min peers must be a positive integer, got {self.min_peers}")

@@ -33,8 +33,10 @@ from tapestry_p2p.node.metrics import MetricsWriter, RoundMetrics, Summary, mean
 from tapestry_p2p.node.session import SessionOptions, SwarmSession
 from tapestry_p2p.node.sync import StateSync
 from tapestry_p2p.p2p.dht import dht_time
+from tapestry_p2p.security.consortium import ConsortiumError
+from tapestry_p2p.security.consortium import load as load_consortium
 from tapestry_p2p.telemetry.status import StatusPublisher
-from tapestry_p2p.training.checkpoint import CheckpointManager
+from tapestry_p2p.training.checkpoint import CheckpointManager, RunIdentity
 from tapestry_p2p.training.data import ByteBatches, load_text_bytes
 from tapestry_p2p.training.inner import InnerTrainer
 from tapestry_p2p.training.model import build_model
@@ -64,9 +66,16 @@ class Node:
         self.round_losses: list[float] = []  # inner-step losses of the round under way (kept across a stop/resume)
         if config.threads:
             torch.set_num_threads(config.threads)
+        self.consortium = None if config.consortium is None else load_consortium(config.consortium)
+        if self.consortium is not None and self.consortium.run_id != config.run_id:
+            raise ConsortiumError(
+                f"{config.consortium} is the consortium of run {self.consortium.run_id!r}, not {config.run_id!r}: "
+                f"pass --run-id {self.consortium.run_id}"
+            )
         data = load_text_bytes(config.data, min_bytes=config.model.block_size + 2)
         seed = run_seed(config.run_id)
         self.shared = SharedModel(build_model(config.model, seed), config.outer)
+        run = RunIdentity(config.run_id, self.consortium.consortium_id if self.consortium else "", self.shared.hash())
         batches = ByteBatches(
             data, config.model.block_size, config.train.batch_size, seed=zlib.crc32(config.partner.encode())
         )
@@ -76,7 +85,9 @@ class Node:
         self.checkpoints = (
             None
             if config.checkpoint_dir is None
-            else CheckpointManager(config.checkpoint_dir, self.shared, self.trainer, config.model, lock)
+            else CheckpointManager(
+                config.checkpoint_dir, self.shared, self.trainer, config.model, lock, run, config.keep_checkpoints
+            )
         )
         self.resumed = self.checkpoints is not None and self.checkpoints.exists()
         if self.checkpoints is not None and self.resumed:
@@ -135,9 +146,7 @@ class Node:
         clock = (
             None
             if self.session is None
-            else MeetingClock(
-                self.session.dht, self.config.run_id, round_no, self.config.schedule, self.session.owner
-            )
+            else MeetingClock(self.session.dht, self.config.run_id, round_no, self.config.schedule, self.session.owner)
         )
         self.status.update(state="training")
         meeting = None
@@ -213,7 +222,15 @@ class Node:
         """Start the session (DHT, status, averager); `stack` stops it when the run ends. Then catch up with the
         swarm, and wait for --min-peers trainers."""
         config = self.config
-        options = SessionOptions(config.run_id, config.initial_peers, config.listen, config.announce, config.identity)
+        options = SessionOptions(
+            config.run_id,
+            config.initial_peers,
+            config.listen,
+            config.announce,
+            config.identity,
+            consortium=self.consortium,
+            consortium_file=config.consortium,
+        )
         self.session = stack.enter_context(SwarmSession(options))
         self.sync.peer_id = self.session.peer_id
         logger.info("peer %s listening on %s", self.session.peer_id, " ".join(self.session.addresses()))
@@ -230,6 +247,7 @@ class Node:
             config.compression,
             self.sync.share_state,
             config.inner_steps,
+            config.clip_multiple,
             self.fault,
         )
         self.sync.averaging.publish_round(self.shared.round)

@@ -136,11 +136,12 @@ class SwarmSession:
         compression: str,
         state_fn: Callable[[], tuple[dict[str, Any], list[torch.Tensor]]],
         max_steps: int,
+        clip_multiple: float,
         fault: Optional[FaultHook] = None,
     ) -> SwarmAveraging:
         """Start the run's averager (a child process), stopped before the status and DHT when the session ends."""
         averaging = SwarmAveraging(
-            self.dht, self.options.run_id, shapes, compression, state_fn, max_steps, self.members, fault=fault
+            self.dht, self.options.run_id, shapes, compression, state_fn, max_steps, self.members, clip_multiple, fault
         )
         self._stack.callback(averaging.shutdown)
         self._averaging = averaging

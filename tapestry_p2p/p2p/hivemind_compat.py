@@ -18,6 +18,9 @@ The patches, and the hivemind 1.1.12 behaviour each one guards against:
   a request in flight ("Task was destroyed but it is pending!") and its caller waits forever.
 - `spawn_children_that_die_with_us` (DHT process): hivemind starts `p2pd` with asyncio; we add PR_SET_PDEATHSIG and a
   process group of its own, so p2pd dies with its DHT process and a terminal Ctrl-C reaches only the node.
+- `cap_stream_messages` (DHT and averager processes): hivemind reads a stream message's 8-byte length and then
+  that many bytes, whatever the length says, so one stream announcing 1 TB grows the receiver's memory until it dies
+  (N1 in the security review); ours refuses any message over MAX_STREAM_MESSAGE before reading it.
 - `_PoliteLeaders` (averager process): hivemind's leader queue re-reads the DHT in a tight loop while a peer waits for
   groupmates (about 1.2 MB/s of DHT requests on loopback); ours reads at most twice a second.
 - `register_compression`: hivemind picks a codec by a fixed protobuf enum, so a codec of ours replaces the instance
@@ -47,6 +50,9 @@ from tapestry_p2p.p2p.processes import die_with_parent
 logger = logging.getLogger(__name__)
 
 EXPECTED_VERSION = "1.1.12"
+# The largest message tapestry's p2p streams carry is one averaging part (comm.averaging.PART_SIZE_BYTES, 64 KiB of
+# float32) or one state chunk (hivemind's split_for_streaming, 64 KiB), plus protobuf framing; 1 MiB leaves room.
+MAX_STREAM_MESSAGE = 1 << 20
 Process = Literal["main", "dht", "averager"]
 
 
@@ -90,6 +96,8 @@ SURFACE: tuple[Name, ...] = (
     Name("hivemind.averaging.matchmaking:PotentialLeaders", "_update_queue_periodically"),
     Name("hivemind.compression.serialization:_BASE_COMPRESSION_TYPES", "BLOCKWISE_8BIT"),
     Name("hivemind.dht.dht:DHT", "_get_visible_maddrs"),
+    Name("hivemind.p2p.p2p_daemon:P2P", "receive_raw_data"),
+    Name("hivemind.p2p.p2p_daemon:P2P", "HEADER_LEN"),
     Name("hivemind.dht.crypto:RSASignatureValidator", "_PUBLIC_KEY_RE"),
     Name("hivemind.utils.crypto:RSAPrivateKey", "__setstate__"),
 )
@@ -142,11 +150,13 @@ def install(process: Process) -> None:
     elif process == "dht":
         die_with_parent()
         keep_tasks_alive()
+        cap_stream_messages()
         spawn_children_that_die_with_us()
         _filter("hivemind.dht.dht", _SenderGone())
     elif process == "averager":
         die_with_parent()
         keep_tasks_alive()
+        cap_stream_messages()
         from hivemind.averaging import matchmaking
 
         matchmaking.PotentialLeaders = _polite_leaders()
@@ -205,6 +215,28 @@ def keep_tasks_alive() -> None:
 
     create_task._tapestry_patched = True  # type: ignore[attr-defined]
     asyncio.create_task = create_task  # type: ignore[assignment]
+
+
+class MessageTooLarge(ConnectionError):
+    """A peer announced a stream message larger than MAX_STREAM_MESSAGE; the stream is dropped unread."""
+
+
+def cap_stream_messages(max_bytes: int = MAX_STREAM_MESSAGE) -> None:
+    """In this process, refuse any p2p stream message longer than `max_bytes` before reading its body."""
+    from hivemind.p2p.p2p_daemon import P2P
+
+    if getattr(P2P.receive_raw_data, "_tapestry_patched", False):
+        return
+
+    async def receive_raw_data(reader: asyncio.StreamReader) -> bytes:
+        header = await reader.readexactly(P2P.HEADER_LEN)
+        length = int.from_bytes(header, P2P.BYTEORDER)
+        if length > max_bytes:
+            raise MessageTooLarge(f"a peer announced a {length}-byte message; the limit is {max_bytes}")
+        return await reader.readexactly(length)
+
+    receive_raw_data._tapestry_patched = True  # type: ignore[attr-defined]
+    P2P.receive_raw_data = staticmethod(receive_raw_data)
 
 
 def _detach_and_die_with_parent() -> None:

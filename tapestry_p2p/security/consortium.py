@@ -181,7 +181,9 @@ class Consortium:
         except tomllib.TOMLDecodeError as e:
             raise ConsortiumError(f"{source} is not valid TOML ({e}); fix or re-create it") from None
         except (KeyError, TypeError, ValueError) as e:
-            raise ConsortiumError(f"{source} is not a consortium file ({e}); create one: tapestry consortium create") from None
+            raise ConsortiumError(
+                f"{source} is not a consortium file ({e}); create one: tapestry consortium create"
+            ) from None
 
 
 def check_name(name: str) -> None:

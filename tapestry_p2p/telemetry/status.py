@@ -157,7 +157,7 @@ class StatusPublisher:
 
     def __post_init__(self) -> None:
         self._owner = RSASignatureValidator(self.key).local_public_key if self.key is not None else b""
-        defaults = dict(
+        defaults: dict[str, Any] = dict(
             inner_step=0,
             round=0,
             loss=None,

@@ -11,8 +11,16 @@ its hash, so a crash between the two renames is detected on resume instead of si
 
 Before a save replaces them, the current pair is hard-linked into `previous/` (no copy, and atomic per file), so a
 checkpoint damaged on disk after it was written (a truncated copy, a full disk, a bad restore) still leaves the one
-before it to resume from. A checkpoint that cannot be read is refused with the file's name and both ways out; the node
-never starts from scratch on its own and never writes over a checkpoint it could not read.
+before it to resume from. The last K saved rounds are also kept, hard-linked, in `history/round-NNNNNN/`
+(`--keep-checkpoints`), so a round that went wrong for everyone (a bad update the clipping let through) can be rolled
+back: resume with `--checkpoint-dir <dir>/history/round-NNNNNN`, or copy its two files back.
+
+A checkpoint records the run it belongs to (`RunIdentity`: run id, consortium id, the hash of the initial model it
+descends from); resuming it into another run is refused with one line (an operator who points --checkpoint-dir at
+another run's folder would otherwise push that run's model into this swarm).
+
+A checkpoint that cannot be read is refused with the file's name and both ways out; the node never starts from scratch
+on its own and never writes over a checkpoint it could not read.
 """
 
 from __future__ import annotations
@@ -20,6 +28,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import shutil
 import tempfile
 import threading
 from collections.abc import Callable, Sequence
@@ -40,6 +49,26 @@ logger = logging.getLogger(__name__)
 MODEL_FILE = "model.safetensors"
 STATE_FILE = "state.pt"
 PREVIOUS = "previous"
+HISTORY = "history"
+
+
+@dataclasses.dataclass(frozen=True)
+class RunIdentity:
+    """Which run a checkpoint belongs to."""
+
+    run_id: str
+    consortium: str  # the consortium's id (its version 1 digest), "" for an open swarm
+    initial_model: str  # hash of the model every partner of the run starts from
+
+    def differs_from(self, other: RunIdentity) -> str:
+        """A short description of the first difference ("" if none)."""
+        if self.run_id != other.run_id:
+            return f"run {other.run_id!r}, not {self.run_id!r}"
+        if self.consortium != other.consortium:
+            return f"consortium {other.consortium[:12] or '(open swarm)'}, not {self.consortium[:12] or '(open swarm)'}"
+        if self.initial_model != other.initial_model:
+            return f"a run started from initial model {other.initial_model[:12]}, not {self.initial_model[:12]}"
+        return ""
 
 
 class CheckpointError(UserError):
@@ -60,25 +89,36 @@ def atomic_write(path: Path, write: Callable[[str], object]) -> None:
         raise
 
 
-def save(directory: Path, shared: dict[str, torch.Tensor], state: dict[str, Any]) -> None:
+def save(
+    directory: Path, shared: dict[str, torch.Tensor], state: dict[str, Any], round_no: int = 0, keep: int = 0
+) -> None:
+    """Write a checkpoint; with `keep` > 0, also keep it as round `round_no` in `history/` (the last `keep` rounds)."""
     directory.mkdir(parents=True, exist_ok=True)
     _keep_previous(directory)
     tensors = {name: t.detach().to(torch.float32).contiguous() for name, t in shared.items()}
     atomic_write(directory / MODEL_FILE, lambda tmp: save_file(tensors, tmp))
     atomic_write(directory / STATE_FILE, lambda tmp: torch.save(state, tmp))
+    if keep > 0:
+        _link_pair(directory, directory / HISTORY / f"round-{round_no:06d}")
+        for old in sorted((directory / HISTORY).glob("round-*"))[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def _link_pair(directory: Path, target: Path) -> None:
+    """Hard-link the checkpoint's two files into `target` (each under a temporary name, then renamed)."""
+    target.mkdir(parents=True, exist_ok=True)
+    for name in (MODEL_FILE, STATE_FILE):
+        tmp = target / f".{name}.link"
+        tmp.unlink(missing_ok=True)
+        os.link(directory / name, tmp)
+        os.replace(tmp, target / name)
 
 
 def _keep_previous(directory: Path) -> None:
     """Hard-link the current checkpoint files into `previous/` (each link made under a temporary name, then renamed)."""
     if not ((directory / MODEL_FILE).exists() and (directory / STATE_FILE).exists()):
         return
-    previous = directory / PREVIOUS
-    previous.mkdir(exist_ok=True)
-    for name in (MODEL_FILE, STATE_FILE):
-        tmp = previous / f".{name}.link"
-        tmp.unlink(missing_ok=True)
-        os.link(directory / name, tmp)
-        os.replace(tmp, previous / name)
+    _link_pair(directory, directory / PREVIOUS)
 
 
 def way_out(directory: Path) -> str:
@@ -127,9 +167,17 @@ class CheckpointManager:
     checkpoint directory; `lock` guards theta against the thread that serves it to peers."""
 
     def __init__(
-        self, directory: Path, shared: SharedModel, trainer: InnerTrainer, model: ModelConfig, lock: threading.Lock
+        self,
+        directory: Path,
+        shared: SharedModel,
+        trainer: InnerTrainer,
+        model: ModelConfig,
+        lock: threading.Lock,
+        run: RunIdentity,
+        keep: int = 0,
     ) -> None:
         self.directory, self.shared, self.trainer, self.model, self.lock = directory, shared, trainer, model, lock
+        self.run, self.keep = run, keep
 
     def exists(self) -> bool:
         return exists(self.directory)
@@ -145,13 +193,16 @@ class CheckpointManager:
                 "model_config": dataclasses.asdict(self.model),
                 "model_hash": self.shared.hash(),
                 "version": __version__,
+                "run": dataclasses.asdict(self.run),
             }
-        save(self.directory, self.shared.model.state_dict(), state)
+            round_no = self.shared.round
+        save(self.directory, self.shared.model.state_dict(), state, round_no, self.keep)
 
     def resume(self) -> list[float]:
         """Restore the checkpoint; returns the inner losses of the round it stopped in (empty between rounds)."""
         shared, state = load(self.directory)
-        self._check_model(state, shared)
+        self._check_model(state, shared)  # first: a model of another shape has its own, more useful, message
+        self._check_run(state)
         self.shared.model.load_state_dict(shared)
         try:
             self.shared.load_state_dict(state["outer"])
@@ -177,6 +228,25 @@ class CheckpointManager:
             len(round_losses),
         )
         return round_losses
+
+    def _check_run(self, state: dict[str, Any]) -> None:
+        """Refuse a checkpoint of another run (a checkpoint written before checkpoints recorded their run passes)."""
+        found = state.get("run")
+        if found is None:
+            logger.warning("%s does not record its run (an older version wrote it): resuming it as is", self.directory)
+            return
+        try:
+            recorded = RunIdentity(**found)
+        except TypeError:
+            raise CheckpointError(
+                f"{self.directory / STATE_FILE} records its run in another version's format; {way_out(self.directory)}"
+            ) from None
+        difference = self.run.differs_from(recorded)
+        if difference:
+            raise CheckpointError(
+                f"--checkpoint-dir {self.directory} belongs to {difference}: point --checkpoint-dir at this run's "
+                f"folder, or at a new one to join with a fresh state"
+            )
 
     def _check_model(self, state: dict[str, Any], shared: dict[str, torch.Tensor]) -> None:
         """Refuse a checkpoint of another model, naming the first option that differs (or, for a checkpoint written

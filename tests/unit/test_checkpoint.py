@@ -90,3 +90,29 @@ def test_model_state_dict_names_each_tensor_once():
     model = GPT(TINY)
     tensors = model.state_dict()
     assert len({t.data_ptr() for t in tensors.values()}) == len(tensors)
+
+
+def test_a_checkpoint_of_another_run_is_refused_and_left_alone(tmp_path):
+    config = solo_config(tmp_path, inner_steps=2, max_rounds=1)
+    Node(config).run()
+    state_file = tmp_path / "ckpt" / checkpoint.STATE_FILE
+    before = state_file.read_bytes()
+    other = dataclasses.replace(config, run_id="other-run")  # its initial model differs too (the seed is the run's)
+    with pytest.raises(checkpoint.CheckpointError, match=r"belongs to run 'solo', not 'other-run'"):
+        Node(other)
+    assert state_file.read_bytes() == before
+    state = torch.load(state_file, weights_only=True)
+    state["run"]["initial_model"] = "0" * 16  # same run id, another starting point
+    torch.save(state, state_file)
+    with pytest.raises(checkpoint.CheckpointError, match=r"a run started from initial model 000000000000"):
+        Node(config)
+
+
+def test_the_last_k_rounds_are_kept_for_a_roll_back(tmp_path):
+    config = dataclasses.replace(solo_config(tmp_path, inner_steps=2, max_rounds=4), keep_checkpoints=2)
+    node = Node(config)
+    node.run()
+    history = sorted(p.name for p in (tmp_path / "ckpt" / checkpoint.HISTORY).iterdir())
+    assert history == ["round-000003", "round-000004"]
+    rolled_back = Node(dataclasses.replace(config, checkpoint_dir=tmp_path / "ckpt" / "history" / "round-000003"))
+    assert rolled_back.shared.round == 3 and rolled_back.shared.hash() != node.shared.hash()

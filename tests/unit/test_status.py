@@ -104,7 +104,7 @@ def test_a_peer_whose_contributions_were_refused_or_clipped_is_shown_to_everyone
     assert max(len(line) for line in text.splitlines()) <= 80
     rows = {line.split()[0]: line.split() for line in text.splitlines() if line.startswith(" ") and line.split()}
     assert rows["ost-gmbh"][-1] == "2/4" and rows["north-lab"][-1] == "0/0"  # refused/clipped by the others
-    assert "ost-gmbh (ost-gmbh): contributions refused 2x, clipped 4x by groupmates" in text
+    assert "ost-gmbh (ost-gmbh): contributions refused 2x, clipped 4x by others" in text
 
 
 def test_status_records_name_a_bounded_number_of_flagged_peers():

@@ -80,9 +80,7 @@ class StateClient:
             logger.warning("state download failed (%s: %s); carrying on with our own state", type(e).__name__, e)
             return None
 
-    def _download(
-        self, min_round: int, peers: Optional[Sequence[str]], want: Optional[StateId]
-    ) -> Optional[Download]:
+    def _download(self, min_round: int, peers: Optional[Sequence[str]], want: Optional[StateId]) -> Optional[Download]:
         if peers is None:
             peers = sorted(self._advertised())
         if not peers:

@@ -226,9 +226,7 @@ class StateTransport:
                     delivered.append(server)
                 else:
                     reason = answer if isinstance(answer, BaseException) else "wrong state"
-                    logger.info(
-                        "peer %s did not serve its share of the state (%r); asking the others", server, reason
-                    )
+                    logger.info("peer %s did not serve its share of the state (%r); asking the others", server, reason)
                     servers = [s for s in servers if s != server]
             todo[:] = [i for i in todo if i not in got]
 
