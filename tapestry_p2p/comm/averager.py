@@ -18,11 +18,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 
 # hivemind's servicer recognises streaming RPC handlers by typing.AsyncIterator only (not collections.abc's)
-from typing import Any, Optional
+from typing import Any, AsyncIterator, Optional
 
 import torch
 from hivemind.averaging import DecentralizedAverager

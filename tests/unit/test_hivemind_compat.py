@@ -65,7 +65,13 @@ def test_our_rpc_handlers_are_streams_to_hiveminds_servicer():
     from tapestry_p2p.comm.allreduce import ExactAllReduceRunner
     from tapestry_p2p.comm.averager import ExactAverager
 
-    for handler in (ExactAverager.rpc_state_slice, ExactAllReduceRunner.rpc_aggregate_part):
+    for handler in (
+        ExactAverager.rpc_state_slice,
+        ExactAverager.rpc_join_group,
+        ExactAverager.rpc_aggregate_part,
+        ExactAverager.rpc_download_state,
+        ExactAllReduceRunner.rpc_aggregate_part,
+    ):
         hints = get_type_hints(handler)
         assert ServicerBase._strip_iterator_hint(hints["return"])[1], handler.__qualname__
     assert ServicerBase._strip_iterator_hint(get_type_hints(ExactAllReduceRunner.rpc_aggregate_part)["stream"])[1]
