@@ -46,7 +46,7 @@ from hivemind.p2p import P2PContext, P2PDaemonError, P2PHandlerError, PeerID
 from hivemind.proto import averaging_pb2, runtime_pb2
 from hivemind.utils.asyncio import amap_in_executor
 
-from tapestry_p2p.comm.screening import Screen
+from tapestry_p2p.comm.screening import Screen, weight_for
 
 logger = logging.getLogger(__name__)
 
@@ -174,7 +174,8 @@ class ExactAllReduceRunner(AllReduceRunner):
 
     async def _communicate_with_peer(self, peer_id: PeerID) -> None:
         # forked from hivemind 1.1.12 averaging/allreduce.py:AllReduceRunner._communicate_with_peer, own-part branch
-        # only; changes: our own part's average goes through `_publish` (encoded once, decoded like everyone's) instead
+        # only; changes: our own part is weighted and clipped as our groupmates check it (declared steps, norm);
+        # its average goes through `_publish` (encoded once, decoded like everyone's) instead
         # of `averaged - local`, and a failure registers our span as failed (upstream registers nothing there, so the
         # round would wait for the whole allreduce_timeout for a part that can no longer come).
         if peer_id != self.peer_id:
@@ -184,9 +185,10 @@ class ExactAllReduceRunner(AllReduceRunner):
         sender_index = self.sender_peer_ids.index(peer_id)
         try:
             scale = self._scale(sender_index)
+            weight = weight_for(self.screen.declared_steps[sender_index], self.screen.max_steps)  # as others check it
             for part_index, tensor_part in enumerate(self.parts_for_local_averaging):
                 averaged = await self.tensor_part_reducer.accumulate_part(
-                    sender_index, part_index, tensor_part * scale if scale != 1.0 else tensor_part, weight=self.weight
+                    sender_index, part_index, tensor_part * scale if scale != 1.0 else tensor_part, weight=weight
                 )
                 wire = await self._publish(part_index, averaged)
                 decoded = deserialize_torch_tensor(wire)

@@ -161,6 +161,7 @@ class SwarmAveraging:
             fault=fault,
         )
         self.replace_members = self._averager.replace_members
+        self.peer_id = self._averager.peer_id.to_base58()
         self._states = StateClient(dht, self._averager)
         self.publish_round = self._states.publish_round
         self.highest_round_online = self._states.highest_round_online

@@ -45,7 +45,7 @@ class MemberAuthorizer(TokenAuthorizerBase):
         peer = peer_id_of_key(access_token.public_key)
         if peer is not None and self.members.allows(peer):
             return True
-        who = peer or "a peer with a malformed key"
+        who = peer or "a peer that sent no valid key"
         if time.monotonic() - self._last_refusal.get(who, -REFUSAL_LOG_PERIOD) >= REFUSAL_LOG_PERIOD:
             self._last_refusal[who] = time.monotonic()
             logger.warning("refused DHT requests from %s: not a member of the consortium", who)

@@ -112,13 +112,19 @@ class LocalSwarm:
         return popen
 
     def start_bootstrap(
-        self, name: str = "bootstrap", run_id: Optional[str] = None, timeout: float = 90, partner: Optional[str] = None
+        self,
+        name: str = "bootstrap",
+        run_id: Optional[str] = None,
+        timeout: float = 90,
+        partner: Optional[str] = None,
+        extra: Sequence[str] = (),
     ) -> str:
-        """A real `tapestry bootstrap` on loopback; returns its full multiaddr once it is up."""
+        """A real `tapestry bootstrap` on loopback (identity `<workdir>/<name>.key`, `extra` flags last); returns its
+        full multiaddr once it is up."""
         addr_file = self.workdir / f"{name}.addr"
         args = ["bootstrap", "--listen", LOOPBACK, "--identity", str(self.workdir / f"{name}.key")]
         args += ["--addr-file", str(addr_file)] + (["--run-id", run_id] if run_id else [])
-        args += ["--partner", partner] if partner else []
+        args += (["--partner", partner] if partner else []) + list(extra)
         popen = self.start(name, *args)
         return wait_for_file(addr_file, timeout, popen, self.log_path(name)).split()[0]
 

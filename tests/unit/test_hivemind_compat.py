@@ -75,3 +75,24 @@ def test_our_rpc_handlers_are_streams_to_hiveminds_servicer():
         hints = get_type_hints(handler)
         assert ServicerBase._strip_iterator_hint(hints["return"])[1], handler.__qualname__
     assert ServicerBase._strip_iterator_hint(get_type_hints(ExactAllReduceRunner.rpc_aggregate_part)["stream"])[1]
+
+
+def test_a_stream_message_over_the_cap_is_refused_before_its_body_is_read():
+    import asyncio
+
+    from hivemind.p2p import P2P
+
+    from tapestry_p2p.comm.averaging import PART_SIZE_BYTES
+
+    assert 4 * PART_SIZE_BYTES < hivemind_compat.MAX_STREAM_MESSAGE  # a part and a state chunk fit, with framing
+    hivemind_compat.cap_stream_messages()
+
+    async def read(length: int, body: bytes) -> bytes:
+        reader = asyncio.StreamReader()
+        reader.feed_data(length.to_bytes(P2P.HEADER_LEN, P2P.BYTEORDER) + body)
+        reader.feed_eof()
+        return await P2P.receive_raw_data(reader)
+
+    assert asyncio.run(read(3, b"abc")) == b"abc"
+    with pytest.raises(hivemind_compat.MessageTooLarge, match="1099511627776-byte message"):
+        asyncio.run(read(1 << 40, b"only the header was sent"))

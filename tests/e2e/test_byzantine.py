@@ -1,0 +1,182 @@
+"""A faulty or malicious groupmate, as a real peer: three averagers on real DHT nodes and p2pd daemons, one of which
+sends a 1000x update, NaN, a false weight or malformed metadata, and serves a state that claims round 1,000,000.
+
+Each round asserts on values: what the honest members end with, against the honest average. The uncompressed codec
+makes the expected values exact (up to float32 summation).
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import asdict
+from typing import Any
+
+import pytest
+import torch
+from hivemind.utils import get_dht_time
+
+from tapestry_p2p.comm.averaging import MEETING_GRACE, RoundMeta, SwarmAveraging
+from tapestry_p2p.comm.screening import DEFAULT_CLIP_MULTIPLE
+from tapestry_p2p.p2p.dht import DHTOptions, start_dht, stop_dht, visible_maddrs
+
+LOOPBACK = ["/ip4/127.0.0.1/tcp/0"]
+SHAPES = [torch.Size([300, 400]), torch.Size([1000])]  # ~8 parts of 16k values: every member reduces some
+H = 10
+
+
+class Misbehaving(SwarmAveraging):
+    """A peer running our code, with one thing changed per round (`lie`): its weight or its round metadata."""
+
+    lie: str = ""
+
+    def _step(self, meeting: float, meta: RoundMeta) -> Any:
+        if not self.lie:
+            return super()._step(meeting, meta)
+        gather: dict[str, Any] = asdict(meta)
+        weight = float(min(meta.steps, H))
+        if self.lie == "weight":
+            weight = 1e9
+        elif self.lie == "metadata":
+            gather["norm"] = "[/] not a number"
+        timeout = max(meeting - get_dht_time(), 0.0) + MEETING_GRACE
+        return self._averager.step(
+            gather=gather, scheduled_time=meeting, weight=weight, timeout=timeout, allow_retries=False
+        )
+
+
+def _honest_state() -> tuple[dict[str, Any], list[torch.Tensor]]:
+    return {"round": 0, "hash": "honest", "clean": True}, [torch.ones(s) for s in SHAPES]
+
+
+def _claims_round_a_million() -> tuple[dict[str, Any], list[torch.Tensor]]:
+    return {"round": 1_000_000, "hash": "zeros", "clean": True}, [torch.zeros(s) for s in SHAPES]
+
+
+@pytest.fixture(scope="module")
+def group():
+    started: list[Any] = []
+    boot = start_dht(DHTOptions(listen=LOOPBACK))
+    started.append(boot)
+    peers = []
+    for i in range(3):
+        dht = start_dht(DHTOptions(initial_peers=visible_maddrs(boot), listen=LOOPBACK))
+        started.append(dht)
+        cls, state = (Misbehaving, _claims_round_a_million) if i == 2 else (SwarmAveraging, _honest_state)
+        peers.append(cls(dht, "byzantine", SHAPES, "none", state, max_steps=H))
+        started.append(peers[-1])
+    peers[2].publish_round(1_000_000)
+    for peer in peers[:2]:
+        peer.publish_round(0)
+    yield peers
+    for item in reversed(started):
+        if isinstance(item, SwarmAveraging):
+            item.shutdown()
+        else:
+            stop_dht(item)
+
+
+def average_together(peers, deltas) -> list:
+    meeting = get_dht_time() + 3.0
+    results: list[Any] = [None] * len(peers)
+
+    def run(i: int) -> None:
+        results[i] = peers[i].average(deltas[i], meeting, RoundMeta(round=0, hash="same", steps=H))
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(peers))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=90)
+    return results
+
+
+def deltas_with(attacker: list[torch.Tensor]) -> list[list[torch.Tensor]]:
+    generator = torch.Generator().manual_seed(len(attacker))
+    honest = [[torch.randn(s, generator=generator) * 0.01 for s in SHAPES] for _ in range(2)]
+    return [*honest, attacker]
+
+
+def norm(tensors) -> float:
+    return float(torch.sqrt(sum((t.double() ** 2).sum() for t in tensors)))
+
+
+def assert_honest_agree(results) -> None:
+    assert results[0].group_size == results[1].group_size
+    for a, b in zip(results[0].averaged, results[1].averaged, strict=True):
+        assert torch.equal(a, b) and torch.isfinite(a).all()
+
+
+def test_a_1000x_update_is_clipped_to_the_bound(group):
+    deltas = deltas_with([torch.randn(s) * 10.0 for s in SHAPES])  # ~1000x the honest norm
+    results = average_together(group, deltas)
+    assert [r.group_size for r in results] == [3, 3, 3], [r.failure for r in results]
+    assert_honest_agree(results)
+    attacker = group[2].peer_id
+    assert 0 < results[0].clipped[attacker] < 1e-2 and results[1].clipped[attacker] == results[0].clipped[attacker]
+    norms = [norm(d) for d in deltas]
+    tau = DEFAULT_CLIP_MULTIPLE * sorted(norms)[1]
+    scale = tau / norms[2]
+    for k in range(len(SHAPES)):
+        expected = (deltas[0][k] + deltas[1][k] + deltas[2][k] * scale) / 3
+        assert torch.allclose(results[0].averaged[k], expected, atol=1e-6)
+    honest_mean = [(deltas[0][k] + deltas[1][k]) / 2 for k in range(len(SHAPES))]
+    moved = norm([a - m for a, m in zip(results[0].averaged, honest_mean, strict=True)])
+    assert moved <= (tau + norm(honest_mean)) / 3 + 1e-6  # at most a third of the bound away from the honest mean
+
+
+def test_a_nan_update_contributes_nothing(group):
+    deltas = deltas_with([torch.full(s, float("nan")) for s in SHAPES])
+    results = average_together(group, deltas)
+    assert [r.group_size for r in results] == [3, 3, 3]
+    assert_honest_agree(results)
+    for k in range(len(SHAPES)):
+        expected = (deltas[0][k] + deltas[1][k]) / 2  # the NaN peer sent zeros at a negligible weight
+        assert torch.allclose(results[0].averaged[k], expected, atol=1e-6)
+        assert torch.isfinite(results[2].averaged[k]).all()  # the faulty peer gets the group's model too
+
+
+def test_a_false_weight_is_refused_by_every_honest_reducer(group):
+    group[2].lie = "weight"
+    try:
+        deltas = deltas_with([torch.full(s, 0.5) for s in SHAPES])
+        results = average_together(group, deltas)
+    finally:
+        group[2].lie = ""
+    assert results[0].group_size == results[1].group_size == 3
+    attacker = group[2].peer_id
+    assert "sent weight 1e+09" in results[0].refused[attacker] and attacker in results[1].refused
+    flat = [torch.cat([t.flatten() for t in r.averaged]) for r in results[:2]]
+    assert torch.equal(flat[0], flat[1])
+    honest = torch.cat([((deltas[0][k] + deltas[1][k]) / 2).flatten() for k in range(len(SHAPES))])
+    norms = [norm(d) for d in deltas]
+    scale = min(1.0, DEFAULT_CLIP_MULTIPLE * sorted(norms)[1] / norms[2])  # it clips itself like any sender
+    all_three = torch.cat(
+        [((deltas[0][k] + deltas[1][k] + deltas[2][k] * scale) / 3).flatten() for k in range(len(SHAPES))]
+    )
+    on_honest_spans = torch.isclose(flat[0], honest, atol=1e-6)
+    on_its_own_span = torch.isclose(
+        flat[0], all_three, atol=1e-6
+    )  # its own reducer takes its part at its declared weight
+    assert bool((on_honest_spans | on_its_own_span).all())
+    assert 0.4 < on_honest_spans.float().mean() < 0.9  # the two honest reducers' spans (hivemind cuts at parts)
+
+
+def test_malformed_metadata_drops_the_sender_from_the_round(group):
+    group[2].lie = "metadata"
+    try:
+        deltas = deltas_with([torch.full(s, 0.5) for s in SHAPES])
+        results = average_together(group, deltas)
+    finally:
+        group[2].lie = ""
+    assert results[0].group_size == results[1].group_size == 2  # the honest two averaged without it
+    assert_honest_agree(results)
+    assert results[0].dropped == {group[2].peer_id: "sent malformed round metadata"}
+    for k in range(len(SHAPES)):
+        assert torch.allclose(results[0].averaged[k], (deltas[0][k] + deltas[1][k]) / 2, atol=1e-6)
+
+
+def test_a_peer_claiming_a_later_round_takes_nobody_over(group):
+    assert group[0].highest_round_online() == 1_000_000  # it advertises round 1,000,000 ...
+    assert group[0].download_state(min_round=1) is None  # ... but holds no majority: nothing is downloaded
+    others = group[1].download_state(min_round=0)
+    assert others is None  # two peers that disagree: no majority either way
