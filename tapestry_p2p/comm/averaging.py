@@ -29,7 +29,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Optional, Protocol
 
 import torch
@@ -74,6 +74,7 @@ class AveragingResult:
     dropped: dict[str, str] = field(default_factory=dict)  # groupmate -> why it was left out of the round
     refused: dict[str, str] = field(default_factory=dict)  # groupmate -> why we refused its parts as a reducer
     clipped: dict[str, float] = field(default_factory=dict)  # groupmate -> the factor we scaled its parts by
+    norm: float = 0.0  # the L2 norm of our pseudo-gradient, as we declared it to the group
 
 
 def alone(delta: Sequence[torch.Tensor], failure: Optional[str] = None) -> AveragingResult:
@@ -197,7 +198,7 @@ class SwarmAveraging:
             averaged = [b.clone() for b in buffers]
         if not all(torch.isfinite(a).all() for a in averaged):
             return alone(delta, failure="non-finite average; kept our own update")
-        return _result(averaged, outcome, meta)
+        return replace(_result(averaged, outcome, meta), norm=meta.norm)
 
     def _step(self, meeting: float, meta: RoundMeta) -> AllReduceOutcome:
         # Weighted by inner steps (at most H): a partner that came to the meeting with fewer steps moves it less.

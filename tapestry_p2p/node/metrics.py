@@ -42,6 +42,7 @@ class RoundMetrics:
     resynced: bool
     refused: dict[str, str] = field(default_factory=dict)  # groupmate -> why we refused (or left out) its contribution
     clipped: dict[str, float] = field(default_factory=dict)  # groupmate -> the factor we scaled its contribution by
+    update_norm: float = 0.0  # L2 norm of our pseudo-gradient this round (what we declared; 0 when not averaged)
 
     def to_json(self) -> str:
         record = asdict(self)

@@ -208,6 +208,7 @@ class Node:
             resynced=resynced,
             refused={**result.dropped, **result.refused},
             clipped=result.clipped,
+            update_norm=result.norm,
         )
         self.metrics.write(record, training_seconds)
         return record

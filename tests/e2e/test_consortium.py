@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import json
 import re
@@ -156,16 +157,12 @@ async def _stranger_tries(seen: Observed, north_addr: str, boot: str) -> dict[st
         name = ExactAverager._get_handle_name(f"{RUN}_avg", "rpc_state_slice")
         _, reader, writer = await p2p._client.stream_open(north, (name,))
         writer.write((1 << 40).to_bytes(P2P.HEADER_LEN, P2P.BYTEORDER))
-        try:
+        with contextlib.suppress(ConnectionError):  # north may reset the stream while we write
             for _ in range(64):
                 writer.write(bytes(1 << 20))
                 await writer.drain()
-        except ConnectionError:
-            pass
-        try:
+        with contextlib.suppress(ConnectionError):  # ... or while we read
             await asyncio.wait_for(reader.read(), timeout=30)  # returns at the end of the stream: north closed it
-        except ConnectionError:
-            pass  # or north reset it
         found["1 TB stream closed"] = True
     finally:
         await p2p.shutdown()
