@@ -8,6 +8,10 @@ Each setup runs a bootstrap node and --partners `tapestry join` processes on loo
 after the other, --repeats times in alternation; the report is the median round time (all partners, rounds 2 and
 later: round 1 includes start-up) and the ratio to `before`.
 
+It also reports the study behind `--clip-multiple`: in each round, every partner's update norm divided by the lower
+median of that round's norms (what the clip bound is a multiple of), over all rounds of the new code's setups. The
+partners train on the demo's corpora (en, es, de), deliberately different data.
+
     git worktree add /tmp/before 268839e
     .venv/bin/python scripts/security_cost.py --baseline-src /tmp/before --rounds 8 --repeats 2
 """
@@ -30,8 +34,11 @@ from tapestry_p2p.testing.local_swarm import LOOPBACK, TINY_MODEL, LocalSwarm, w
 RUN = "cost"
 
 
-def run_setup(workdir: Path, partners: int, rounds: int, src: Optional[str], consortium: bool) -> list[float]:
-    """Round durations (seconds) of every partner's rounds 2..R."""
+def run_setup(
+    workdir: Path, partners: int, rounds: int, src: Optional[str], consortium: bool
+) -> tuple[list[float], list[float]]:
+    """Round durations (seconds) of every partner's rounds 2..R, and each update's norm over its round's lower
+    median (empty for code that does not record norms)."""
     env = {"PYTHONPATH": src} if src else None
     keys = {name: workdir / f"{name}.key" for name in ["boot", *[f"p{i}" for i in range(partners)]]}
     extra: dict[str, list[str]] = {name: [] for name in keys}
@@ -67,10 +74,17 @@ def run_setup(workdir: Path, partners: int, rounds: int, src: Optional[str], con
             popen.wait(timeout=max(1.0, deadline - time.monotonic()))
             if popen.returncode != 0:
                 sys.exit(f"a partner failed; see {workdir}")
-    durations = []
-    for i in range(partners):
-        durations += [r["round_seconds"] for r in read_jsonl(workdir / f"p{i}" / "metrics.jsonl")[1:]]
-    return durations
+    records = [r for i in range(partners) for r in read_jsonl(workdir / f"p{i}" / "metrics.jsonl")]
+    durations = [r["round_seconds"] for r in records if r["round"] > 1]
+    by_round: dict[int, list[float]] = {}
+    for r in records:
+        if r.get("update_norm", 0.0) > 0 and r["group_size"] == partners:
+            by_round.setdefault(r["round"], []).append(r["update_norm"])
+    ratios = []
+    for norms in by_round.values():
+        if len(norms) == partners:
+            ratios += [n / statistics.median_low(norms) for n in norms]
+    return durations, ratios
 
 
 def main() -> None:
@@ -84,12 +98,15 @@ def main() -> None:
     if args.baseline_src:
         setups = {"before": (args.baseline_src, False), **setups}
     found: dict[str, list[float]] = {name: [] for name in setups}
+    ratios: list[float] = []
     with tempfile.TemporaryDirectory(prefix="tapestry-cost-") as tmp:
         for repeat in range(args.repeats):
             for name, (src, consortium) in setups.items():
                 workdir = Path(tmp) / f"{name}-{repeat}"
                 workdir.mkdir()
-                found[name] += run_setup(workdir, args.partners, args.rounds, src, consortium)
+                durations, norm_ratios = run_setup(workdir, args.partners, args.rounds, src, consortium)
+                found[name] += durations
+                ratios += norm_ratios
                 print(f"{name} #{repeat + 1}: median {statistics.median(found[name]):.2f}s so far", flush=True)
     base = statistics.median(found["before" if "before" in found else "open"])
     print(f"\n| setup | rounds measured | median round (s) | ratio to {next(iter(found))} |")
@@ -97,6 +114,9 @@ def main() -> None:
     for name, durations in found.items():
         median = statistics.median(durations)
         print(f"| {name} | {len(durations)} | {median:.2f} | {median / base:.3f} |")
+    if ratios:
+        print(f"\nupdate norm / lower median of its round, {len(ratios)} updates: max {max(ratios):.2f}, ", end="")
+        print(", ".join(f"above {k}: {sum(r > k for r in ratios)}" for k in (1.5, 2.0, 3.0)))
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 """A faulty or malicious groupmate, as a real peer: three averagers on real DHT nodes and p2pd daemons, one of which
-sends a 1000x update, NaN, a false weight or malformed metadata, and serves a state that claims round 1,000,000.
+sends a 1000x update, NaN, a false weight or malformed metadata, and serves a state that claims round 1,000,000; and
+a real libp2p peer that serves its state one small message every 8 seconds, for ever.
 
 Each round asserts on values: what the honest members end with, against the honest average. The uncompressed codec
 makes the expected values exact (up to float32 summation).
@@ -7,16 +8,22 @@ makes the expected values exact (up to float32 summation).
 
 from __future__ import annotations
 
+import asyncio
 import threading
+import time
 from dataclasses import asdict
 from typing import Any
 
 import pytest
 import torch
+from hivemind.p2p import P2P, P2PContext
+from hivemind.proto import averaging_pb2, runtime_pb2
 from hivemind.utils import get_dht_time
 
 from tapestry_p2p.comm.averaging import MEETING_GRACE, RoundMeta, SwarmAveraging
 from tapestry_p2p.comm.screening import DEFAULT_CLIP_MULTIPLE
+from tapestry_p2p.comm.statesync.client import STATE_TIMEOUT
+from tapestry_p2p.comm.statesync.wire import StateId, StateInfo, unpack_request
 from tapestry_p2p.p2p.dht import DHTOptions, start_dht, stop_dht, visible_maddrs
 
 LOOPBACK = ["/ip4/127.0.0.1/tcp/0"]
@@ -63,6 +70,7 @@ def group():
         started.append(dht)
         cls, state = (Misbehaving, _claims_round_a_million) if i == 2 else (SwarmAveraging, _honest_state)
         peers.append(cls(dht, "byzantine", SHAPES, "none", state, max_steps=H))
+        peers[-1].addresses = visible_maddrs(dht)  # for a test's own peer to dial it
         started.append(peers[-1])
     peers[2].publish_round(1_000_000)
     for peer in peers[:2]:
@@ -180,3 +188,46 @@ def test_a_peer_claiming_a_later_round_takes_nobody_over(group):
     assert group[0].download_state(min_round=1) is None  # ... but holds no majority: nothing is downloaded
     others = group[1].download_state(min_round=0)
     assert others is None  # two peers that disagree: no majority either way
+
+
+class SlowStateServer:
+    """A real libp2p peer (its own p2pd) with a handler in place of `rpc_state_slice`: it answers an info request at
+    once (round 1,000,000), and a request for tensors with one 4-byte message every 8 s, for ever (S3 in the review:
+    under the 10 s per-message timeout, so only an overall deadline ends it)."""
+
+    def __init__(self, initial_peers: list[str]) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+        self.p2p: P2P = self._run(P2P.create(initial_peers=initial_peers, host_maddrs=LOOPBACK))
+        name = "byzantine_avg::ExactAverager.rpc_state_slice"
+        self._run(self.p2p.add_protobuf_handler(name, self._serve, runtime_pb2.ExpertRequest, stream_output=True))
+
+    def _run(self, coroutine: Any) -> Any:
+        return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(timeout=60)
+
+    async def _serve(self, request: runtime_pb2.ExpertRequest, _context: P2PContext) -> Any:
+        numel = tuple(s.numel() for s in SHAPES) * 2
+        yield averaging_pb2.DownloadData(metadata=StateInfo(1_000_000, "zeros", numel).pack())
+        asked = unpack_request(request.metadata, len(numel))
+        while asked and asked[1]:
+            await asyncio.sleep(8.0)
+            yield averaging_pb2.DownloadData(tensor_part=runtime_pb2.Tensor(buffer=bytes(4), dtype="float32"))
+
+    def close(self) -> None:
+        self._run(self.p2p.shutdown())
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(timeout=10)
+
+
+def test_a_slow_state_server_delays_a_download_but_never_stops_the_node(group):
+    honest = group[0]
+    server = SlowStateServer(honest.addresses[:1])
+    try:
+        started = time.monotonic()
+        result = honest.download_state(0, peers=[server.p2p.peer_id.to_base58()], want=StateId(1_000_000, "zeros"))
+        elapsed = time.monotonic() - started
+    finally:
+        server.close()
+    assert result is None  # refused, not raised
+    assert elapsed < 3 * STATE_TIMEOUT, elapsed  # the overall deadline (10 s + size at 1 MB/s), not for ever

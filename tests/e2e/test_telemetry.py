@@ -13,6 +13,7 @@ from hivemind.utils import MSGPackSerializer, get_dht_time
 
 from tapestry_p2p.p2p.dht import DHTOptions, start_dht, stop_dht, visible_maddrs
 from tapestry_p2p.security.identity import ephemeral_identity, signing_key
+from tapestry_p2p.security.membership import Members
 from tapestry_p2p.telemetry.status import (
     EXPIRY,
     StatusPublisher,
@@ -37,7 +38,7 @@ def two_nodes():
                 initial_peers=peers,
                 listen=["/ip4/127.0.0.1/tcp/0"],
                 identity=identity,
-                record_validators=status_validators(RUN, key),
+                record_validators=status_validators(RUN, key, Members.open()),
             )
             nodes.append((start_dht(options), key))
     yield nodes
