@@ -36,6 +36,7 @@ class _TiedDHT(DHT):
 
     def run(self) -> None:
         hivemind_compat.install("dht")
+        hivemind_compat.tolerate_departed_senders(self)
         super().run()
 
 

@@ -21,6 +21,10 @@ The patches, and the hivemind 1.1.12 behaviour each one guards against:
 - `cap_stream_messages` (DHT and averager processes): hivemind reads a stream message's 8-byte length and then
   that many bytes, whatever the length says, so one stream announcing 1 TB grows the receiver's memory until it dies
   (N1 in the security review); ours refuses any message over MAX_STREAM_MESSAGE before reading it.
+- `tolerate_departed_senders` (DHT process): a request from another process carries an MPFuture whose pipe is
+  unpickled by fetching it from the sender; if the sender exited in between (the averager at shutdown), unpickling
+  raises EOFError, which hivemind's request loop does not catch, and the DHT process dies (then every later call of
+  the node waits for ever). Ours turns that into the ConnectionError the loop already skips.
 - `_PoliteLeaders` (averager process): hivemind's leader queue re-reads the DHT in a tight loop while a peer waits for
   groupmates (about 1.2 MB/s of DHT requests on loopback); ours reads at most twice a second.
 - `register_compression`: hivemind picks a codec by a fixed protobuf enum, so a codec of ours replaces the instance
@@ -96,6 +100,7 @@ SURFACE: tuple[Name, ...] = (
     Name("hivemind.averaging.matchmaking:PotentialLeaders", "_update_queue_periodically"),
     Name("hivemind.compression.serialization:_BASE_COMPRESSION_TYPES", "BLOCKWISE_8BIT"),
     Name("hivemind.dht.dht:DHT", "_get_visible_maddrs"),
+    Name("hivemind.dht.dht:DHT", "_inner_pipe", instance=True),
     Name("hivemind.p2p.p2p_daemon:P2P", "receive_raw_data"),
     Name("hivemind.p2p.p2p_daemon:P2P", "HEADER_LEN"),
     Name("hivemind.dht.crypto:RSASignatureValidator", "_PUBLIC_KEY_RE"),
@@ -287,6 +292,31 @@ def _polite_leaders() -> type:
             await super()._update_queue_periodically(_RateLimitedKeys(key_manager, self.REFRESH_INTERVAL))
 
     return PoliteLeaders
+
+
+class _DepartedSenders:
+    """The DHT process's end of its request pipe, where a request whose sender is gone is a ConnectionError."""
+
+    def __init__(self, pipe: Any) -> None:
+        self._pipe = pipe
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._pipe, name)
+
+    def recv(self) -> Any:
+        from multiprocessing.reduction import ForkingPickler
+
+        data = self._pipe.recv_bytes()  # EOFError here: the pipe itself is closed, as before
+        try:
+            return ForkingPickler.loads(data)
+        except EOFError as e:
+            raise ConnectionError("a request came from a process that exited before it could be read") from e
+
+
+def tolerate_departed_senders(dht: Any) -> None:
+    """In the DHT process: skip requests whose sender exited, instead of dying (see the module docstring)."""
+    if not isinstance(dht._inner_pipe, _DepartedSenders):
+        dht._inner_pipe = _DepartedSenders(dht._inner_pipe)
 
 
 # ---- private names used outside the subclasses ----

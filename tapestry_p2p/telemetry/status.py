@@ -134,6 +134,7 @@ def trainers_online(peers: list[PeerStatus]) -> int:
     return sum(1 for p in peers if p.role == "trainer" and p.state != "left")
 
 
+PUBLISH_TIMEOUT = 10.0  # seconds a publication may take before it counts as failed (the DHT process may be gone)
 PUBLISH_ERRORS = (OSError, EOFError, RuntimeError, TimeoutError)  # the DHT process is gone, slow or shutting down
 WARN_AFTER_FAILURES = 5  # consecutive failed publications before the publisher warns (once)
 
@@ -203,7 +204,10 @@ class StatusPublisher:
             raise ValueError("a disabled StatusPublisher cannot publish")
         record = self.record()
         key = status_key(self.run_id)
-        return bool(self.dht.store(key, record.dict(), expiration_time=record.time + EXPIRY, subkey=self._owner))
+        stored = self.dht.store(
+            key, record.dict(), expiration_time=record.time + EXPIRY, subkey=self._owner, return_future=True
+        )
+        return bool(stored.result(timeout=PUBLISH_TIMEOUT))
 
     def start(self) -> None:
         if self.dht is None:

@@ -96,3 +96,33 @@ def test_a_stream_message_over_the_cap_is_refused_before_its_body_is_read():
     assert asyncio.run(read(3, b"abc")) == b"abc"
     with pytest.raises(hivemind_compat.MessageTooLarge, match="1099511627776-byte message"):
         asyncio.run(read(1 << 40, b"only the header was sent"))
+
+
+def _sender_gone() -> None:
+    raise EOFError  # what unpickling an MPFuture's pipe raises once its sender process has exited
+
+
+class _FromAnExitedProcess:
+    def __reduce__(self):
+        return (_sender_gone, ())
+
+
+def test_a_request_from_an_exited_process_does_not_kill_the_dht_process():
+    import multiprocessing
+
+    class FakeDHT:  # only the pipe end matters here
+        def __init__(self, pipe):
+            self._inner_pipe = pipe
+
+    inner, outer = multiprocessing.Pipe()
+    dht = FakeDHT(inner)
+    hivemind_compat.tolerate_departed_senders(dht)
+    outer.send(("store", [], {}))
+    assert dht._inner_pipe.recv() == ("store", [], {})
+    outer.send(("get", [_FromAnExitedProcess()], {}))
+    with pytest.raises(ConnectionError):  # hivemind's request loop logs and skips a ConnectionError
+        dht._inner_pipe.recv()
+    assert dht._inner_pipe.poll() is False
+    outer.close()
+    with pytest.raises(EOFError):  # the pipe itself closed: as before
+        dht._inner_pipe.recv()
