@@ -107,7 +107,9 @@ def render(peers: list[PeerStatus], now: float, title: str = "tapestry swarm") -
     table.add_column("state", no_wrap=True, min_width=13)
     for numeric in ("round", "loss", "tok/s", "MB tx/rx", "grp", "s/rnd"):
         table.add_column(numeric, justify="right", no_wrap=True)
-    table.add_column("r/c", justify="right", no_wrap=True, min_width=5)  # contributions refused/clipped by others
+    flagged_any = any(flags_against(peers, p.peer_id) != (0, 0) for p in peers)
+    if flagged_any:  # contributions refused/clipped by the others: a column only when someone was
+        table.add_column("r/c", justify="right", no_wrap=True, min_width=5)
     for p in sorted(peers, key=lambda p: (p.partner, p.peer_id)):
         silent = now - p.time
         stale = silent > STALE_AFTER
@@ -122,7 +124,7 @@ def render(peers: list[PeerStatus], now: float, title: str = "tapestry swarm") -
             f"{_megabytes(p.bytes_sent_total)}/{_megabytes(p.bytes_received_total)}",
             str(p.group_size) if p.role == "trainer" else "-",
             f"{p.round_seconds:.1f}" if p.round_seconds else "-",
-            _flags(peers, p),
+            *([_flags(peers, p)] if flagged_any else []),
             style="dim" if stale else None,
         )
     return Group(header(peers, now), table, *failures(peers), *flagged(peers))

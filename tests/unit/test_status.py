@@ -49,6 +49,7 @@ def test_rendered_table_content_fits_80_columns():
     text = console.export_text()
     assert max(len(line) for line in text.splitlines()) <= 80
     assert "peers online 3" in text and "tokens/s 7,500" in text and "round 4" in text
+    assert "r/c" not in text  # the refused/clipped column appears only once someone was flagged
     rows = {
         line.split()[0]: line
         for line in text.splitlines()
