@@ -34,6 +34,7 @@ def test_example_partner_configs_parse(config_file):
     config = parse_join("--config", str(config_file))
     assert config.run_id == "consortium-2026" and config.inner_steps == 100 and config.compression == "8bit"
     assert config.listen == ["/ip4/0.0.0.0/tcp/31340"]
+    assert config.consortium is not None and config.consortium.name == "consortium.toml" and config.identity
 
 
 def parse_join(*argv: str) -> NodeConfig:
