@@ -29,7 +29,9 @@ def test_peers_share_one_identical_model_every_round(procs, bootstrap_addr, tmp_
     records = {n: metrics(tmp_path, n) for n in names}
     for n in names:
         assert [r["round"] for r in records[n]] == list(range(1, ROUNDS + 1))
-        assert all(r["group_size"] == n_peers for r in records[n]), records[n]
+        assert all(r["group_size"] == n_peers for r in records[n]), [
+            (r["round"], r["group_size"], r["failure"], r["refused"]) for r in records[n]
+        ]
         assert all(r["bytes_sent"] > 0 and r["bytes_received"] > 0 for r in records[n])
         losses = [r["loss"] for r in records[n] if r["loss"] is not None]  # None: joined a meeting with no steps
         assert losses[-1] < losses[0]
