@@ -69,7 +69,7 @@ class AveragingResult:
     peers: list[str] = field(default_factory=list)
     failure: Optional[str] = None  # why the round fell back to a solo step or lost values, if it did
     needs_resync: bool = False
-    group_round: int = 0  # the round the group's canonical members reach with this round (0 if unknown)
+    group_round: int = 0  # the round the group's elected state reaches with this round (0 if unknown)
     clean: bool = True  # we received every averaged part (no span zeroed for a lost reducer)
     dropped: dict[str, str] = field(default_factory=dict)  # groupmate -> why it was left out of the round
     refused: dict[str, str] = field(default_factory=dict)  # groupmate -> why we refused its parts as a reducer

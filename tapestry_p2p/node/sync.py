@@ -1,10 +1,11 @@
 """Keeping our shared state in step with the swarm: serve it, catch up when the swarm is ahead, re-sync after a round
 that left us out of step with our group, and adopt a downloaded state only if it checks out.
 
-The transport and the choice of the canonical state are in `comm.statesync`; this module is the node's policy:
+The transport and the choice of the elected state are in `comm.statesync`; this module is the node's policy:
 - on joining (`first_catch_up`): if the swarm is ahead, wait for its state rather than train from our own (a joiner
   that trains alone would only be overwritten later), unless told to start fresh;
-- at every round start (`catch_up`): if some peer advertises a later round, download the canonical state;
+- at every round start (`catch_up`): if some peer advertises a later round, download the state a majority of the
+  peers hold (an advertised round is a hint, never a reason);
 - after a round (`after_round`): if we disagreed with the group going in, or values lost their reducer, compare
   states with the group and download the agreed one if ours differs;
 - `adopt`: well-formed, not older than asked, and hashing to what its servers announced, or it is ignored.

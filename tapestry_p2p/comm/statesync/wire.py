@@ -4,15 +4,16 @@ A late joiner, a peer that was away, and a peer whose round ended out of step wi
 state (theta and the outer momentum, as `(metadata, tensors)` from the node's state function). Here:
 
 - every candidate first answers a small *info* request: its round, the hash of its theta, and its tensor sizes;
-- the canonical copy is the one held by most peers of the highest round (ties: the smallest peer id), as in
-  `canonical_state`; only peers holding it serve. After a round that lost parts, peers whose round went through
-  without a failure ("clean") all hold the same model, so the others defer to them (`agreed_state` in averaging);
+- the copy to adopt is the one a strict majority of the answering peers hold (`policy.elected_state`; a peer that
+  claims a later round wins nothing by it); only peers holding it serve. After a round that lost parts, peers whose
+  round went through without a failure ("clean") all hold the same model, so the others defer to them
+  (`agreed_state` in averaging);
 - the tensors are split across those peers (largest first, to the least-loaded peer), fetched concurrently, and a
   peer that fails mid-way has its share handed to the others;
-- the downloader checks the result against the canonical hash before using it (`node/sync.py`, `StateSync.adopt`).
+- the downloader checks the result against the elected hash before using it (`node/sync.py`, `StateSync.adopt`).
 
-Policy (who is canonical, who serves what) is in `policy.py`, the streams in `transport.py`, the downloads a node asks
-for in `client.py`.
+Policy (which state is elected, who serves what) is in `policy.py`, the streams in `transport.py`, the downloads a
+node asks for in `client.py`.
 
 Wire format (hivemind p2p streams, protobufs hivemind already has): the request is a `runtime_pb2.ExpertRequest`
 whose `metadata` is msgpack `{"hash": str | None, "tensors": [index, ...]}`; the answer is a stream of
