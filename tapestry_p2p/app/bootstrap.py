@@ -13,11 +13,11 @@ from pathlib import Path
 from typing import Optional
 
 from tapestry_p2p.errors import UserError
+from tapestry_p2p.files import atomic_write
 from tapestry_p2p.node.session import SessionOptions, SwarmSession
 from tapestry_p2p.p2p.addresses import DEFAULT_BOOTSTRAP_LISTEN, check_ports_free, parse_maddrs
 from tapestry_p2p.security.consortium import load as load_consortium
 from tapestry_p2p.security.identity import load_or_create_identity
-from tapestry_p2p.training.checkpoint import atomic_write
 
 DEFAULT_IDENTITY = Path.home() / ".tapestry" / "bootstrap.key"
 ALIVE_CHECK_SECONDS = 1.0

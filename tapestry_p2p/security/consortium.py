@@ -29,8 +29,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
@@ -41,6 +39,7 @@ import tomli_w
 from hivemind.utils.crypto import RSAPrivateKey, RSAPublicKey
 
 from tapestry_p2p.errors import UserError
+from tapestry_p2p.files import atomic_write
 from tapestry_p2p.security.identity import peer_id_of_key
 
 NAME_RULE = "1-64 characters, no control characters"
@@ -276,16 +275,7 @@ def save(consortium: Consortium, path: Path) -> None:
     """Write atomically: a temporary file in the same folder, then a rename."""
     if not path.parent.is_dir():
         raise ConsortiumError(f"folder {path.parent} does not exist; create it first")
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(consortium.to_toml())
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(path, lambda tmp: Path(tmp).write_text(consortium.to_toml()))
 
 
 def names_of(consortium: Optional[Consortium]) -> Optional[dict[str, str]]:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
-import os
 import shutil
 import stat
 import tempfile
@@ -27,6 +26,7 @@ from hivemind.proto import crypto_pb2
 from hivemind.utils.crypto import RSAPrivateKey
 
 from tapestry_p2p.errors import UserError
+from tapestry_p2p.files import atomic_write
 from tapestry_p2p.p2p import hivemind_compat
 
 logger = logging.getLogger(__name__)
@@ -58,18 +58,7 @@ def load_or_create_identity(path: Path) -> PeerID:
 def _write_new_identity(path: Path) -> None:
     """A new RSA libp2p identity at `path`, mode 0600, written atomically."""
     key = crypto_pb2.PrivateKey(key_type=crypto_pb2.KeyType.RSA, data=RSAPrivateKey().to_bytes())
-    data = key.SerializeToString()
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        os.fchmod(fd, 0o600)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(path, lambda tmp: Path(tmp).write_bytes(key.SerializeToString()))
 
 
 @contextlib.contextmanager

@@ -29,9 +29,8 @@ import dataclasses
 import logging
 import os
 import shutil
-import tempfile
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +39,7 @@ from safetensors.torch import load_file, save_file
 
 from tapestry_p2p import __version__
 from tapestry_p2p.errors import UserError
+from tapestry_p2p.files import atomic_write
 from tapestry_p2p.training.inner import InnerTrainer
 from tapestry_p2p.training.model import GPT, ModelConfig
 from tapestry_p2p.training.outer import SharedModel
@@ -73,20 +73,6 @@ class RunIdentity:
 
 class CheckpointError(UserError):
     """A checkpoint that cannot be used; the message names the file and the way out."""
-
-
-def atomic_write(path: Path, write: Callable[[str], object]) -> None:
-    """Call `write(tmp_path)`, fsync, then rename onto `path`; on failure the old file is untouched."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def save(
