@@ -180,7 +180,12 @@ class ExactAllReduceRunner(AllReduceRunner):
         # round would wait for the whole allreduce_timeout for a part that can no longer come).
         if peer_id != self.peer_id:
             await self._avoid_simultaneous_dial(peer_id)
-            return await super()._communicate_with_peer(peer_id)
+            try:
+                return await super()._communicate_with_peer(peer_id)
+            except BaseException as e:  # hivemind logs this at debug level only; a lost span deserves a line
+                if not isinstance(e, asyncio.CancelledError):  # cancelled: the round failed for another reason
+                    logger.warning("lost the averaged span of groupmate %s this round: %r", peer_id.to_base58(), e)
+                raise
         peer_index = self.ordered_peer_ids.index(peer_id)
         sender_index = self.sender_peer_ids.index(peer_id)
         try:
