@@ -1,9 +1,10 @@
 """A partner node's configuration: one typed dataclass per component, each validating itself.
 
 `NodeConfig` holds what the node decides (run, data, addresses, files, rounds) and one section per component:
-`model` (training.model.ModelConfig), `train` (training.inner.TrainConfig), `outer` (training.outer.OuterConfig) and
-`schedule` (comm.matchmaking.RoundSchedule). These dataclasses are the one source of every default: the CLI's flags
-and a partner's TOML file (`[model]`, `[train]`, `[outer]`, `[schedule]` sections) take theirs from here.
+`model` (training.model.ModelConfig, or training.hf.HFModelConfig), `train` (training.inner.TrainConfig), `outer`
+(training.outer.OuterConfig) and `schedule` (comm.matchmaking.RoundSchedule). These dataclasses are the one source of every default: the CLI's flags
+and a partner's TOML file (`[model]`, `[train]`, `[outer]`, `[schedule]` sections) take theirs from here. The fields a
+whole run shares (`spec()`) may instead come from a run spec file (`node.spec`).
 """
 
 from __future__ import annotations
@@ -12,14 +13,14 @@ import re
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 from tapestry_p2p.comm.codec import CODECS, Codec
 from tapestry_p2p.comm.matchmaking import RoundSchedule
 from tapestry_p2p.comm.screening import DEFAULT_CLIP_MULTIPLE
 from tapestry_p2p.p2p.addresses import DEFAULT_PEER_LISTEN
-from tapestry_p2p.training.inner import TrainConfig
-from tapestry_p2p.training.model import ModelConfig
+from tapestry_p2p.training.inner import DEVICE_PATTERN, TrainConfig
+from tapestry_p2p.training.model import AnyModelConfig, ModelConfig
 from tapestry_p2p.training.outer import OuterConfig
 
 DEFAULT_RUN_ID = "tapestry"
@@ -59,7 +60,13 @@ class NodeConfig:
     threads: int = 0  # torch threads; 0 keeps torch's default
     solo: bool = False  # no network at all: the trained-alone baseline
     start_fresh: bool = False  # if the swarm is ahead and nobody serves its state: train from our own, don't wait
-    model: ModelConfig = field(default_factory=ModelConfig)
+    run_spec: Optional[Path] = None  # the run spec the shared fields came from (None: from flags, the quick-start)
+    seed: Optional[int] = None  # seeds the initial model (None: derived from the run id)
+    initial_model: str = ""  # the initial model's hash every partner must start from ("": not pinned)
+    text_field: str = "text"  # the text column of .jsonl/.parquet files and datasets
+    device: str = "cpu"  # where the inner steps run: auto, cpu, cuda, cuda:N
+    grad_accum: int = 1  # micro-batches per inner step (a partner's own choice; the batch size is the run's)
+    model: AnyModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     outer: OuterConfig = field(default_factory=OuterConfig)
     schedule: RoundSchedule = field(default_factory=RoundSchedule)
@@ -82,3 +89,27 @@ class NodeConfig:
             raise ValueError("a member node needs its persistent identity: pass --identity with --consortium")
         if self.min_peers <= 0:
             raise ValueError(f"min peers must be a positive integer, got {self.min_peers}")
+        if not DEVICE_PATTERN.match(self.device):
+            raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+        if self.grad_accum <= 0 or self.train.batch_size % self.grad_accum:
+            raise ValueError(
+                f"grad accum {self.grad_accum} must divide the run's batch size {self.train.batch_size}; "
+                "pick a divisor of it"
+            )
+
+    @property
+    def model_seed(self) -> int:
+        return run_seed(self.run_id) if self.seed is None else self.seed
+
+    def spec(self) -> dict[str, Any]:
+        """What every partner of the run must share (see node.spec)."""
+        return dict(
+            run_id=self.run_id,
+            inner_steps=self.inner_steps,
+            compression=self.compression,
+            seed=self.model_seed,
+            initial_model=self.initial_model,
+            model=self.model,
+            train=self.train,
+            outer=self.outer,
+        )

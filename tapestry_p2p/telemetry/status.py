@@ -64,6 +64,7 @@ class PeerStatus(pydantic.BaseModel):
     group_size: pydantic.conint(strict=True, ge=0, le=100_000)
     round_seconds: _Seconds
     compression: pydantic.constr(strict=True, max_length=16)
+    spec: pydantic.constr(strict=True, max_length=16, regex=r"^[0-9a-f]*$")  # the run spec's digest ("" if none)
     version: pydantic.constr(strict=True, max_length=32)
     uptime: _Seconds
     last_failure: Optional[pydantic.constr(strict=True, max_length=200)]
@@ -170,6 +171,7 @@ class StatusPublisher:
             group_size=0,
             round_seconds=0.0,
             compression="-",
+            spec="",
             version=__version__,
             last_failure=None,
             refused={},

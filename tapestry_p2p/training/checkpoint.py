@@ -41,7 +41,14 @@ from tapestry_p2p import __version__
 from tapestry_p2p.errors import UserError
 from tapestry_p2p.files import atomic_write
 from tapestry_p2p.training.inner import InnerTrainer
-from tapestry_p2p.training.model import GPT, ModelConfig
+from tapestry_p2p.training.model import (
+    AnyModelConfig,
+    build_model,
+    describe,
+    load_weights,
+    model_config_from_dict,
+    weights,
+)
 from tapestry_p2p.training.outer import SharedModel
 
 logger = logging.getLogger(__name__)
@@ -140,12 +147,18 @@ def _reason(error: Exception) -> str:
     return f"{type(error).__name__}: {text[:80]}" if text else type(error).__name__
 
 
-def load_model(directory: Path) -> GPT:
-    """The shared model of a checkpoint, built from the model config the checkpoint records (for evaluation)."""
+def load_model(directory: Path) -> tuple[torch.nn.Module, AnyModelConfig]:
+    """The shared model of a checkpoint, built from the model config the checkpoint records (evaluation, export)."""
     shared, state = load(directory)
-    model = GPT(ModelConfig(**state["model_config"]))
-    model.load_state_dict(shared)
-    return model
+    try:
+        config = model_config_from_dict(state["model_config"])
+        model = build_model(config, seed=0)
+        load_weights(model, shared)
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(
+            f"{directory / STATE_FILE} does not describe {MODEL_FILE} ({e}); {way_out(directory)}"
+        ) from None
+    return model, config
 
 
 class CheckpointManager:
@@ -157,7 +170,7 @@ class CheckpointManager:
         directory: Path,
         shared: SharedModel,
         trainer: InnerTrainer,
-        model: ModelConfig,
+        model: AnyModelConfig,
         lock: threading.Lock,
         run: RunIdentity,
         keep: int = 0,
@@ -176,21 +189,21 @@ class CheckpointManager:
                 "inner": self.trainer.state_dict(),
                 "torch_rng": torch.get_rng_state(),
                 "round_losses": list(round_losses),
-                "model_config": dataclasses.asdict(self.model),
+                "model_config": describe(self.model),
                 "model_hash": self.shared.hash(),
                 "version": __version__,
                 "run": dataclasses.asdict(self.run),
             }
             round_no = self.shared.round
-        save(self.directory, self.shared.model.state_dict(), state, round_no, self.keep)
+        save(self.directory, weights(self.shared.model), state, round_no, self.keep)
 
     def resume(self) -> list[float]:
         """Restore the checkpoint; returns the inner losses of the round it stopped in (empty between rounds)."""
         shared, state = load(self.directory)
         self._check_model(state, shared)  # first: a model of another shape has its own, more useful, message
         self._check_run(state)
-        self.shared.model.load_state_dict(shared)
         try:
+            load_weights(self.shared.model, shared)
             self.shared.load_state_dict(state["outer"])
             self.trainer.load_state_dict(state["inner"])
             torch.set_rng_state(state["torch_rng"])
@@ -238,7 +251,7 @@ class CheckpointManager:
         """Refuse a checkpoint of another model, naming the first option that differs (or, for a checkpoint written
         before checkpoints recorded their model config, the first tensor whose shape differs)."""
         found = state.get("model_config")
-        expected = dataclasses.asdict(self.model)
+        expected = describe(self.model)
         if found is None:
             self._check_shapes(shared)
             return
@@ -256,7 +269,7 @@ class CheckpointManager:
             )
 
     def _check_shapes(self, shared: dict[str, torch.Tensor]) -> None:
-        expected = {k: tuple(v.shape) for k, v in self.shared.model.state_dict().items()}
+        expected = {k: tuple(v.shape) for k, v in weights(self.shared.model).items()}
         found = {k: tuple(v.shape) for k, v in shared.items()}
         if found != expected:
             name = sorted(k for k in expected.keys() | found.keys() if found.get(k) != expected.get(k))[0]

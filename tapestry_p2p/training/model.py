@@ -7,18 +7,24 @@ Bytes are tokens (vocabulary 256), so any partner's UTF-8 text works without a s
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
+from typing import Any, Union
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from tapestry_p2p.training.hf import HFModelConfig, build_hf_model
 
 VOCAB_SIZE = 256  # bytes
 
 
 @dataclass
 class ModelConfig:
+    """`[model]` of a run that trains the built-in GPT."""
+
     block_size: int = 64  # context length in bytes
     n_layer: int = 4
     n_head: int = 4
@@ -110,8 +116,49 @@ class GPT(nn.Module):
         return logits, F.cross_entropy(logits.reshape(-1, VOCAB_SIZE), targets.reshape(-1))
 
 
-def build_model(config: ModelConfig, seed: int) -> GPT:
-    """The initial model of a run: every peer of the run builds the same weights from the same seed."""
+AnyModelConfig = Union[ModelConfig, HFModelConfig]
+
+
+def build_model(config: AnyModelConfig, seed: int) -> nn.Module:
+    """The initial model of a run: every peer of the run builds the same weights from the same seed (or, for a
+    Hugging Face directory with weights, loads the same bytes)."""
+    if isinstance(config, HFModelConfig):
+        return build_hf_model(config, seed)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return GPT(config)
+
+
+def model_config_from_dict(values: dict[str, Any]) -> AnyModelConfig:
+    """The `[model]` section of a config or run spec, or a checkpoint's record of it: `huggingface = PATH` selects a
+    Hugging Face model, anything else configures the built-in GPT."""
+    if "huggingface" in values:
+        return HFModelConfig(**values)
+    return ModelConfig(**values)
+
+
+def describe(config: AnyModelConfig) -> dict[str, Any]:
+    """The config as plain values (a checkpoint records it)."""
+    return config.describe() if isinstance(config, HFModelConfig) else dataclasses.asdict(config)
+
+
+def tokenizer_of(config: AnyModelConfig) -> str:
+    return config.tokenizer if isinstance(config, HFModelConfig) else "bytes"
+
+
+def weights(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The model's parameters by name, each tensor once (a tied embedding appears under its first name)."""
+    return {name: p.detach() for name, p in model.named_parameters()}
+
+
+@torch.no_grad()
+def load_weights(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+    """Copy `tensors` (as `weights` names them) into the model; every parameter must be there, with its shape."""
+    params = dict(model.named_parameters())
+    if params.keys() != tensors.keys():
+        name = sorted(params.keys() ^ tensors.keys())[0]
+        raise ValueError(f"tensor {name} is {'missing' if name in params else 'not part of this model'}")
+    for name, p in params.items():
+        if p.shape != tensors[name].shape:
+            raise ValueError(f"tensor {name} has shape {tuple(tensors[name].shape)}, the model {tuple(p.shape)}")
+        p.copy_(tensors[name])

@@ -1,5 +1,7 @@
 """DiLoCo's outer step: the shared model `theta`, its pseudo-gradient, and Nesterov-momentum SGD on it.
 
+`theta` stays in float32 on the CPU (as DiLoCo implementations keep it, sparing accelerator memory).
+
 After H inner steps a peer's pseudo-gradient is `theta - working`. The swarm averages it (see `allreduce`), then every
 member runs the same `OuterOptimizer.step` on the same inputs, so `theta` stays identical, bit for bit, across the
 group. DiLoCo's settings (lr 0.7, momentum 0.9, Nesterov) are the defaults.
@@ -14,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from tapestry_p2p.training.model import GPT
+from tapestry_p2p.training.model import weights
 
 
 @dataclass
@@ -32,7 +34,7 @@ class OuterConfig:
 class SharedModel:
     """`theta` (the model as of the last outer round), the outer optimizer, and the round counter."""
 
-    def __init__(self, model: GPT, config: OuterConfig) -> None:
+    def __init__(self, model: torch.nn.Module, config: OuterConfig) -> None:
         self.model = model
         self.params: list[torch.nn.Parameter] = list(model.parameters())
         self.optimizer = torch.optim.SGD(self.params, lr=config.lr, momentum=config.momentum, nesterov=True)
@@ -40,8 +42,8 @@ class SharedModel:
 
     @torch.no_grad()
     def pseudo_gradient(self, working: torch.nn.Module) -> list[torch.Tensor]:
-        """theta - working, one tensor per parameter."""
-        return [theta - w for theta, w in zip(self.params, working.parameters(), strict=True)]
+        """theta - working, one tensor per parameter (float32, on the CPU: the working model may be on a GPU)."""
+        return [theta - w.to("cpu", torch.float32) for theta, w in zip(self.params, working.parameters(), strict=True)]
 
     @torch.no_grad()
     def apply(self, averaged: Sequence[torch.Tensor]) -> None:
@@ -73,7 +75,7 @@ class SharedModel:
     def hash(self) -> str:
         """16 hex digits identifying theta's exact bytes; equal on every peer whose shared model is identical."""
         digest = hashlib.sha256()
-        for name, tensor in self.model.state_dict().items():
+        for name, tensor in weights(self.model).items():
             digest.update(name.encode())
             digest.update(tensor.detach().contiguous().numpy().tobytes())
         return digest.hexdigest()[:16]
