@@ -114,6 +114,11 @@ def build_parser() -> tuple[Parser, dict[str, Parser]]:
         "consortium": _add_consortium(
             sub.add_parser("consortium", help="create, extend, sign and verify a consortium file (members only)")
         ),
+        "spec": _add_spec(sub.add_parser("spec", help="write a run spec template, or show a spec's digest")),
+        "eval": _add_eval(sub.add_parser("eval", help="held-out loss of a checkpoint's shared model, per corpus")),
+        "export": _add_export(
+            sub.add_parser("export", help="write a checkpoint's shared model as a Hugging Face model directory")
+        ),
         "plot": _add_plot(sub.add_parser("plot", help="PNG of loss and bytes per round from --metrics files")),
         "demo": _add_demo(
             sub.add_parser("demo", help="a whole swarm on this machine: bootstrap + 3 partners, then a comparison")
@@ -165,8 +170,28 @@ def _add_join(join: Parser) -> Parser:
         default=default("initial_peers"),
         help="a bootstrap node's (or any peer's) full multiaddr; omit to start a new swarm",
     )
+    join.add_argument(
+        "--run-spec",
+        type=Path,
+        help="the run spec every partner shares (model, tokenizer, optimizers, H, codec); see `tapestry spec init`",
+    )
     join.add_argument("--run-id", default=default("run_id"), help="name of the training run; peers of one run average")
-    join.add_argument("--data", type=Path, help="a .txt/.jsonl file or a folder of them (UTF-8)")
+    join.add_argument(
+        "--data", type=Path, help="a .txt/.jsonl/.parquet file, a folder of them, or a saved `datasets` directory"
+    )
+    join.add_argument(
+        "--text-field", default=default("text_field"), help="the text column of .jsonl/.parquet files and datasets"
+    )
+    join.add_argument(
+        "--device", default=default("device"), help="where the inner steps run: auto, cpu, cuda or cuda:N (default cpu)"
+    )
+    join.add_argument(
+        "--grad-accum",
+        type=positive_int,
+        default=default("grad_accum"),
+        metavar="K",
+        help="split each batch into K micro-batches (less memory, the same batch size)",
+    )
     join.add_argument("--identity", type=Path, help="private key file (default: a new identity each start)")
     join.add_argument(
         "--consortium", type=Path, help="consortium file: train with its members only (needs --identity; default: open)"
@@ -272,6 +297,29 @@ def _add_consortium(cons: Parser) -> Parser:
     verify.add_argument("file", type=Path)
     verify.add_argument("--previous", type=Path, help="the version it replaces")
     return cons
+
+
+def _add_spec(spec: Parser) -> Parser:
+    actions = spec.add_subparsers(dest="action", required=True, parser_class=Parser)
+    init = actions.add_parser("init", help="write a commented run spec template")
+    init.add_argument("file", type=Path)
+    init.add_argument("--run-id", required=True, help="the run's name")
+    show = actions.add_parser("show", help="print the spec's digest (partners compare it) and the initial model's hash")
+    show.add_argument("file", type=Path)
+    return spec
+
+
+def _add_eval(ev: Parser) -> Parser:
+    ev.add_argument("--checkpoint-dir", type=Path, required=True, help="a node's --checkpoint-dir")
+    ev.add_argument("--data", type=Path, nargs="+", required=True, help="held-out corpora (files, folders, datasets)")
+    ev.add_argument("--text-field", default="text", help="the text column of .jsonl/.parquet files and datasets")
+    return ev
+
+
+def _add_export(ex: Parser) -> Parser:
+    ex.add_argument("--checkpoint-dir", type=Path, required=True, help="a node's --checkpoint-dir")
+    ex.add_argument("--out", type=Path, required=True, help="the model directory to write (must not exist)")
+    return ex
 
 
 def _add_plot(plot: Parser) -> Parser:
@@ -432,7 +480,7 @@ def cmd_join(args: argparse.Namespace) -> int:
     from tapestry_p2p.app.join import run_join
 
     if args.data is None:
-        raise UsageError("tapestry join: --data is required: a .txt/.jsonl file or a folder of them")
+        raise UsageError("tapestry join: --data is required: a .txt/.jsonl/.parquet file, a folder, or a dataset")
     try:
         config = node_config(args)
     except ValueError as e:  # the config dataclasses validate ranges
@@ -450,9 +498,17 @@ def node_config(args: argparse.Namespace) -> Any:
     sections: dict[str, dict[str, Any]] = {name: {} for name in _section_classes()}
     for dest, (section, name) in SECTION_FLAGS.items():
         sections[section][name] = getattr(args, dest)
-    built = {name: cls(**sections[name]) for name, cls in _section_classes().items()}
+    built: dict[str, Any] = {name: cls(**sections[name]) for name, cls in _section_classes().items()}
+    shared: dict[str, Any] = dict(run_id=_run_id(args), inner_steps=args.inner_steps, compression=args.compression)
+    if args.run_spec is not None:
+        shared = _spec_fields(args)
+        for name in ("model", "train", "outer"):
+            built[name] = shared.pop(name)
     return NodeConfig(
-        run_id=_run_id(args),
+        **shared,
+        text_field=args.text_field,
+        device=args.device,
+        grad_accum=args.grad_accum,
         consortium=args.consortium,
         keep_checkpoints=args.keep_checkpoints,
         clip_multiple=args.clip_multiple,
@@ -465,14 +521,33 @@ def node_config(args: argparse.Namespace) -> Any:
         metrics=args.metrics,
         partner=args.partner,
         region=args.region,
-        inner_steps=args.inner_steps,
         max_rounds=args.max_rounds,
         min_peers=args.min_peers,
         start_fresh=args.start_fresh,
-        compression=args.compression,
         threads=args.threads,
         **built,
     )
+
+
+# `join` flags a run spec fixes: given with --run-spec, they are an error rather than silently ignored.
+SPEC_FLAGS = (
+    "run_id",
+    "inner_steps",
+    "compression",
+    *(d for d, (section, _) in SECTION_FLAGS.items() if section != "schedule"),
+)
+
+
+def _spec_fields(args: argparse.Namespace) -> dict[str, Any]:
+    from tapestry_p2p.node.spec import config_fields
+
+    for dest in SPEC_FLAGS:
+        if getattr(args, dest) != default(dest):
+            flag = "--" + dest.replace("_", "-")
+            raise UsageError(
+                f"{flag} is fixed by the run spec {args.run_spec}: remove it (every partner shares the spec's value)"
+            )
+    return config_fields(args.run_spec)
 
 
 def _run_id(args: argparse.Namespace) -> str:
@@ -537,12 +612,41 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(DemoConfig(rounds=args.rounds, inner_steps=args.inner_steps, workdir=args.workdir), console())
 
 
+def cmd_spec(args: argparse.Namespace) -> int:
+    from tapestry_p2p.app.spec import init_spec, show_spec
+
+    if args.action == "init":
+        return init_spec(args.file, args.run_id, console())
+    return show_spec(args.file, console())
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from tapestry_p2p.training.evaluation import held_out_losses
+
+    losses = held_out_losses(args.checkpoint_dir, args.data, args.text_field)
+    out = console()
+    for path, loss in losses.items():
+        out.print(f"{loss:.4f}  {path}", markup=False, highlight=False)
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from tapestry_p2p.training.export import export
+
+    kind = export(args.checkpoint_dir, args.out)
+    console().print(f"wrote {kind} to {args.out}", markup=False, highlight=False)
+    return 0
+
+
 COMMANDS = {
     "bootstrap": cmd_bootstrap,
     "join": cmd_join,
     "monitor": cmd_monitor,
     "identity": cmd_identity,
     "consortium": cmd_consortium,
+    "spec": cmd_spec,
+    "eval": cmd_eval,
+    "export": cmd_export,
     "plot": cmd_plot,
     "demo": cmd_demo,
 }

@@ -167,26 +167,19 @@ def compare(run: DemoRun) -> Results:
             for p in partners
         }
         alone_dirs = {name: job.result() for name, job in jobs.items()}
-    held_out = {p.language: split_corpus(p.language)[1] for p in partners}
-    return {
-        p.name: {
-            lang: (
-                held_out_loss(run.partner_dir(p) / "checkpoint", text),
-                held_out_loss(alone_dirs[p.name], text),
-            )
-            for lang, text in held_out.items()
-        }
-        for p in partners
-    }
+    from tapestry_p2p.training.evaluation import held_out_losses
 
-
-def held_out_loss(checkpoint_dir: Path, text: bytes) -> float:
-    from tapestry_p2p.training.checkpoint import load_model
-    from tapestry_p2p.training.data import eval_windows
-    from tapestry_p2p.training.inner import evaluate
-
-    model = load_model(checkpoint_dir)
-    return evaluate(model, eval_windows(text, model.config.block_size))
+    held_out = {}
+    for p in partners:  # each language's held-out part, as a file `tapestry eval` reads
+        held_out[p.language] = run.workdir / "held-out" / f"{p.language}.txt"
+        held_out[p.language].parent.mkdir(exist_ok=True)
+        held_out[p.language].write_bytes(split_corpus(p.language)[1])
+    results = {}
+    for p in partners:
+        shared = held_out_losses(run.partner_dir(p) / "checkpoint", list(held_out.values()))
+        alone = held_out_losses(alone_dirs[p.name], list(held_out.values()))
+        results[p.name] = {lang: (shared[path], alone[path]) for lang, path in held_out.items()}
+    return results
 
 
 def results_table(run: DemoRun, results: Results) -> Table:

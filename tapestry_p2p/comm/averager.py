@@ -78,6 +78,7 @@ class ExactAverager(StateTransport, DecentralizedAverager):
     :param members: who may take part (an open swarm admits everyone).
     :param max_steps: H, the largest weight a sender may claim; part of the schema.
     :param codec: the codec's name; part of the schema (hivemind's own schema hash ignores it).
+    :param spec: the run spec's digest; part of the schema.
     :param clip_multiple: see `screening.Screen`.
     :param fault: a test hook (see FaultHook); None in production.
     Other arguments are DecentralizedAverager's.
@@ -90,6 +91,7 @@ class ExactAverager(StateTransport, DecentralizedAverager):
         max_steps: int,
         codec: str,
         clip_multiple: float,
+        spec: str = "",
         state_fn: Optional[Callable[[], tuple[Any, Sequence[torch.Tensor]]]] = None,
         fault: Optional[FaultHook] = None,
         start: bool = False,
@@ -102,9 +104,10 @@ class ExactAverager(StateTransport, DecentralizedAverager):
         self._outcome = AllReduceOutcome({}, Traffic())
         self._bug: Optional[AveragingBug] = None
         super().__init__(*args, allow_state_sharing=state_fn is not None, start=False, **kwargs)
-        # peers are matched only if they average the same shapes with the same codec and H (A7 in the review)
+        # peers are matched only if they average the same shapes with the same codec and H (A7 in the review), and
+        # train the same run spec (node.spec)
         hivemind_hash: bytes = self.schema_hash  # type: ignore[has-type]
-        self.schema_hash = DHTID.generate(source=[hivemind_hash.hex(), codec, max_steps]).to_bytes()
+        self.schema_hash = DHTID.generate(source=[hivemind_hash.hex(), codec, max_steps, spec]).to_bytes()
         if start:
             self.run_in_background(await_ready=True)
 

@@ -138,6 +138,7 @@ class SwarmAveraging:
         members: Optional[Members] = None,
         clip_multiple: float = DEFAULT_CLIP_MULTIPLE,
         fault: Optional[FaultHook] = None,
+        spec: str = "",
     ) -> None:
         self._buffers = [torch.zeros(shape) for shape in shapes]
         self._max_steps = max_steps
@@ -160,6 +161,7 @@ class SwarmAveraging:
             codec=compression,
             clip_multiple=clip_multiple,
             fault=fault,
+            spec=spec,
         )
         self.replace_members = self._averager.replace_members
         self.peer_id = self._averager.peer_id.to_base58()

@@ -2,9 +2,9 @@
 
 `NodeConfig` holds what the node decides (run, data, addresses, files, rounds) and one section per component:
 `model` (training.model.ModelConfig, or training.hf.HFModelConfig), `train` (training.inner.TrainConfig), `outer`
-(training.outer.OuterConfig) and `schedule` (comm.matchmaking.RoundSchedule). These dataclasses are the one source of every default: the CLI's flags
-and a partner's TOML file (`[model]`, `[train]`, `[outer]`, `[schedule]` sections) take theirs from here. The fields a
-whole run shares (`spec()`) may instead come from a run spec file (`node.spec`).
+(training.outer.OuterConfig) and `schedule` (comm.matchmaking.RoundSchedule). These dataclasses are the one source
+of every default: the CLI's flags and a partner's TOML file (`[model]`, `[train]`, `[outer]`, `[schedule]` sections)
+take theirs from here. The fields a whole run shares (`spec()`) may instead come from a run spec file (`node.spec`).
 """
 
 from __future__ import annotations

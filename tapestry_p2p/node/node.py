@@ -16,10 +16,11 @@ resumes from there.
 from __future__ import annotations
 
 import contextlib
+import copy
+import json
 import logging
 import threading
 import time
-import zlib
 from collections.abc import Callable
 from typing import Optional
 
@@ -28,21 +29,25 @@ import torch
 from tapestry_p2p.comm.averager import FaultHook
 from tapestry_p2p.comm.averaging import AveragingResult, RoundMeta
 from tapestry_p2p.comm.matchmaking import MATCHMAKING_LEAD, MeetingClock
-from tapestry_p2p.node.config import NodeConfig, run_seed
+from tapestry_p2p.node.config import NodeConfig
 from tapestry_p2p.node.metrics import MetricsWriter, RoundMetrics, Summary, mean
 from tapestry_p2p.node.session import SessionOptions, SwarmSession
+from tapestry_p2p.node.spec import SpecError, digest_of, encode, first_difference
 from tapestry_p2p.node.sync import StateSync
 from tapestry_p2p.p2p.dht import dht_time
 from tapestry_p2p.security.consortium import ConsortiumError
 from tapestry_p2p.security.consortium import load as load_consortium
 from tapestry_p2p.telemetry.status import StatusPublisher
 from tapestry_p2p.training.checkpoint import CheckpointManager, RunIdentity
-from tapestry_p2p.training.data import ByteBatches, load_text_bytes
-from tapestry_p2p.training.inner import InnerTrainer
-from tapestry_p2p.training.model import build_model
+from tapestry_p2p.training.data import TokenStream
+from tapestry_p2p.training.inner import InnerTrainer, resolve_device
+from tapestry_p2p.training.model import build_model, check_vocabulary, tokenizer_of
 from tapestry_p2p.training.outer import SharedModel
+from tapestry_p2p.training.tokenizer import make_tokenizer
 
 logger = logging.getLogger(__name__)
+
+SPEC_REPUBLISH = 600.0  # seconds between publications of our run spec (it lives node.session.SPEC_LIFETIME)
 
 
 class Node:
@@ -72,14 +77,25 @@ class Node:
                 f"{config.consortium} is the consortium of run {self.consortium.run_id!r}, not {config.run_id!r}: "
                 f"pass --run-id {self.consortium.run_id}"
             )
-        data = load_text_bytes(config.data, min_bytes=config.model.block_size + 2)
-        seed = run_seed(config.run_id)
-        self.shared = SharedModel(build_model(config.model, seed), config.outer)
-        run = RunIdentity(config.run_id, self.consortium.consortium_id if self.consortium else "", self.shared.hash())
-        batches = ByteBatches(
-            data, config.model.block_size, config.train.batch_size, seed=zlib.crc32(config.partner.encode())
+        self.shared = SharedModel(build_model(config.model, config.model_seed), config.outer)
+        initial = self.shared.hash()
+        if config.initial_model and initial != config.initial_model:
+            raise SpecError(
+                f"our initial model hashes to {initial}, the run spec pins {config.initial_model}: "
+                "use the model files the consortium agreed on (`tapestry spec show` prints the hash of yours)"
+            )
+        self.spec = encode(config.spec())
+        self.spec_digest = digest_of(self.spec)
+        self._spec_published = -SPEC_REPUBLISH
+        self._spec_reported: set[str] = set()  # peers already told to be on another spec
+        run = RunIdentity(config.run_id, self.consortium.consortium_id if self.consortium else "", initial)
+        tokenizer = make_tokenizer(tokenizer_of(config.model))
+        check_vocabulary(self.shared.model, tokenizer.vocab_size)
+        batches = TokenStream(
+            config.data, tokenizer, config.model.block_size, config.train.batch_size, config.text_field
         )
-        self.trainer = InnerTrainer(build_model(config.model, seed), batches, config.train)
+        working = copy.deepcopy(self.shared.model)
+        self.trainer = InnerTrainer(working, batches, config.train, resolve_device(config.device), config.grad_accum)
         lock = threading.Lock()  # theta and the outer optimizer, shared with the state-serving thread
         self.sync = StateSync(self.shared, self.trainer.model, lock, on_adopt=self.round_losses.clear)
         self.checkpoints = (
@@ -121,6 +137,7 @@ class Node:
 
     def run_round(self) -> Optional[RoundMetrics]:
         started = time.monotonic()
+        self._check_specs()
         if self.sync.catch_up():  # the swarm has moved on (we were alone, away, or out of step): rejoin it
             self._save()
         round_no = self.shared.round + 1
@@ -240,15 +257,18 @@ class Node:
             region=config.region,
             role="trainer",
             compression=config.compression,
+            spec=self.spec_digest,
             round=self.shared.round,
             inner_step=self.trainer.steps,
         )
+        self._check_specs()
         self.sync.averaging = self.session.averaging(
             [p.shape for p in self.shared.params],
             config.compression,
             self.sync.share_state,
             config.inner_steps,
             config.clip_multiple,
+            self.spec_digest,
             self.fault,
         )
         self.sync.averaging.publish_round(self.shared.round)
@@ -264,4 +284,30 @@ class Node:
                     config.run_id,
                 )
         self.status.update(state="idle")
-        self.session.wait_for_trainers(config.min_peers, self.stop)
+        self.session.wait_for_trainers(config.min_peers, self.stop, self.spec_digest)
+
+    def _check_specs(self) -> None:
+        """Keep our run spec published, and say once per peer when a trainer of our run trains another spec (it is
+        never matched with us: the spec digest is part of the averager's schema)."""
+        if self.session is None:
+            return
+        if time.monotonic() - self._spec_published >= SPEC_REPUBLISH:
+            self.session.publish_spec(self.spec)
+            self._spec_published = time.monotonic()
+        for peer in self.session.peers():
+            if peer.role != "trainer" or peer.state == "left" or peer.spec in ("", self.spec_digest):
+                continue
+            if peer.peer_id in self._spec_reported:
+                continue
+            self._spec_reported.add(peer.peer_id)
+            theirs = self.session.read_spec(peer.spec)
+            difference = first_difference(json.loads(self.spec), theirs) if theirs else "its spec is not readable"
+            logger.warning(
+                "partner %r (peer %s) trains run spec %s, we train %s (%s): it will not average with us; "
+                "every partner must join with the same run.toml",
+                peer.partner,
+                peer.peer_id,
+                peer.spec,
+                self.spec_digest,
+                difference,
+            )

@@ -24,8 +24,9 @@ import torch
 from tapestry_p2p.comm.averager import FaultHook
 from tapestry_p2p.comm.averaging import SwarmAveraging
 from tapestry_p2p.node.consortium_watch import ConsortiumWatch
+from tapestry_p2p.node.spec import decode, digest_of
 from tapestry_p2p.p2p.addresses import DEFAULT_PEER_LISTEN
-from tapestry_p2p.p2p.dht import DHT, DHTOptions, start_dht, stop_dht, visible_maddrs
+from tapestry_p2p.p2p.dht import DHT, DHTOptions, dht_time, start_dht, stop_dht, visible_maddrs
 from tapestry_p2p.security.consortium import Consortium, ConsortiumError, names_of
 from tapestry_p2p.security.dht_auth import MemberAuthorizer, owner_subkey
 from tapestry_p2p.security.identity import ephemeral_identity, load_or_create_identity, signing_key
@@ -41,6 +42,11 @@ from tapestry_p2p.telemetry.status import (
 logger = logging.getLogger(__name__)
 
 WAIT_POLL_SECONDS = 1.0  # how often a node waiting for other trainers reads the peer table
+SPEC_LIFETIME = 1800.0  # seconds a published run spec lives in the DHT (republished before; see Node)
+
+
+def spec_key(run_id: str) -> str:
+    return f"{run_id}_spec"
 
 
 @dataclass
@@ -137,11 +143,22 @@ class SwarmSession:
         state_fn: Callable[[], tuple[dict[str, Any], list[torch.Tensor]]],
         max_steps: int,
         clip_multiple: float,
+        spec: str,
         fault: Optional[FaultHook] = None,
     ) -> SwarmAveraging:
-        """Start the run's averager (a child process), stopped before the status and DHT when the session ends."""
+        """Start the run's averager (a child process), stopped before the status and DHT when the session ends.
+        Only peers of the same run spec digest (`spec`) are matched."""
         averaging = SwarmAveraging(
-            self.dht, self.options.run_id, shapes, compression, state_fn, max_steps, self.members, clip_multiple, fault
+            self.dht,
+            self.options.run_id,
+            shapes,
+            compression,
+            state_fn,
+            max_steps,
+            self.members,
+            clip_multiple,
+            fault,
+            spec=spec,
         )
         self._stack.callback(averaging.shutdown)
         self._averaging = averaging
@@ -165,11 +182,25 @@ class SwarmSession:
         """Whether any other node (trainer or bootstrap) of the run reports in the peer table."""
         return any(p.peer_id != self.peer_id and p.state != "left" for p in self.peers())
 
-    def wait_for_trainers(self, count: int, stop: threading.Event) -> None:
-        """Wait until `count` trainers of the run (us included) report in the peer table, or `stop` is set."""
+    def publish_spec(self, encoded: bytes) -> None:
+        """Store our run spec (canonical JSON) under its digest, so a peer of another spec can name the difference."""
+        digest = digest_of(encoded)
+        self.dht.store(spec_key(self.options.run_id), encoded, dht_time() + SPEC_LIFETIME, subkey=digest)
+
+    def read_spec(self, digest: str) -> Optional[dict[str, Any]]:
+        """The spec another peer published under `digest` (None if absent or not matching its digest)."""
+        found = self.dht.get(spec_key(self.options.run_id), latest=True)
+        if found is None or not isinstance(found.value, dict):
+            return None
+        entry = found.value.get(digest)
+        return None if entry is None else decode(entry.value, digest)
+
+    def wait_for_trainers(self, count: int, stop: threading.Event, spec: str) -> None:
+        """Wait until `count` trainers of the run spec digest `spec` (us included) report in the peer table, or
+        `stop` is set."""
         announced = False
         while not stop.is_set():
-            online = trainers_online(self.peers())
+            online = trainers_online([p for p in self.peers() if p.spec == spec])
             if online >= count:
                 return
             if not announced:

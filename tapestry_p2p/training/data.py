@@ -168,6 +168,7 @@ class TokenStream:
         self.buffer: list[int] = []
         self._texts: Iterator[Record] = iter(())
         self._restart_reader()
+        self._fill((block_size + 1) * batch_size)  # unusable data fails here, at start, not at the first step
 
     def _restart_reader(self) -> None:
         self._texts = iter_texts(self.sources[self.source], self.position, self.text_field)
@@ -192,16 +193,20 @@ class TokenStream:
                     raise DataError(f"--data: {self.sources[0]} holds no text; add some")
             self._restart_reader()
 
-    def next(self) -> tuple[torch.Tensor, torch.Tensor]:
-        window = self.block_size + 1
-        need = window * self.batch_size
+    def _fill(self, need: int) -> None:
         epoch_at_start = self.epoch
         while len(self.buffer) < need:
             self._read_document()
             if self.epoch > epoch_at_start + 1:
                 raise DataError(
-                    f"--data holds fewer than {need} tokens, one batch of {self.batch_size} x {window}; add text"
+                    f"--data holds fewer than {need} tokens, one batch of {self.batch_size} x {self.block_size + 1}; "
+                    "add text"
                 )
+
+    def next(self) -> tuple[torch.Tensor, torch.Tensor]:
+        window = self.block_size + 1
+        need = window * self.batch_size
+        self._fill(need)
         tokens = torch.tensor(self.buffer[:need], dtype=torch.long).view(self.batch_size, window)
         del self.buffer[:need]
         return tokens[:, :-1], tokens[:, 1:]

@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from tapestry_p2p.training.hf import HFModelConfig, build_hf_model
+from tapestry_p2p.training.hf import CausalLM, HFModelConfig, ModelError, build_hf_model
 
 VOCAB_SIZE = 256  # bytes
 
@@ -144,6 +144,19 @@ def describe(config: AnyModelConfig) -> dict[str, Any]:
 
 def tokenizer_of(config: AnyModelConfig) -> str:
     return config.tokenizer if isinstance(config, HFModelConfig) else "bytes"
+
+
+def check_vocabulary(model: nn.Module, tokenizer_vocab: int) -> None:
+    """A model must have an embedding row for every token its tokenizer produces."""
+    if isinstance(model, CausalLM):
+        rows = int(model.lm.get_input_embeddings().num_embeddings)  # type: ignore[operator]
+    else:
+        rows = VOCAB_SIZE
+    if rows < tokenizer_vocab:
+        raise ModelError(
+            f"[model]: the model has {rows} token embeddings but its tokenizer produces {tokenizer_vocab} ids; "
+            "use the tokenizer the model was made for, or a model config with vocab_size >= it"
+        )
 
 
 def weights(model: nn.Module) -> dict[str, torch.Tensor]:

@@ -92,8 +92,8 @@ def test_unusable_data(tmp_path, kind):
     path = tmp_path / "data"
     expected = {
         "missing": "does not exist",
-        "empty-folder": "no .txt or .jsonl files",
-        "empty-file": "holds 0 bytes",
+        "empty-folder": "no .txt, .jsonl or .parquet files",
+        "empty-file": "holds fewer than 1040 tokens",
         "not-utf8": "not UTF-8",
         "bad-jsonl": 'no string "text" field',
     }[kind]

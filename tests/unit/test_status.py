@@ -27,6 +27,7 @@ def status(partner: str, **changes) -> PeerStatus:
         group_size=3,
         round_seconds=7.5,
         compression="8bit",
+        spec="0123456789abcdef",
         version="0.1.0",
         uptime=60.0,
         last_failure=None,
