@@ -114,3 +114,44 @@ def assert_user_error(result: subprocess.CompletedProcess, *fragments: str) -> N
     assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
     for fragment in fragments:
         assert fragment in lines[0], lines[0]
+
+
+def write_tiny_llama(folder: Path, vocab_size: int = 256) -> Path:
+    """A Llama-style config.json (no weights: a run initialises it from its seed), tied embeddings, ~60k parameters."""
+    from transformers import LlamaConfig
+
+    config = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        tie_word_embeddings=True,
+    )
+    config.save_pretrained(folder)
+    return folder
+
+
+def write_tiny_tokenizer(path: Path, corpus: list[str], vocab_size: int = 300) -> Path:
+    """A byte-level BPE tokenizer trained here on `corpus`, saved as one tokenizer.json."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
+    )
+    tokenizer.train_from_iterator(corpus, trainer)
+    tokenizer.save(str(path))
+    return path
+
+
+def write_run_spec(path: Path, run_id: str, model: str, inner_steps: int = 10, extra: str = "") -> Path:
+    """A run spec with a small batch; `model` is the body of its [model] section."""
+    path.write_text(
+        f'run_id = "{run_id}"\ninner_steps = {inner_steps}\ncompression = "8bit"\n{extra}\n'
+        f"[model]\n{model}\n[train]\nbatch_size = 4\nlr = 3e-3\n"
+    )
+    return path

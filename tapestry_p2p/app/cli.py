@@ -499,11 +499,12 @@ def node_config(args: argparse.Namespace) -> Any:
     for dest, (section, name) in SECTION_FLAGS.items():
         sections[section][name] = getattr(args, dest)
     built: dict[str, Any] = {name: cls(**sections[name]) for name, cls in _section_classes().items()}
-    shared: dict[str, Any] = dict(run_id=_run_id(args), inner_steps=args.inner_steps, compression=args.compression)
     if args.run_spec is not None:
         shared = _spec_fields(args)
         for name in ("model", "train", "outer"):
             built[name] = shared.pop(name)
+    else:
+        shared = dict(run_id=_run_id(args), inner_steps=args.inner_steps, compression=args.compression)
     return NodeConfig(
         **shared,
         text_field=args.text_field,

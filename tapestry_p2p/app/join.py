@@ -42,7 +42,13 @@ def run_join(
     def step(done: int, target: int) -> None:
         progress.update(task, completed=min(done, target))
 
-    node = Node(config, on_round=report, on_step=step, fault=faults.from_environment())
+    node = Node(
+        config,
+        on_round=report,
+        on_step=step,
+        fault=faults.from_environment(),
+        update_scale=faults.update_scale_from_environment(),
+    )
     task = progress.add_task(f"round {node.shared.round + 1}", total=config.inner_steps)
     install_stop_handlers(node.stop)
     with progress:

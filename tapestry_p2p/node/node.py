@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import json
 import logging
 import threading
@@ -40,6 +41,7 @@ from tapestry_p2p.security.consortium import load as load_consortium
 from tapestry_p2p.telemetry.status import StatusPublisher
 from tapestry_p2p.training.checkpoint import CheckpointManager, RunIdentity
 from tapestry_p2p.training.data import TokenStream
+from tapestry_p2p.training.distributed import PartnerGroup, launched_ranks
 from tapestry_p2p.training.inner import InnerTrainer, resolve_device
 from tapestry_p2p.training.model import build_model, check_vocabulary, tokenizer_of
 from tapestry_p2p.training.outer import SharedModel
@@ -59,8 +61,10 @@ class Node:
         on_round: Optional[Callable[[RoundMetrics], None]] = None,
         on_step: Optional[Callable[[int, int], None]] = None,
         fault: Optional[FaultHook] = None,
+        update_scale: float = 1.0,
     ) -> None:
         self.config = config
+        self.update_scale = update_scale  # a test hook: a faulty partner sends this times its update
         self.on_round = on_round or (lambda record: None)
         self.on_step = on_step or (lambda done, target: None)  # inner steps done this round, and H
         self.fault = fault  # a test hook for the averager (tapestry_p2p.testing.faults)
@@ -91,11 +95,24 @@ class Node:
         run = RunIdentity(config.run_id, self.consortium.consortium_id if self.consortium else "", initial)
         tokenizer = make_tokenizer(tokenizer_of(config.model))
         check_vocabulary(self.shared.model, tokenizer.vocab_size)
+        ranks = launched_ranks()
+        device = resolve_device(config.device, ranks.local_rank if ranks.world > 1 else None)
+        if config.train.batch_size % (ranks.world * config.grad_accum):
+            raise SpecError(
+                f"the run's batch size {config.train.batch_size} does not split into {ranks.world} ranks x "
+                f"--grad-accum {config.grad_accum}; pick a --grad-accum (or a number of ranks) that divides it"
+            )
+        per_rank = config.train.batch_size // ranks.world
         batches = TokenStream(
-            config.data, tokenizer, config.model.block_size, config.train.batch_size, config.text_field
+            config.data, tokenizer, config.model.block_size, per_rank, config.text_field, (ranks.rank, ranks.world)
         )
-        working = copy.deepcopy(self.shared.model)
-        self.trainer = InnerTrainer(working, batches, config.train, resolve_device(config.device), config.grad_accum)
+        working: torch.nn.Module = copy.deepcopy(self.shared.model).to(device)
+        self.group = None if ranks.world == 1 else PartnerGroup(ranks, device)
+        if self.group is not None:
+            working = self.group.wrap(working)
+            logger.info("rank %d of %d of this partner on %s", ranks.rank, ranks.world, device)
+        train = dataclasses.replace(config.train, batch_size=per_rank)
+        self.trainer = InnerTrainer(working, batches, train, device, config.grad_accum)
         lock = threading.Lock()  # theta and the outer optimizer, shared with the state-serving thread
         self.sync = StateSync(self.shared, self.trainer.model, lock, on_adopt=self.round_losses.clear)
         self.checkpoints = (
@@ -118,9 +135,19 @@ class Node:
 
     # ---- the loop ----
 
+    @property
+    def leader(self) -> bool:
+        """Whether this process is the partner's swarm node (always, except ranks > 0 under torchrun)."""
+        return self.group is None or self.group.ranks.leader
+
     def run(self) -> Summary:
         started = time.monotonic()
+        if not self.leader:
+            return self._follow(started)
         with contextlib.ExitStack() as stack:
+            if self.group is not None:
+                stack.callback(self.group.close)
+                stack.callback(self._release_ranks)
             if not self.config.solo:
                 self._join_swarm(stack)
             while not self.stop.is_set() and (
@@ -135,9 +162,28 @@ class Node:
         seconds = time.monotonic() - started
         return Summary(self.rounds_done, self.shared.round, self.trainer.steps, self.last_loss, seconds)
 
+    def _release_ranks(self) -> None:
+        """Rank 0 under torchrun, at the end: every rank ends on the shared model (saved before this), then stops."""
+        assert self.group is not None
+        with self.sync.lock:
+            self.shared.copy_into(self.trainer.model)
+        self.group.stop(self.trainer.model)
+
+    def _follow(self, started: float) -> Summary:
+        """A rank > 0 under torchrun: the inner steps rank 0 commands, nothing else (see training.distributed)."""
+        assert self.group is not None
+        try:
+            self.group.follow(self.trainer.model, self.trainer.step)
+        finally:
+            self.group.close()
+        seconds = time.monotonic() - started
+        return Summary(0, self.shared.round, self.trainer.steps, float("nan"), seconds)
+
     def run_round(self) -> Optional[RoundMetrics]:
         started = time.monotonic()
         self._check_specs()
+        if self.group is not None:
+            self.group.working_model_reset()  # each round starts every rank from rank 0's working model
         if self.sync.catch_up():  # the swarm has moved on (we were alone, away, or out of step): rejoin it
             self._save()
         round_no = self.shared.round + 1
@@ -178,6 +224,8 @@ class Node:
                     meeting = clock.agree()  # we are the first (or alone): call the meeting, train until it nears
                 if dht_time() >= meeting - MATCHMAKING_LEAD:
                     break
+            if self.group is not None:
+                self.group.lead_step(self.trainer.model)
             self.round_losses.append(self.trainer.step())
             self.status.update(inner_step=self.trainer.steps, state="training")
             self.on_step(len(self.round_losses), self.config.inner_steps)
@@ -190,6 +238,8 @@ class Node:
     def _average(self, meeting: float) -> AveragingResult:
         """Step 2: the round's one call to the network (overlapping rounds will make it return a handle)."""
         delta = self.shared.pseudo_gradient(self.trainer.model)
+        if self.update_scale != 1.0:
+            delta = [d * self.update_scale for d in delta]
         meta = RoundMeta(round=self.shared.round, hash=self.shared.hash(), steps=len(self.round_losses))
         self.status.update(state="averaging")
         return self.sync.averaging.average(delta, meeting, meta)
@@ -231,7 +281,7 @@ class Node:
         return record
 
     def _save(self) -> None:
-        if self.checkpoints is not None:
+        if self.checkpoints is not None and self.leader:
             self.checkpoints.save(self.round_losses)
 
     # ---- joining ----

@@ -4,9 +4,11 @@
   averaged part to a groupmate (so the groupmates see a reducer die mid-stream);
 - TAPESTRY_RAISE_IN_ALLREDUCE=N (or `all`): the N-th (or every) all-reduce raises a RuntimeError inside tapestry's
   averager override once the averaging itself is done (groupmates are not held up), as a bug in our bookkeeping would:
-  the round must be reported as failed, with the traceback in the log.
+  the round must be reported as failed, with the traceback in the log;
+- TAPESTRY_SCALE_UPDATE=K: the node sends K times its real pseudo-gradient every round (and declares its norm), as a
+  faulty partner with the run's own spec would (a bug, a wrong learning-rate schedule): its groupmates must clip it.
 
-The hook runs in the averager process (see `comm.averager.FaultHook`); production nodes get None.
+The averager hook runs in the averager process (see `comm.averager.FaultHook`); production nodes get None.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ logger = logging.getLogger(__name__)
 
 CRASH_ENV = "TAPESTRY_CRASH_IN_ALLREDUCE"
 RAISE_ENV = "TAPESTRY_RAISE_IN_ALLREDUCE"
+SCALE_ENV = "TAPESTRY_SCALE_UPDATE"
 INJECTED = "injected fault"  # in the message of the RuntimeError raised for RAISE_ENV
 
 
@@ -44,3 +47,9 @@ def from_environment() -> Optional[FaultHook]:
             os.kill(os.getpid(), signal.SIGKILL)
 
     return fault
+
+
+def update_scale_from_environment() -> float:
+    """The factor TAPESTRY_SCALE_UPDATE asks for (1.0: none)."""
+    value = os.environ.get(SCALE_ENV, "")
+    return float(value) if value else 1.0

@@ -155,9 +155,16 @@ class TokenStream:
     """Batches of (inputs, next-token targets), each `(batch_size, block_size)`, from a corpus read in order."""
 
     def __init__(
-        self, path: Path, tokenizer: Tokenizer, block_size: int, batch_size: int, text_field: str = "text"
+        self,
+        path: Path,
+        tokenizer: Tokenizer,
+        block_size: int,
+        batch_size: int,
+        text_field: str = "text",
+        shard: tuple[int, int] = (0, 1),
     ) -> None:
         self.sources = find_sources(path)
+        self.rank, self.world = shard  # a torchrun partner: each rank reads every batch and keeps its own
         self.tokenizer, self.block_size, self.batch_size, self.text_field = (
             tokenizer,
             block_size,
@@ -168,7 +175,7 @@ class TokenStream:
         self.buffer: list[int] = []
         self._texts: Iterator[Record] = iter(())
         self._restart_reader()
-        self._fill((block_size + 1) * batch_size)  # unusable data fails here, at start, not at the first step
+        self._fill((block_size + 1) * batch_size * self.world)  # unusable data fails here, not at the first step
 
     def _restart_reader(self) -> None:
         self._texts = iter_texts(self.sources[self.source], self.position, self.text_field)
@@ -204,11 +211,14 @@ class TokenStream:
                 )
 
     def next(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The next batch; under torchrun, rank r of W keeps the r-th of the next W batches (the same position on
+        every rank, so one checkpoint resumes them all)."""
         window = self.block_size + 1
         need = window * self.batch_size
-        self._fill(need)
-        tokens = torch.tensor(self.buffer[:need], dtype=torch.long).view(self.batch_size, window)
-        del self.buffer[:need]
+        self._fill(need * self.world)
+        start = need * self.rank
+        tokens = torch.tensor(self.buffer[start : start + need], dtype=torch.long).view(self.batch_size, window)
+        del self.buffer[: need * self.world]
         return tokens[:, :-1], tokens[:, 1:]
 
     def state_dict(self) -> dict[str, Any]:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Optional
 
 import torch
 
@@ -24,10 +24,13 @@ class DeviceError(UserError):
     """A --device this machine does not have."""
 
 
-def resolve_device(name: str) -> torch.device:
-    """`auto` is the first CUDA device when there is one, else the CPU; asking for CUDA without one is an error."""
+def resolve_device(name: str, local_rank: Optional[int] = None) -> torch.device:
+    """`auto` is the first CUDA device when there is one, else the CPU; asking for CUDA without one is an error.
+    Under torchrun (`local_rank` given) `cuda` and `auto` mean this rank's own GPU."""
     if name == "auto":
-        return torch.device("cuda") if torch.cuda.is_available() else CPU
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and local_rank is not None:
+        name = f"cuda:{local_rank}"
     device = torch.device(name)
     if device.type == "cuda":
         if not torch.cuda.is_available():
@@ -89,16 +92,23 @@ class InnerTrainer:
         self.steps += 1
         return total / self.grad_accum
 
+    @property
+    def _unwrapped(self) -> torch.nn.Module:
+        """The model itself, also when DistributedDataParallel wraps it (checkpoints name its tensors the same)."""
+        module = getattr(self.model, "module", self.model)
+        assert isinstance(module, torch.nn.Module)
+        return module
+
     def state_dict(self) -> dict[str, Any]:
         return {
-            "model": self.model.state_dict(),
+            "model": self._unwrapped.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "data": self.batches.state_dict(),
             "steps": self.steps,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.model.load_state_dict(state["model"])
+        self._unwrapped.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.batches.load_state_dict(state["data"])
         self.steps = int(state["steps"])

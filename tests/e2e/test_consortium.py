@@ -5,7 +5,7 @@
 - a stranger with a valid key (not a member) tries everything from this process, over real libp2p: join a group,
   send a part, ask for the state, announce a 1 TB message, store and read DHT records;
 - version 2 (adds partner `east`, signed by north and south) is written over north's file only; every node adopts it
-  without a restart, and `east` (whose inner learning rate is 100x too high) joins the running swarm;
+  without a restart, and `east` (which sends 100x its real update, TAPESTRY_SCALE_UPDATE) joins the running swarm;
 - version 3 (adds the stranger, signed by east alone: a minority) is written over south's file and refused;
 - the monitor, itself a member node, reads the peer table.
 """
@@ -38,6 +38,7 @@ from tapestry_p2p.security.consortium import Consortium, save
 from tapestry_p2p.security.dht_auth import MemberAuthorizer
 from tapestry_p2p.security.identity import load_or_create_identity, public_key_line, signing_key
 from tapestry_p2p.security.membership import Members
+from tapestry_p2p.testing.faults import SCALE_ENV
 from tapestry_p2p.testing.local_swarm import LOOPBACK, LocalSwarm
 
 RUN = "members"
@@ -109,8 +110,8 @@ def observed(tmp_path_factory) -> Observed:
             )
         save(v2, files["east"])
         east_args = join_args(tmp, "east", 3, boot, 4, "--run-id", RUN, "--identity", str(seen.keys["east"]))
-        east_args += ["--consortium", str(files["east"]), "--partner", "impostor-of-north", "--lr", "0.3"]
-        procs["east"] = swarm.start("east", *east_args)
+        east_args += ["--consortium", str(files["east"]), "--partner", "impostor-of-north"]
+        procs["east"] = swarm.start("east", *east_args, env={SCALE_ENV: "100"})
         east_id = seen.ids["east"]
         _wait_for(lambda: any(east_id in r["clipped"] for r in metrics(tmp, "north")), TIMEOUT, "a clip", swarm, "east")
         save(v2, files["monitor"])

@@ -29,9 +29,13 @@ def test_node_config_validation(tmp_path):
         NodeConfig(run_id="ok", data=tmp_path, inner_steps=0)
 
 
-@pytest.mark.parametrize("config_file", sorted((Path(__file__).parents[2] / "peers").glob("*.toml")))
+PEERS = Path(__file__).parents[2] / "peers"
+
+
+@pytest.mark.parametrize("config_file", sorted(PEERS.glob("*.toml")))
 def test_example_partner_configs_parse(config_file):
-    config = parse_join("--config", str(config_file))
+    spec = [] if "inner_steps" in config_file.read_text() else ["--run-spec", str(PEERS / "run-spec" / "run.toml")]
+    config = parse_join("--config", str(config_file), *spec)
     assert config.run_id == "consortium-2026" and config.inner_steps == 100 and config.compression == "8bit"
     assert config.listen == ["/ip4/0.0.0.0/tcp/31340"]
     assert config.consortium is not None and config.consortium.name == "consortium.toml" and config.identity
