@@ -44,6 +44,20 @@ def positive_int(text: str) -> int:
     return value
 
 
+def checkpoint_every(text: str) -> tuple[int, float]:
+    """`N` rounds or `Tm` minutes, as (rounds, minutes)."""
+    try:
+        if text.endswith("m"):
+            minutes = float(text[:-1])
+            if minutes > 0:
+                return 0, minutes
+        elif int(text) > 0:
+            return int(text), 0.0
+    except ValueError:
+        pass
+    raise argparse.ArgumentTypeError(f"{text!r} is neither a number of rounds (5) nor of minutes (10m)")
+
+
 def positive_float(text: str) -> float:
     try:
         value = float(text)
@@ -112,7 +126,7 @@ def build_parser() -> tuple[Parser, dict[str, Parser]]:
         "monitor": _add_monitor(sub.add_parser("monitor", help="live peer table of a run")),
         "identity": _add_identity(sub.add_parser("identity", help="create or show a node's key and its public id")),
         "consortium": _add_consortium(
-            sub.add_parser("consortium", help="create, extend, sign and verify a consortium file (members only)")
+            sub.add_parser("consortium", help="create, extend, sign, verify a consortium file (members only), or pin its run spec")
         ),
         "spec": _add_spec(sub.add_parser("spec", help="write a run spec template, or show a spec's digest")),
         "eval": _add_eval(sub.add_parser("eval", help="held-out loss of a checkpoint's shared model, per corpus")),
@@ -206,6 +220,13 @@ def _add_join(join: Parser) -> Parser:
     join.add_argument("--announce", nargs="+", metavar="MADDR", default=[], help="public addresses to advertise")
     join.add_argument("--checkpoint-dir", type=Path, help="write (and resume from) checkpoints here")
     join.add_argument(
+        "--checkpoint-every",
+        type=checkpoint_every,
+        default=(1, 0.0),
+        metavar="N|Tm",
+        help="checkpoint after every N rounds (default 1), or every T minutes (e.g. 10m); always on stop",
+    )
+    join.add_argument(
         "--keep-checkpoints",
         type=int,
         default=default("keep_checkpoints"),
@@ -290,6 +311,9 @@ def _add_consortium(cons: Parser) -> Parser:
     add.add_argument("file", type=Path)
     add.add_argument("--partner", required=True, help="the partner's name, as every peer table will show it")
     add.add_argument("--node", required=True, help="the node's public key, as `tapestry identity` prints it")
+    pin = actions.add_parser("pin-spec", help="require members to train one run spec (a new version if signed)")
+    pin.add_argument("file", type=Path)
+    pin.add_argument("--digest", required=True, help="the run spec's digest, as `tapestry spec show` prints it")
     sign = actions.add_parser("sign", help="sign the file with one of your member nodes' keys")
     sign.add_argument("file", type=Path)
     sign.add_argument("--identity", type=Path, required=True, help="a member node's key file")
@@ -512,6 +536,8 @@ def node_config(args: argparse.Namespace) -> Any:
         grad_accum=args.grad_accum,
         consortium=args.consortium,
         keep_checkpoints=args.keep_checkpoints,
+        checkpoint_rounds=args.checkpoint_every[0],
+        checkpoint_minutes=args.checkpoint_every[1],
         clip_multiple=args.clip_multiple,
         data=args.data,
         initial_peers=parse_maddrs(args.initial_peers, option="--initial-peers", need_peer_id=True),

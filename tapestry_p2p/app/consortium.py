@@ -1,7 +1,8 @@
 """`tapestry consortium create|add|sign|verify`: editing a consortium file (format and rules: `security.consortium`).
 
 A consortium starts as `create` (version 1, no members), gets its partners' nodes with `add`, then each partner signs
-with `sign`; nodes start with it once a majority of partners signed. After that, `add` on the signed file writes the
+with `sign`; nodes start with it once a majority of partners signed. `pin-spec` records the digest of the run spec
+(`tapestry spec show`) that members must train. After that, `add` on the signed file writes the
 next version (no signatures yet), which a majority of the current partners sign; any running node that receives it
 (from its own file or from a peer) adopts it without a restart.
 """
@@ -41,6 +42,14 @@ def run_consortium_command(args: argparse.Namespace, out: Any) -> int:
         out.print(
             f"added a node of {args.partner} to {args.file}{news}; it needs signatures of a majority", markup=False
         )
+    elif args.action == "pin-spec":
+        before = load_draft(args.file)
+        after = before.with_spec(args.digest)
+        save(after, args.file)
+        news = "" if after.version == before.version else f" as version {after.version}"
+        out.print(
+            f"pinned run spec {args.digest} in {args.file}{news}; it needs signatures of a majority", markup=False
+        )
     elif args.action == "sign":
         load_or_create_identity(args.identity)
         signed = load_draft(args.file).signed_by(signing_key(args.identity))
@@ -62,5 +71,7 @@ def _verify(args: argparse.Namespace, out: Any) -> None:
             f"{args.file} is version {consortium.version}: pass --previous with the version it replaces"
         )
     out.print(f"{args.file}: run {consortium.run_id!r}, version {consortium.version}, valid", markup=False)
+    if consortium.spec:
+        out.print(f"  run spec pinned: {consortium.spec}", markup=False)
     for member in consortium.members:
         out.print(f"  {member.name}: {len(member.nodes)} node(s)", markup=False)

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Optional, Protocol
@@ -75,6 +76,9 @@ class AveragingResult:
     refused: dict[str, str] = field(default_factory=dict)  # groupmate -> why we refused its parts as a reducer
     clipped: dict[str, float] = field(default_factory=dict)  # groupmate -> the factor we scaled its parts by
     norm: float = 0.0  # the L2 norm of our pseudo-gradient, as we declared it to the group
+    # seconds: "norm" (our update's norm), "copy_in"/"copy_out" (into and out of the averager's shared buffers),
+    # "allreduce" (matchmaking, codec and wire, in the averager process)
+    seconds: dict[str, float] = field(default_factory=dict)
 
 
 def alone(delta: Sequence[torch.Tensor], failure: Optional[str] = None) -> AveragingResult:
@@ -172,7 +176,23 @@ class SwarmAveraging:
         self.agreed_state = self._states.agreed_state
 
     def average(self, delta: Sequence[torch.Tensor], meeting: float, meta: RoundMeta) -> AveragingResult:
+        clock = [time.perf_counter()]
+        seconds: dict[str, float] = {}
+
+        def lap(name: str) -> None:
+            now = time.perf_counter()
+            seconds[name] = round(now - clock[0], 4)
+            clock[0] = now
+
+        result = self._average(delta, meeting, meta, lap)
+        result.seconds = seconds
+        return result
+
+    def _average(
+        self, delta: Sequence[torch.Tensor], meeting: float, meta: RoundMeta, lap: Callable[[str], None]
+    ) -> AveragingResult:
         norm = math.sqrt(sum(float(d.double().square().sum()) for d in delta))
+        lap("norm")
         finite = math.isfinite(norm)
         if not finite:  # the 8-bit codec would turn NaN into finite values: contribute nothing instead
             logger.error("our pseudo-gradient is not finite: contributing nothing to round %d", meta.round + 1)
@@ -182,8 +202,10 @@ class SwarmAveraging:
         with self._averager.get_tensors() as buffers:
             for buffer, d in zip(buffers, delta, strict=True):
                 buffer.copy_(d if finite else torch.zeros_like(d))
+        lap("copy_in")
         try:
             outcome = self._step(meeting, meta)
+            lap("allreduce")
         except AveragingBug as e:  # logged with its traceback in the averager process
             logger.error("round %d failed: %s (traceback above)", meta.round + 1, e)
             return alone(delta, failure=str(e))
@@ -198,6 +220,7 @@ class SwarmAveraging:
             return alone(delta, failure=f"internal error in averaging: {type(e).__name__}: {e}")
         with self._averager.get_tensors() as buffers:
             averaged = [b.clone() for b in buffers]
+        lap("copy_out")
         if not all(torch.isfinite(a).all() for a in averaged):
             return alone(delta, failure="non-finite average; kept our own update")
         return replace(_result(averaged, outcome, meta), norm=meta.norm)

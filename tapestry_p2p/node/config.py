@@ -49,6 +49,8 @@ class NodeConfig:
     consortium: Optional[Path] = None  # the consortium file (members only); None: an open swarm
     checkpoint_dir: Optional[Path] = None
     keep_checkpoints: int = 3  # rounds kept in <checkpoint_dir>/history for a roll-back (0: none)
+    checkpoint_rounds: int = 1  # checkpoint after every N-th round (0: not by rounds)...
+    checkpoint_minutes: float = 0.0  # ... or once this many minutes passed since the last one (0: not by time)
     metrics: Optional[Path] = None
     partner: str = "partner"
     region: str = "unknown"
@@ -81,6 +83,10 @@ class NodeConfig:
             raise ValueError(f"compression must be one of {', '.join(CODECS)}, got {self.compression!r}")
         if self.threads < 0:
             raise ValueError(f"threads must be >= 0, got {self.threads}")
+        if self.checkpoint_rounds < 0 or self.checkpoint_minutes < 0:
+            raise ValueError("checkpoint every: give a number of rounds (5) or of minutes (10m)")
+        if self.checkpoint_rounds == 0 and self.checkpoint_minutes == 0:
+            self.checkpoint_rounds = 1
         if self.keep_checkpoints < 0:
             raise ValueError(f"keep checkpoints must be >= 0, got {self.keep_checkpoints}")
         if not self.clip_multiple >= 1.0:

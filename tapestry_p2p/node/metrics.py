@@ -4,10 +4,12 @@ record the peer table shows, and the `Summary` printed on stop. `read_jsonl` rea
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -43,11 +45,30 @@ class RoundMetrics:
     refused: dict[str, str] = field(default_factory=dict)  # groupmate -> why we refused (or left out) its contribution
     clipped: dict[str, float] = field(default_factory=dict)  # groupmate -> the factor we scaled its contribution by
     update_norm: float = 0.0  # L2 norm of our pseudo-gradient this round (what we declared; 0 when not averaged)
+    seconds: dict[str, float] = field(default_factory=dict)  # where the round's time went (see `Phases`)
 
     def to_json(self) -> str:
         record = asdict(self)
         record["loss"] = record["loss"] if math.isfinite(record["loss"]) else None
         return json.dumps(record)
+
+
+class Phases:
+    """Seconds per phase of one round: `with phases("outer_step"): ...`; repeated phases add up."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def __call__(self, name: str) -> Iterator[None]:
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.add(name, time.perf_counter() - started)
+
+    def add(self, name: str, seconds: float) -> None:
+        self.seconds[name] = round(self.seconds.get(name, 0.0) + seconds, 4)
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:

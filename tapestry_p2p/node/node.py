@@ -31,7 +31,7 @@ from tapestry_p2p.comm.averager import FaultHook
 from tapestry_p2p.comm.averaging import AveragingResult, RoundMeta
 from tapestry_p2p.comm.matchmaking import MATCHMAKING_LEAD, MeetingClock
 from tapestry_p2p.node.config import NodeConfig
-from tapestry_p2p.node.metrics import MetricsWriter, RoundMetrics, Summary, mean
+from tapestry_p2p.node.metrics import MetricsWriter, Phases, RoundMetrics, Summary, mean
 from tapestry_p2p.node.session import SessionOptions, SwarmSession
 from tapestry_p2p.node.spec import SpecError, digest_of, encode, first_difference
 from tapestry_p2p.node.sync import StateSync
@@ -90,6 +90,11 @@ class Node:
             )
         self.spec = encode(config.spec())
         self.spec_digest = digest_of(self.spec)
+        if self.consortium is not None and self.consortium.spec not in ("", self.spec_digest):
+            raise ConsortiumError(
+                f"{config.consortium} pins run spec {self.consortium.spec}, we train {self.spec_digest}: join with "
+                "the run.toml the consortium agreed on (`tapestry spec show` prints a spec's digest)"
+            )
         self._spec_published = -SPEC_REPUBLISH
         self._spec_reported: set[str] = set()  # peers already told to be on another spec
         run = RunIdentity(config.run_id, self.consortium.consortium_id if self.consortium else "", initial)
@@ -122,6 +127,7 @@ class Node:
                 config.checkpoint_dir, self.shared, self.trainer, config.model, lock, run, config.keep_checkpoints
             )
         )
+        self._rounds_since_save, self._saved_at = 0, time.monotonic()
         self.resumed = self.checkpoints is not None and self.checkpoints.exists()
         if self.checkpoints is not None and self.resumed:
             self.round_losses.extend(self.checkpoints.resume())
@@ -181,29 +187,34 @@ class Node:
 
     def run_round(self) -> Optional[RoundMetrics]:
         started = time.monotonic()
+        phases = Phases()
         self._check_specs()
         if self.group is not None:
             self.group.working_model_reset()  # each round starts every rank from rank 0's working model
-        if self.sync.catch_up():  # the swarm has moved on (we were alone, away, or out of step): rejoin it
-            self._save()
+        with phases("catch_up"):
+            if self.sync.catch_up():  # the swarm has moved on (we were alone, away, or out of step): rejoin it
+                self._save()
         round_no = self.shared.round + 1
-        meeting = self._train_until_meeting(round_no)
+        meeting = self._train_until_meeting(round_no, phases)
         if meeting is None:
             logger.info("round %d abandoned: stopping", round_no)
             return None
         training_seconds = time.monotonic() - started
-        result = self._average(meeting)
-        inner_steps = self._apply(result)
+        result = self._average(meeting, phases)
+        with phases("outer_step"):
+            inner_steps = self._apply(result)
         if self.sync.out_of_step(result):
             self.status.update(state="loading state")
-        resynced = self.sync.after_round(result)
-        self.sync.averaging.publish_round(self.shared.round)
-        self._save()
-        return self._record(result, inner_steps, resynced, started, training_seconds)
+        with phases("resync"):
+            resynced = self.sync.after_round(result)
+            self.sync.averaging.publish_round(self.shared.round)
+        with phases("checkpoint"):
+            self._save(periodic=True)
+        return self._record(result, inner_steps, resynced, started, training_seconds, phases)
 
     # ---- the four steps ----
 
-    def _train_until_meeting(self, round_no: int) -> Optional[float]:
+    def _train_until_meeting(self, round_no: int, phases: Phases) -> Optional[float]:
         """Train until H steps are done and the meeting is near; returns the meeting time (0 when solo), or None if
         told to stop. The round's losses are in `self.round_losses` (not empty when we resumed mid-round)."""
         clock = (
@@ -224,9 +235,10 @@ class Node:
                     meeting = clock.agree()  # we are the first (or alone): call the meeting, train until it nears
                 if dht_time() >= meeting - MATCHMAKING_LEAD:
                     break
-            if self.group is not None:
-                self.group.lead_step(self.trainer.model)
-            self.round_losses.append(self.trainer.step())
+            with phases("inner"):
+                if self.group is not None:
+                    self.group.lead_step(self.trainer.model)
+                self.round_losses.append(self.trainer.step())
             self.status.update(inner_step=self.trainer.steps, state="training")
             self.on_step(len(self.round_losses), self.config.inner_steps)
         if self.stop.is_set():
@@ -235,14 +247,19 @@ class Node:
             return 0.0
         return meeting if meeting is not None else clock.agree()
 
-    def _average(self, meeting: float) -> AveragingResult:
+    def _average(self, meeting: float, phases: Phases) -> AveragingResult:
         """Step 2: the round's one call to the network (overlapping rounds will make it return a handle)."""
-        delta = self.shared.pseudo_gradient(self.trainer.model)
-        if self.update_scale != 1.0:
-            delta = [d * self.update_scale for d in delta]
-        meta = RoundMeta(round=self.shared.round, hash=self.shared.hash(), steps=len(self.round_losses))
+        with phases("pseudo_gradient"):
+            delta = self.shared.pseudo_gradient(self.trainer.model)
+            if self.update_scale != 1.0:
+                delta = [d * self.update_scale for d in delta]
+        with phases("hash"):
+            meta = RoundMeta(round=self.shared.round, hash=self.shared.hash(), steps=len(self.round_losses))
         self.status.update(state="averaging")
-        return self.sync.averaging.average(delta, meeting, meta)
+        result = self.sync.averaging.average(delta, meeting, meta)
+        for name, seconds in result.seconds.items():
+            phases.add(name, seconds)
+        return result
 
     def _apply(self, result: AveragingResult) -> int:
         """Step 3: the outer step; the working copy restarts from the new theta. Returns the round's inner steps."""
@@ -255,7 +272,13 @@ class Node:
         return inner_steps
 
     def _record(
-        self, result: AveragingResult, inner_steps: int, resynced: bool, started: float, training_seconds: float
+        self,
+        result: AveragingResult,
+        inner_steps: int,
+        resynced: bool,
+        started: float,
+        training_seconds: float,
+        phases: Phases,
     ) -> RoundMetrics:
         record = RoundMetrics(
             round=self.shared.round,
@@ -276,13 +299,25 @@ class Node:
             refused={**result.dropped, **result.refused},
             clipped=result.clipped,
             update_norm=result.norm,
+            seconds=phases.seconds,
         )
         self.metrics.write(record, training_seconds)
         return record
 
-    def _save(self) -> None:
-        if self.checkpoints is not None and self.leader:
-            self.checkpoints.save(self.round_losses)
+    def _save(self, periodic: bool = False) -> None:
+        """Checkpoint now; `periodic` (after a round): only every --checkpoint-every rounds or minutes."""
+        if self.checkpoints is None or not self.leader:
+            return
+        config = self.config
+        if periodic:
+            self._rounds_since_save += 1
+            minutes = (time.monotonic() - self._saved_at) / 60
+            due_by_rounds = config.checkpoint_rounds > 0 and self._rounds_since_save >= config.checkpoint_rounds
+            due_by_time = config.checkpoint_minutes > 0 and minutes >= config.checkpoint_minutes
+            if not (due_by_rounds or due_by_time):
+                return
+        self.checkpoints.save(self.round_losses)
+        self._rounds_since_save, self._saved_at = 0, time.monotonic()
 
     # ---- joining ----
 

@@ -89,10 +89,13 @@ class StateSync:
         if download is None or not self.adopt(download, self.shared.round + 1):
             return False
         logger.info(
-            "caught up with the swarm at round %d (model %s), downloaded from %d peers",
+            "caught up with the swarm at round %d (model %s), downloaded %.1f MB from %d peers in %.2fs (%.1f MB/s)",
             self.shared.round,
             download.state_id.hash,
+            download.nbytes / 1e6,
             len(download.servers),
+            download.seconds,
+            download.nbytes / 1e6 / max(download.seconds, 1e-9),
         )
         self.averaging.publish_round(self.shared.round)
         return True

@@ -7,6 +7,7 @@ which their peer ids derive), and carries a version and members' signatures:
     version = 2
     genesis = "9f2c..."      # digest of version 1 (absent in version 1): the consortium's id, for checkpoints
     previous = "51ab..."     # digest of the version this one replaces (absent in version 1)
+    spec = "3b21ed6f..."     # optional: the digest of the run spec every member trains (`tapestry spec show`)
 
     [[members]]
     name = "north-lab"
@@ -65,6 +66,7 @@ class Consortium:
     genesis: str = ""  # digest of version 1 ("" in version 1 itself)
     previous: str = ""  # digest of the version this one replaces ("" in version 1)
     signatures: Mapping[str, str] = field(default_factory=dict)  # signer peer id -> base64 signature
+    spec: str = ""  # the run spec digest members must train ("": not pinned)
 
     # ---- identity of a version ----
 
@@ -77,6 +79,8 @@ class Consortium:
             "previous": self.previous,
             "members": [{"name": m.name, "nodes": list(m.nodes)} for m in self.members],
         }
+        if self.spec:  # only when pinned, so versions written before pins existed keep their digests
+            data["spec"] = self.spec
         return json.dumps(data, sort_keys=True, separators=(",", ":")).encode()
 
     def digest(self) -> str:
@@ -154,10 +158,21 @@ class Consortium:
             members.append(Member(name, (node_key,)))
         else:
             members[index] = Member(name, (*members[index].nodes, node_key))
+        return replace(self._draft(), members=tuple(members))
+
+    def with_spec(self, digest: str) -> Consortium:
+        """A version that pins the run spec digest (a successor draft if this version is signed)."""
+        check_spec_digest(digest)
+        if digest == self.spec:
+            raise ConsortiumError("this run spec is already pinned; nothing to change")
+        return replace(self._draft(), spec=digest)
+
+    def _draft(self) -> Consortium:
+        """An unsigned version to edit: this one, or its successor if this one is signed."""
         base = self
         if self.signatures:
             base = replace(self, version=self.version + 1, genesis=self.consortium_id, previous=self.digest())
-        return replace(base, members=tuple(members), signatures={})
+        return replace(base, signatures={})
 
     # ---- TOML ----
 
@@ -165,6 +180,8 @@ class Consortium:
         data: dict[str, Any] = {"run_id": self.run_id, "version": self.version}
         if self.genesis:
             data["genesis"], data["previous"] = self.genesis, self.previous
+        if self.spec:
+            data["spec"] = self.spec
         data["members"] = [{"name": m.name, "nodes": list(m.nodes)} for m in self.members]
         data["signatures"] = [{"node": n, "signature": s} for n, s in sorted(self.signatures.items())]
         return tomli_w.dumps(data)
@@ -183,6 +200,11 @@ class Consortium:
             raise ConsortiumError(
                 f"{source} is not a consortium file ({e}); create one: tapestry consortium create"
             ) from None
+
+
+def check_spec_digest(digest: str) -> None:
+    if not (len(digest) == 16 and all(c in "0123456789abcdef" for c in digest)):
+        raise ConsortiumError(f"spec digest {digest!r} must be the 16 hex digits `tapestry spec show` prints")
 
 
 def check_name(name: str) -> None:
@@ -215,7 +237,12 @@ def _parse(data: dict[str, Any]) -> Consortium:
         if not (isinstance(node, str) and isinstance(signature, str)):
             raise ValueError("each signature has a node and a signature string")
         signatures[node] = signature
-    return Consortium(run_id, version, tuple(members), genesis, previous, signatures)
+    spec = data.get("spec", "")
+    if not isinstance(spec, str):
+        raise ValueError("spec must be a string")
+    if spec:
+        check_spec_digest(spec)
+    return Consortium(run_id, version, tuple(members), genesis, previous, signatures, spec)
 
 
 # ---- the rules ----

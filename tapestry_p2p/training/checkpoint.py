@@ -203,7 +203,7 @@ class CheckpointManager:
         self._check_model(state, shared)  # first: a model of another shape has its own, more useful, message
         self._check_run(state)
         try:
-            load_weights(self.shared.model, shared)
+            self.shared.load_weights(shared)
             self.shared.load_state_dict(state["outer"])
             self.trainer.load_state_dict(state["inner"])
             torch.set_rng_state(state["torch_rng"])

@@ -13,10 +13,11 @@ import hashlib
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
-from tapestry_p2p.training.model import weights
+from tapestry_p2p.training.model import load_weights, weights
 
 
 @dataclass
@@ -39,6 +40,7 @@ class SharedModel:
         self.params: list[torch.nn.Parameter] = list(model.parameters())
         self.optimizer = torch.optim.SGD(self.params, lr=config.lr, momentum=config.momentum, nesterov=True)
         self.round = 0
+        self._hash: Optional[str] = None  # theta changes only through the methods below, which clear it
 
     @torch.no_grad()
     def pseudo_gradient(self, working: torch.nn.Module) -> list[torch.Tensor]:
@@ -53,6 +55,7 @@ class SharedModel:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.round += 1
+        self._hash = None
 
     @torch.no_grad()
     def copy_into(self, working: torch.nn.Module) -> None:
@@ -71,14 +74,23 @@ class SharedModel:
             p.copy_(value)
             self.optimizer.state[p]["momentum_buffer"] = buf.clone()
         self.round = round_no
+        self._hash = None
+
+    def load_weights(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Set theta from named tensors (a checkpoint; see model.load_weights)."""
+        load_weights(self.model, tensors)
+        self._hash = None
 
     def hash(self) -> str:
-        """16 hex digits identifying theta's exact bytes; equal on every peer whose shared model is identical."""
-        digest = hashlib.sha256()
-        for name, tensor in weights(self.model).items():
-            digest.update(name.encode())
-            digest.update(tensor.detach().contiguous().numpy().tobytes())
-        return digest.hexdigest()[:16]
+        """16 hex digits identifying theta's exact bytes; equal on every peer whose shared model is identical.
+        Computed once per change of theta (hashing a billion parameters takes seconds)."""
+        if self._hash is None:
+            digest = hashlib.sha256()
+            for name, tensor in weights(self.model).items():
+                digest.update(name.encode())
+                digest.update(tensor.detach().contiguous().numpy().data)
+            self._hash = digest.hexdigest()[:16]
+        return self._hash
 
     def state_dict(self) -> dict:
         return {"optimizer": self.optimizer.state_dict(), "round": self.round}

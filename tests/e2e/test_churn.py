@@ -88,7 +88,8 @@ def test_swarm_survives_bootstrap_loss_a_crash_mid_allreduce_and_a_late_joiner(p
     joiner.wait(timeout=150)
     assert joiner.returncode == 0, procs.log("d")[-3000:]
     caught_up = re.search(
-        r"caught up with the swarm at round (\d+) \(model (\w+)\), downloaded from (\d+) peers", procs.log("d")
+        r"caught up with the swarm at round (\d+) \(model (\w+)\), downloaded [\d.]+ MB from (\d+) peers",
+        procs.log("d"),
     )
     assert caught_up, procs.log("d")[-3000:]
     round_no, model_hash, servers = int(caught_up.group(1)), caught_up.group(2), int(caught_up.group(3))

@@ -120,3 +120,23 @@ def test_a_node_not_in_the_file_is_refused_at_start(tmp_path, keys):
     )
     assert_user_error(result, "is not in the consortium file")
     assert_user_error(tapestry("join", "--data", str(data), "--consortium", str(path)), "needs its persistent identity")
+
+
+def test_a_pinned_run_spec_is_a_signed_successor_and_survives_the_file(keys, tmp_path):
+    v1 = founded(keys)
+    digest_before = Consortium.from_toml(v1.to_toml(), "f").digest()
+    assert digest_before == v1.digest()  # no pin: the body (and every existing digest) is as before pins existed
+    v2 = v1.with_spec("0123456789abcdef")
+    assert (v2.version, v2.spec, v2.previous) == (2, "0123456789abcdef", v1.digest())
+    signed = v2.signed_by(signing_key(keys["a"])).signed_by(signing_key(keys["b"]))
+    check_successor(v1, signed)
+    assert Consortium.from_toml(signed.to_toml(), "f") == signed
+    tampered = Consortium.from_toml(signed.to_toml().replace("0123456789abcdef", "fedcba9876543210"), "f")
+    with pytest.raises(ConsortiumError, match="signed by 0 of the 3 partners"):
+        check_successor(v1, tampered)
+    with pytest.raises(ConsortiumError, match="16 hex digits"):
+        v1.with_spec("not-a-digest")
+    path = tmp_path / "c.toml"
+    path.write_text(v1.to_toml())
+    assert tapestry("consortium", "pin-spec", str(path), "--digest", "0123456789abcdef").returncode == 0
+    assert load_draft(path).spec == "0123456789abcdef" and load_draft(path).version == 2

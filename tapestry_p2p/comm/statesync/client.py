@@ -39,6 +39,11 @@ class Download:
     state_id: StateId
     tensors: list[torch.Tensor]
     servers: list[str]
+    seconds: float = 0.0  # how long the transfer took
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors)
 
 
 class StateClient:
@@ -93,10 +98,11 @@ class StateClient:
             return None
         servers = sorted(p for p, info in infos.items() if info.id == target)
         logger.info("downloading the state of round %d (%s) from %d peers", target.round, target.hash, len(servers))
+        started = time.perf_counter()
         fetched = self._averager.fetch_state(servers, infos[servers[0]], STATE_TIMEOUT)
         if fetched is None:
             return None
-        return Download(state_id=target, tensors=fetched[0], servers=fetched[1])
+        return Download(target, fetched[0], fetched[1], seconds=time.perf_counter() - started)
 
     def agreed_state(self, me: str, mine: PeerState, others: Sequence[str], group_round: int) -> Optional[StateId]:
         """The state our group converged on after the round we just finished (`mine`; `group_round` is the round the
