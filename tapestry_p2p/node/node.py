@@ -163,8 +163,8 @@ class Node:
                 if record is None:
                     break
                 self.on_round(record)
-            if self.stop.is_set():
-                self._save()  # stopped (mid-round, too): keep everything done so far
+            if self.stop.is_set() or self._rounds_since_save:
+                self._save()  # stopped (mid-round, too), or rounds since the last periodic checkpoint: keep them
         seconds = time.monotonic() - started
         return Summary(self.rounds_done, self.shared.round, self.trainer.steps, self.last_loss, seconds)
 

@@ -116,3 +116,13 @@ def test_the_last_k_rounds_are_kept_for_a_roll_back(tmp_path):
     assert history == ["round-000003", "round-000004"]
     rolled_back = Node(dataclasses.replace(config, checkpoint_dir=tmp_path / "ckpt" / "history" / "round-000003"))
     assert rolled_back.shared.round == 3 and rolled_back.shared.hash() != node.shared.hash()
+
+
+def test_checkpoints_every_n_rounds_and_at_the_end(tmp_path):
+    config = dataclasses.replace(solo_config(tmp_path, inner_steps=2, max_rounds=5), checkpoint_rounds=2)
+    node = Node(config)
+    node.run()
+    history = sorted(p.name for p in (tmp_path / "ckpt" / checkpoint.HISTORY).iterdir())
+    assert history == ["round-000002", "round-000004", "round-000005"][-config.keep_checkpoints :]
+    resumed = Node(config)
+    assert resumed.shared.round == 5 and resumed.shared.hash() == node.shared.hash()
