@@ -2,12 +2,14 @@
 Llama-style model (random init, a few inner steps of a small batch per round) from one run spec, then a third joins
 late and downloads the state.
 
-Reports, per round and partner, the seconds of each phase (the node's `seconds` metrics: inner steps, pseudo-gradient,
-update norm, hashing, copies into and out of the averager, the all-reduce, outer step, re-sync, checkpoint write),
-the codec's share of the all-reduce (the same codec timed here on the same number of values), each partner's peak
-resident memory against the model's fp32 size, and the late joiner's download throughput.
+North checkpoints after every round (as every node did before issue 9), south every 10 minutes
+(`--checkpoint-every 10m`), so both settings are measured in the same run. Reports, per round and partner, the
+seconds of each phase (the node's `seconds` metrics: inner steps, pseudo-gradient, update norm, hashing, copies into
+and out of the averager, the all-reduce, outer step, re-sync, checkpoint write), the codec's share of the all-reduce
+(the same codec timed here on the same number of values), each partner's peak resident memory against the model's
+fp32 size, and the late joiner's download throughput.
 
-    .venv/bin/python scripts/scale_round.py                 # ~110M parameters, 3 rounds of 2 inner steps
+    .venv/bin/python scripts/scale_round.py                 # ~110M parameters, 4 rounds of at least 2 inner steps
     .venv/bin/python scripts/scale_round.py --layers 2      # a quick look (~30M)
 
 Prints a Markdown table (BENCHMARKS.md holds one run's output).
@@ -116,7 +118,7 @@ def codec_seconds(n_values: int, codec: str, repeat: int = 3) -> float:
     return best
 
 
-def join_flags(root: Path, name: str, spec: Path, seed: int, rounds: int, boot: str) -> list[str]:
+def join_flags(root: Path, name: str, spec: Path, seed: int, rounds: int, boot: str, window: float) -> list[str]:
     folder = root / name
     folder.mkdir()
     return [
@@ -136,7 +138,7 @@ def join_flags(root: Path, name: str, spec: Path, seed: int, rounds: int, boot: 
         "--threads",
         "1",
         "--round-window",
-        "5",
+        str(window),
         "--quiet",
         "--metrics",
         str(folder / "metrics.jsonl"),
@@ -155,6 +157,14 @@ def main() -> int:
     parser.add_argument("--block-size", type=int, default=128)
     parser.add_argument("--batch-size", type=int, default=2)
     parser.add_argument("--codec", default="8bit")
+    parser.add_argument(
+        "--south-checkpoint-every",
+        default="10m",
+        help="south's --checkpoint-every (north checkpoints after every round, the behaviour before issue 9)",
+    )
+    parser.add_argument(
+        "--window", type=float, default=40.0, help="round window (s): longer than one inner step, or peers miss rounds"
+    )
     args = parser.parse_args()
 
     root = Path(tempfile.mkdtemp(prefix="tapestry-scale-"))
@@ -171,13 +181,15 @@ def main() -> int:
         boot = swarm.start_bootstrap(run_id="scale")
         procs, memory = {}, {}
         for i, name in enumerate(("north", "south")):
-            procs[name] = swarm.start(name, *join_flags(root, name, spec, i, args.rounds, boot), "--min-peers", "2")
+            every = ["--checkpoint-every", args.south_checkpoint_every] if name == "south" else []
+            flags = join_flags(root, name, spec, i, args.rounds, boot, args.window)
+            procs[name] = swarm.start(name, *flags, "--min-peers", "2", *every)
             memory[name] = PeakMemory(procs[name].pid)
         while not read_jsonl(root / "north" / "metrics.jsonl"):  # the late joiner comes after round 1
             if any(p.poll() is not None for p in procs.values()):
                 sys.exit(f"a partner stopped early: {swarm.log('north')[-2000:]}\n{swarm.log('south')[-2000:]}")
             time.sleep(1)
-        late = swarm.start("late", *join_flags(root, "late", spec, 7, 1, boot))
+        late = swarm.start("late", *join_flags(root, "late", spec, 7, 1, boot, args.window))
         for name, popen in [*procs.items(), ("late", late)]:
             popen.wait(timeout=3600)
             if popen.returncode != 0:

@@ -126,7 +126,9 @@ def build_parser() -> tuple[Parser, dict[str, Parser]]:
         "monitor": _add_monitor(sub.add_parser("monitor", help="live peer table of a run")),
         "identity": _add_identity(sub.add_parser("identity", help="create or show a node's key and its public id")),
         "consortium": _add_consortium(
-            sub.add_parser("consortium", help="create, extend, sign, verify a consortium file (members only), or pin its run spec")
+            sub.add_parser(
+                "consortium", help="create, extend, sign, verify a consortium file (members only), or pin its run spec"
+            )
         ),
         "spec": _add_spec(sub.add_parser("spec", help="write a run spec template, or show a spec's digest")),
         "eval": _add_eval(sub.add_parser("eval", help="held-out loss of a checkpoint's shared model, per corpus")),

@@ -14,8 +14,9 @@ Proposals are untrusted: each is stored under its proposer's owner-signed subkey
 ahead of now. A proposal far in the future cannot freeze the swarm, and one in the past cannot break agreement
 (R1/R2 in the security review): at worst a member delays one round by one window.
 
-Tuning: `window` must cover one poll interval plus `lead` (hivemind needs about `lead` seconds of matchmaking before
-the all-reduce starts); raise it on links with high DHT latency.
+Tuning: `window` must cover one inner step, one poll interval and `lead` (hivemind needs about `lead` seconds of
+matchmaking before the all-reduce starts; a peer stops training one step early so that its last step ends in time,
+and the node warns when a step is longer than the window allows); raise it on links with high DHT latency.
 """
 
 from __future__ import annotations
@@ -76,13 +77,14 @@ class MeetingClock:
             self._meeting = self._read()
         return self._meeting
 
-    def should_stop_training(self) -> bool:
-        """True from shortly before a catchable meeting; a meeting we can no longer catch is ignored."""
+    def should_stop_training(self, step_seconds: float = 0.0) -> bool:
+        """True from shortly before a catchable meeting, or earlier by one inner step (`step_seconds`) so that a step
+        started now ends in time; a meeting we can no longer catch is ignored."""
         meeting = self.poll()
         if meeting is None:
             return False
         now = get_dht_time()
-        return meeting - MATCHMAKING_LEAD - 0.25 <= now < meeting - MATCHMAKING_LEAD / 2
+        return meeting - MATCHMAKING_LEAD - 0.25 <= now + step_seconds and now < meeting - MATCHMAKING_LEAD / 2
 
     def agree(self) -> float:
         """The meeting time: an existing proposal still far enough ahead, or our own `now + window`."""

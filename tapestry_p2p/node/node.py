@@ -73,6 +73,8 @@ class Node:
         self.rounds_done = 0
         self.last_loss = float("nan")
         self.round_losses: list[float] = []  # inner-step losses of the round under way (kept across a stop/resume)
+        self._step_seconds = 0.0  # how long one inner step takes (a running estimate)
+        self._warned_slow_step = False
         if config.threads:
             torch.set_num_threads(config.threads)
         self.consortium = None if config.consortium is None else load_consortium(config.consortium)
@@ -225,7 +227,8 @@ class Node:
         self.status.update(state="training")
         meeting = None
         while not self.stop.is_set():
-            if clock is not None and clock.should_stop_training():
+            # a step that would end past the meeting's matchmaking is not started (a step may take seconds)
+            if clock is not None and clock.should_stop_training(self._step_seconds):
                 meeting = clock.poll()
                 break
             if len(self.round_losses) >= self.config.inner_steps:
@@ -233,12 +236,14 @@ class Node:
                     break
                 if meeting is None:
                     meeting = clock.agree()  # we are the first (or alone): call the meeting, train until it nears
-                if dht_time() >= meeting - MATCHMAKING_LEAD:
+                if dht_time() + self._step_seconds >= meeting - MATCHMAKING_LEAD:
                     break
+            step_started = time.perf_counter()
             with phases("inner"):
                 if self.group is not None:
                     self.group.lead_step(self.trainer.model)
                 self.round_losses.append(self.trainer.step())
+            self._timed_step(time.perf_counter() - step_started)
             self.status.update(inner_step=self.trainer.steps, state="training")
             self.on_step(len(self.round_losses), self.config.inner_steps)
         if self.stop.is_set():
@@ -246,6 +251,20 @@ class Node:
         if clock is None:
             return 0.0
         return meeting if meeting is not None else clock.agree()
+
+    def _timed_step(self, seconds: float) -> None:
+        """Keep an estimate of one inner step's duration; say once if it is too long for the round window."""
+        self._step_seconds = seconds if self._step_seconds == 0.0 else 0.5 * (self._step_seconds + seconds)
+        usable = self.config.schedule.window - MATCHMAKING_LEAD
+        if self._step_seconds > usable and not self._warned_slow_step and self.session is not None:
+            self._warned_slow_step = True
+            logger.warning(
+                "an inner step takes %.1fs, more than the %.1fs a round window leaves: slower partners will miss "
+                "rounds; raise --round-window above %.0f",
+                self._step_seconds,
+                usable,
+                self._step_seconds + MATCHMAKING_LEAD + 1,
+            )
 
     def _average(self, meeting: float, phases: Phases) -> AveragingResult:
         """Step 2: the round's one call to the network (overlapping rounds will make it return a handle)."""

@@ -89,6 +89,7 @@ class InnerTrainer:
             total += loss.item()
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip)
         self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)  # no gradients held between steps (nor during a round's averaging)
         self.steps += 1
         return total / self.grad_accum
 

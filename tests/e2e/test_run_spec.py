@@ -1,10 +1,17 @@
-"""A run from a run spec with a Hugging Face model, on loopback (real `tapestry` processes): two partners share
-`run.toml` (a tiny Llama-style config, BPE tokenizer, each partner's model folder in its own place) and average with
-identical model hashes; a third joins with a spec that differs in one field, is never matched with them, and every
-node says which field differs."""
+"""One run from a run spec with a Hugging Face model, on loopback (real processes), observed by the tests below:
+
+- `north` is one partner of two processes (`torchrun --nproc-per-node 2`, gloo on the CPU): only its rank 0 joins
+  the swarm, and each outer round's model reaches its rank 1;
+- `south` is a one-process partner with the same `run.toml` (a tiny Llama-style config and a BPE tokenizer, each
+  partner's model folder in its own place);
+- `odd` joins with a spec that differs in one field: it is never matched with them, and every node says which field
+  differs.
+"""
 
 from __future__ import annotations
 
+import re
+import sys
 from pathlib import Path
 
 import pytest
@@ -15,6 +22,8 @@ from tapestry_p2p.testing.local_swarm import LOOPBACK, LocalSwarm
 pytestmark = pytest.mark.e2e
 RUN = "hf-spec"
 ROUNDS = 3
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "--no-python"]
+LOOPBACK_ONLY = {"GLOO_SOCKET_IFNAME": "lo", "MASTER_ADDR": "127.0.0.1"}
 
 
 def partner(tmp_path: Path, name: str, seed: int, inner_steps: int) -> list[str]:
@@ -23,7 +32,8 @@ def partner(tmp_path: Path, name: str, seed: int, inner_steps: int) -> list[str]
     (folder / "model").mkdir(parents=True)
     data = write_text(folder / "data.txt", seed=seed, n_bytes=8000)
     write_tiny_llama(folder / "model", vocab_size=320)
-    write_tiny_tokenizer(folder / "model" / "tokenizer.json", [write_text(tmp_path / "shared.txt", seed=0).read_text()])
+    corpus = [write_text(tmp_path / "shared.txt", seed=0).read_text()]
+    write_tiny_tokenizer(folder / "model" / "tokenizer.json", corpus)
     model = 'huggingface = "model"\ntokenizer = "model/tokenizer.json"\nblock_size = 16'
     spec = write_run_spec(folder / "run.toml", RUN, model, inner_steps=inner_steps)
     flags = ["--run-spec", str(spec), "--data", str(data), "--listen", LOOPBACK, "--partner", name]
@@ -31,25 +41,46 @@ def partner(tmp_path: Path, name: str, seed: int, inner_steps: int) -> list[str]
     return flags + ["--metrics", str(folder / "metrics.jsonl"), "--checkpoint-dir", str(folder / "ckpt")]
 
 
-def test_partners_of_one_spec_average_and_a_partner_of_another_is_named_and_left_out(tmp_path):
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    tmp_path = tmp_path_factory.mktemp("run-spec")
     with LocalSwarm(tmp_path) as swarm:
         boot = swarm.start_bootstrap(run_id=RUN)
-        procs = {
-            name: swarm.start(
-                name, "join", *partner(tmp_path, name, seed, steps), "--initial-peers", boot, "--min-peers", minimum
-            )
-            for name, seed, steps, minimum in [("north", 1, 10, "2"), ("south", 2, 10, "2"), ("odd", 3, 12, "1")]
-        }
+        procs = {}
+        for name, seed, steps, minimum in [("north", 1, 10, "2"), ("south", 2, 10, "2"), ("odd", 3, 12, "1")]:
+            flags = [*partner(tmp_path, name, seed, steps), "--initial-peers", boot, "--min-peers", minimum]
+            torchrun = {"env": LOOPBACK_ONLY, "prefix": TORCHRUN} if name == "north" else {}
+            procs[name] = swarm.start(name, "join", *flags, **torchrun)
         run_to_completion(swarm, procs, timeout=240)
         logs = {name: swarm.log(name) for name in procs}
-    north, south, odd = (metrics(tmp_path, name) for name in ("north", "south", "odd"))
+    return {name: metrics(tmp_path, name) for name in procs}, logs
+
+
+def test_partners_of_one_spec_average_to_identical_models(run):
+    records, logs = run
+    north, south = records["north"], records["south"]
     common = {r["round"] for r in north} & {r["round"] for r in south}
     assert common, (north, south)
-    last = max(common)
-    assert {r["model_hash"] for r in north + south if r["round"] == last} == {
-        next(r["model_hash"] for r in north if r["round"] == last)
-    }
-    assert any(r["group_size"] == 2 for r in north)
-    assert all(r["group_size"] == 1 for r in odd)  # never matched with a peer of another spec
+    for round_no in common:
+        assert {r["model_hash"] for r in north + south if r["round"] == round_no} == {
+            next(r["model_hash"] for r in north if r["round"] == round_no)
+        }
+    assert any(r["group_size"] == 2 for r in south)
+
+
+def test_a_partner_of_another_spec_is_named_and_left_out(run):
+    records, logs = run
+    assert all(r["group_size"] == 1 for r in records["odd"])  # never matched with a peer of another spec
+    assert all(r["group_size"] <= 2 for r in records["north"] + records["south"])
     assert "inner_steps: 12 here, 10 there" in logs["odd"], logs["odd"][-3000:]
     assert "inner_steps: 10 here, 12 there" in logs["north"] + logs["south"]
+
+
+def test_a_two_rank_partner_is_one_peer_and_all_its_ranks_end_on_the_shared_model(run):
+    records, logs = run
+    north, south = records["north"], records["south"]
+    assert len(north) == ROUNDS, logs["north"][-3000:]  # only rank 0 writes records
+    final = north[-1]["model_hash"]
+    assert next(r["model_hash"] for r in south if r["round"] == north[-1]["round"]) == final
+    ranks = re.findall(r"rank (\d) of 2 ends with shared model ([0-9a-f]{16})", logs["north"])
+    assert ranks == [("1", final)], logs["north"][-3000:]
