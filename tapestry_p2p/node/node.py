@@ -210,6 +210,8 @@ class Node:
         with phases("resync"):
             resynced = self.sync.after_round(result)
             self.sync.averaging.publish_round(self.shared.round)
+        with phases("hash"):
+            self.shared.hash()  # once per round (cached until theta changes): record, checkpoint, state server
         with phases("checkpoint"):
             self._save(periodic=True)
         return self._record(result, inner_steps, resynced, started, training_seconds, phases)
