@@ -15,6 +15,7 @@ from tapestry_p2p.node.config import NodeConfig
 from tapestry_p2p.node.metrics import RoundMetrics
 from tapestry_p2p.node.node import Node
 from tapestry_p2p.testing import faults
+from tapestry_p2p.training.distributed import launched_ranks
 
 
 def round_line(record: RoundMetrics) -> Text:
@@ -33,7 +34,7 @@ def round_line(record: RoundMetrics) -> Text:
 def run_join(
     config: NodeConfig, console: Console, quiet: bool, install_stop_handlers: Callable[[threading.Event], Any]
 ) -> int:
-    progress = _round_progress(console, disabled=quiet or not console.is_terminal)
+    progress = _round_progress(console, disabled=quiet or not console.is_terminal or launched_ranks().rank > 0)
 
     def report(record: RoundMetrics) -> None:
         progress.console.print(round_line(record), soft_wrap=True)
@@ -53,7 +54,10 @@ def run_join(
     install_stop_handlers(node.stop)
     with progress:
         summary = node.run()
-    console.print(summary.line(), soft_wrap=True)
+    if node.leader:
+        console.print(summary.line(), soft_wrap=True)
+    else:  # rank > 0 under torchrun: rank 0 prints the partner's rounds
+        console.print(f"rank {launched_ranks().rank}: {summary.steps} inner steps led by rank 0", soft_wrap=True)
     return 0
 
 

@@ -49,10 +49,11 @@ class RoundSchedule:
 class MeetingClock:
     """The agreed start time of one round's all-reduce, as seen by one peer."""
 
-    def __init__(self, dht: DHT, run_id: str, round_no: int, schedule: RoundSchedule, subkey: bytes) -> None:
-        """`subkey`: our owner-signed DHT subkey (`security.dht_auth.owner_subkey`)."""
+    def __init__(self, dht: DHT, prefix: str, round_no: int, schedule: RoundSchedule, subkey: bytes) -> None:
+        """`prefix`: the run id and run spec digest (only peers that can average together share meeting times);
+        `subkey`: our owner-signed DHT subkey (`security.dht_auth.owner_subkey`)."""
         self.dht, self.schedule = dht, schedule
-        self.key = f"{run_id}.meet.{round_no}"
+        self.key = f"{prefix}.meet.{round_no}"
         self._subkey = subkey
         self._meeting: Optional[float] = None
         self._last_poll = -math.inf

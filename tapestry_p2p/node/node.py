@@ -224,7 +224,14 @@ class Node:
         clock = (
             None
             if self.session is None
-            else MeetingClock(self.session.dht, self.config.run_id, round_no, self.config.schedule, self.session.owner)
+            # peers of another run spec never average with us: they must not set our meeting times either
+            else MeetingClock(
+                self.session.dht,
+                f"{self.config.run_id}.{self.spec_digest}",
+                round_no,
+                self.config.schedule,
+                self.session.owner,
+            )
         )
         self.status.update(state="training")
         meeting = None

@@ -4,12 +4,14 @@
   the swarm, and each outer round's model reaches its rank 1;
 - `south` is a one-process partner with the same `run.toml` (a tiny Llama-style config and a BPE tokenizer, each
   partner's model folder in its own place);
+- their corpora are JSON Lines (north), parquet (south) and a saved `datasets` directory (odd), streamed;
 - `odd` joins with a spec that differs in one field: it is never matched with them, and every node says which field
   differs.
 """
 
 from __future__ import annotations
 
+import json
 import re
 import sys
 from pathlib import Path
@@ -26,17 +28,36 @@ TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--np
 LOOPBACK_ONLY = {"GLOO_SOCKET_IFNAME": "lo", "MASTER_ADDR": "127.0.0.1"}
 
 
-def partner(tmp_path: Path, name: str, seed: int, inner_steps: int) -> list[str]:
+def write_corpus(folder: Path, seed: int, kind: str) -> Path:
+    """The partner's data as JSON Lines, a parquet file or a saved `datasets` directory (text field `body`)."""
+    import datasets
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    text = write_text(folder / "source.txt", seed=seed, n_bytes=8000).read_text()
+    docs = [text[i : i + 400] for i in range(0, len(text), 400)]
+    if kind == "jsonl":
+        (folder / "data.jsonl").write_text("".join(json.dumps({"body": d}) + "\n" for d in docs))
+        return folder / "data.jsonl"
+    if kind == "parquet":
+        pq.write_table(pa.table({"body": docs}), folder / "data.parquet")
+        return folder / "data.parquet"
+    datasets.Dataset.from_dict({"body": docs}).save_to_disk(str(folder / "dataset"))
+    return folder / "dataset"
+
+
+def partner(tmp_path: Path, name: str, seed: int, inner_steps: int, kind: str) -> list[str]:
     """A partner folder with its own copy of the model files, data and spec; returns its `join` flags."""
     folder = tmp_path / name
     (folder / "model").mkdir(parents=True)
-    data = write_text(folder / "data.txt", seed=seed, n_bytes=8000)
+    data = write_corpus(folder, seed, kind)
     write_tiny_llama(folder / "model", vocab_size=320)
     corpus = [write_text(tmp_path / "shared.txt", seed=0).read_text()]
     write_tiny_tokenizer(folder / "model" / "tokenizer.json", corpus)
     model = 'huggingface = "model"\ntokenizer = "model/tokenizer.json"\nblock_size = 16'
     spec = write_run_spec(folder / "run.toml", RUN, model, inner_steps=inner_steps)
-    flags = ["--run-spec", str(spec), "--data", str(data), "--listen", LOOPBACK, "--partner", name]
+    flags = ["--run-spec", str(spec), "--data", str(data), "--text-field", "body", "--listen", LOOPBACK]
+    flags += ["--partner", name]
     flags += ["--max-rounds", str(ROUNDS), "--threads", "1", "--round-window", "3", "--quiet"]
     return flags + ["--metrics", str(folder / "metrics.jsonl"), "--checkpoint-dir", str(folder / "ckpt")]
 
@@ -47,8 +68,9 @@ def run(tmp_path_factory):
     with LocalSwarm(tmp_path) as swarm:
         boot = swarm.start_bootstrap(run_id=RUN)
         procs = {}
-        for name, seed, steps, minimum in [("north", 1, 10, "2"), ("south", 2, 10, "2"), ("odd", 3, 12, "1")]:
-            flags = [*partner(tmp_path, name, seed, steps), "--initial-peers", boot, "--min-peers", minimum]
+        partners = [("north", 1, 10, "2", "jsonl"), ("south", 2, 10, "2", "parquet"), ("odd", 3, 12, "1", "dataset")]
+        for name, seed, steps, minimum, kind in partners:
+            flags = [*partner(tmp_path, name, seed, steps, kind), "--initial-peers", boot, "--min-peers", minimum]
             torchrun = {"env": LOOPBACK_ONLY, "prefix": TORCHRUN} if name == "north" else {}
             procs[name] = swarm.start(name, "join", *flags, **torchrun)
         run_to_completion(swarm, procs, timeout=240)
