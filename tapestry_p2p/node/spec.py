@@ -117,7 +117,7 @@ def decode(raw: Any, digest: str) -> dict[str, Any] | None:
         return None
     try:
         value = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError):
+    except (ValueError, RecursionError):  # JSONDecodeError and UnicodeDecodeError are ValueErrors; deep nesting
         return None
     return value if isinstance(value, dict) else None
 
@@ -130,8 +130,8 @@ def first_difference(ours: dict[str, Any], theirs: dict[str, Any], prefix: str =
             found = first_difference(a, b, f"{prefix}{key}.")
             if found:
                 return found
-        elif a != b:
-            return f"{prefix}{key}: {json.dumps(a)} here, {json.dumps(b)} there"
+        elif a != b:  # `theirs` comes from a peer: its values are shown JSON-escaped and cut short
+            return f"{prefix}{key}: {json.dumps(a)[:80]} here, {json.dumps(b)[:80]} there"
     return ""
 
 

@@ -14,7 +14,7 @@ from helpers import tapestry, write_run_spec, write_text, write_tiny_llama, writ
 
 from tapestry_p2p.node.config import NodeConfig
 from tapestry_p2p.node.node import Node
-from tapestry_p2p.node.spec import SpecError, canonical, config_fields, digest_of, encode, first_difference
+from tapestry_p2p.node.spec import SpecError, canonical, config_fields, decode, digest_of, encode, first_difference
 from tapestry_p2p.training import checkpoint
 from tapestry_p2p.training.inner import InnerTrainer, TrainConfig
 from tapestry_p2p.training.model import ModelConfig, build_model, weights
@@ -138,3 +138,15 @@ def test_gradient_accumulation_takes_the_same_step():
     assert results[0][0] == pytest.approx(results[1][0], rel=1e-5)
     for a, b in zip(results[0][1], results[1][1], strict=True):
         assert torch.allclose(a, b, atol=1e-6)
+
+
+def test_a_peer_spec_is_used_only_if_it_is_small_json_and_matches_its_digest():
+    good = b'{"inner_steps": 10}'
+    assert decode(good, digest_of(good)) == {"inner_steps": 10}
+    assert decode(good, "0" * 16) is None  # not what it claims to be
+    deep = b"[" * 5000 + b"]" * 5000  # under the size cap, deeper than json's recursion limit
+    assert decode(deep, digest_of(deep)) is None
+    big = b'{"x": "' + b"a" * 9000 + b'"}'
+    assert decode(big, digest_of(big)) is None
+    long_value = {"model": {"config": "x" * 5000}}
+    assert len(first_difference({"model": {"config": "abc"}}, long_value)) < 200
