@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import random
 import re
 import statistics
 import sys
@@ -33,22 +32,8 @@ import torch
 
 from tapestry_p2p.comm.codec import compression_for
 from tapestry_p2p.node.metrics import read_jsonl
+from tapestry_p2p.testing.corpus import write_text
 from tapestry_p2p.testing.local_swarm import LOOPBACK, LocalSwarm
-
-WORDS = (
-    "river",
-    "bread",
-    "city",
-    "map",
-    "language",
-    "model",
-    "partner",
-    "data",
-    "mountain",
-    "garden",
-    "harbour",
-    "book",
-)
 
 
 def write_model(folder: Path, hidden: int, layers: int, vocab: int) -> int:
@@ -69,12 +54,6 @@ def write_model(folder: Path, hidden: int, layers: int, vocab: int) -> int:
     config.save_pretrained(folder)
     with torch.device("meta"):
         return sum(p.numel() for p in AutoModelForCausalLM.from_config(config).parameters())
-
-
-def write_data(path: Path, seed: int, n_bytes: int = 400_000) -> Path:
-    rng = random.Random(seed)
-    path.write_text(" ".join(rng.choice(WORDS) for _ in range(n_bytes // 6)))
-    return path
 
 
 class PeakMemory:
@@ -126,7 +105,7 @@ def join_flags(root: Path, name: str, spec: Path, seed: int, rounds: int, boot: 
         "--run-spec",
         str(spec),
         "--data",
-        str(write_data(folder / "data.txt", seed)),
+        str(write_text(folder / "data.txt", seed, n_bytes=400_000)),
         "--listen",
         LOOPBACK,
         "--initial-peers",

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import random
 import signal
 import subprocess
 import sys
@@ -17,34 +16,10 @@ import pytest
 
 from tapestry_p2p.app.cli import main
 from tapestry_p2p.node.metrics import read_jsonl
+from tapestry_p2p.testing.corpus import write_text
 from tapestry_p2p.testing.local_swarm import LOOPBACK, TINY_MODEL, LocalSwarm
 
 ROUNDS = 3
-
-
-def write_text(path: Path, seed: int, n_bytes: int = 6000) -> Path:
-    """Deterministic pseudo-text (words from a small vocabulary) for a partner's data folder."""
-    rng = random.Random(seed)
-    words = [
-        "river",
-        "bread",
-        "city",
-        "map",
-        "language",
-        "model",
-        "partner",
-        "data",
-        "mountain",
-        "garden",
-        "train",
-        "harbour",
-        "book",
-    ]
-    text: list[str] = []
-    while sum(len(w) + 1 for w in text) < n_bytes:
-        text.append(rng.choice(words))
-    path.write_text(" ".join(text))
-    return path
 
 
 def join_args(tmp_path: Path, name: str, seed: int, bootstrap: Optional[str], rounds: int = ROUNDS, *extra: str):
