@@ -12,6 +12,7 @@ our state (`security.membership`).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Sequence
@@ -23,6 +24,7 @@ import torch
 from hivemind.compression import deserialize_torch_tensor, serialize_torch_tensor
 from hivemind.p2p import P2PContext, PeerID
 from hivemind.proto import averaging_pb2, runtime_pb2
+from hivemind.utils import get_dht_time
 from hivemind.utils.asyncio import aiter_with_timeout
 from hivemind.utils.mpfuture import MPFuture
 from hivemind.utils.streaming import combine_from_streaming, split_for_streaming
@@ -71,6 +73,37 @@ class StateTransport:
         allow_state_sharing: bool
 
         async def _get_current_state_from_host_process(self) -> Any: ...
+
+        _matchmaking: Any
+        _state_updated: asyncio.Event
+        dht: Any
+        peer_id: PeerID
+        declare_state_period: float
+        state_sharing_priority: float
+
+    # ---- advertising ----
+
+    async def _declare_for_download_periodically(self) -> None:
+        # forked from hivemind 1.1.12 averaging/averager.py:DecentralizedAverager._declare_for_download_periodically;
+        # change: each declaration lives two periods, so the next one is stored before it expires. Upstream's expires
+        # the moment the next one is sent: a joiner that reads the key in between (a DHT store takes a while under
+        # load) finds one server fewer (tests/e2e/test_churn.py's late joiner once did).
+        download_key = f"{self._matchmaking.group_key_manager.prefix}.all_averagers"
+        sharing_was_allowed = self.allow_state_sharing
+        while True:
+            if self.allow_state_sharing or sharing_was_allowed:
+                store = self.dht.store(
+                    download_key,
+                    subkey=self.peer_id.to_bytes(),
+                    value=self.state_sharing_priority if self.allow_state_sharing else None,
+                    expiration_time=get_dht_time() + 2 * self.declare_state_period,
+                    return_future=True,
+                )
+                asyncio.create_task(asyncio.wait_for(store, timeout=self.declare_state_period))
+                sharing_was_allowed = self.allow_state_sharing
+            self._state_updated.clear()  # declare again after a period, or as soon as our round changes
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._state_updated.wait(), timeout=self.declare_state_period)
 
     # ---- server ----
 
