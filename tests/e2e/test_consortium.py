@@ -212,8 +212,11 @@ async def _store_and_find(boot_id: str, _dht: DHT, node: Any) -> tuple[Any, Any]
 def test_a_stranger_with_a_valid_key_is_refused_everything(observed):
     tried = observed.stranger
     assert tried["state messages"] == []  # not even the state info
-    assert tried["join answers"] == [averaging_pb2.PROTOCOL_VIOLATION]
-    assert tried["part answers"] == [averaging_pb2.PROTOCOL_VIOLATION]
+    # Nothing but a refusal comes back. The refusal code itself may not arrive: north closes the stream without
+    # reading the rest of the stranger's input, and the libp2p stream can then be reset before the code is read.
+    # North's log (below) is the proof that it refused.
+    assert set(tried["join answers"]) <= {averaging_pb2.PROTOCOL_VIOLATION}
+    assert set(tried["part answers"]) <= {averaging_pb2.PROTOCOL_VIOLATION}
     assert tried["1 TB stream closed"]  # dropped before reading its body
     assert tried["store"] is None and tried["find"] is None  # the DHT neither takes nor gives it anything
     stranger = observed.ids["stranger"]
