@@ -182,7 +182,7 @@ def main() -> int:
 
 def report(root: Path, args: argparse.Namespace, params: int, fp32_bytes: int, memory: dict, late_log: str) -> None:
     records = {name: read_jsonl(root / name / "metrics.jsonl") for name in ("north", "south")}
-    phases = ["inner", "pseudo_gradient", "norm", "hash", "copy_in", "allreduce", "copy_out", "outer_step"]
+    phases = ["inner", "pseudo_gradient", "norm", "hash", "copy_in", "wait", "allreduce", "copy_out", "outer_step"]
     phases += ["resync", "checkpoint", "catch_up"]
     codec = codec_seconds(params, args.codec)
     print(f"\n{params / 1e6:.1f}M parameters ({fp32_bytes / 1e6:.0f} MB fp32), {args.codec}, H={args.inner_steps}, ")
@@ -193,7 +193,7 @@ def report(root: Path, args: argparse.Namespace, params: int, fp32_bytes: int, m
     for name, rows in records.items():
         for r in rows:
             s = r["seconds"]
-            overhead = sum(v for k, v in s.items() if k not in ("inner", "allreduce"))
+            overhead = sum(v for k, v in s.items() if k not in ("inner", "allreduce", "wait"))
             if r["round"] > 1:  # the first round includes one-time work (first hash, first checkpoint)
                 overheads.append(overhead)
             cells = " | ".join(f"{s.get(k, 0.0):.2f}" for k in phases)

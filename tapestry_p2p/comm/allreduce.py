@@ -46,6 +46,7 @@ from hivemind.p2p import P2PContext, P2PDaemonError, P2PHandlerError, PeerID
 from hivemind.proto import averaging_pb2, runtime_pb2
 from hivemind.utils.asyncio import amap_in_executor
 
+from tapestry_p2p.comm.error_feedback import Recording, flat_ranges
 from tapestry_p2p.comm.screening import Screen, weight_for
 
 logger = logging.getLogger(__name__)
@@ -106,9 +107,18 @@ class _CountingStub:
 class ExactAllReduceRunner(AllReduceRunner):
     """An AllReduceRunner whose outputs are the decoded averages, identical on every member of the group."""
 
-    def __init__(self, screen: Screen, after_part_served: Optional[Callable[[], None]] = None, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        screen: Screen,
+        after_part_served: Optional[Callable[[], None]] = None,
+        error_sink: Optional[Sequence[torch.Tensor]] = None,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(**kwargs)
         container = self.tensor_part_container
+        self._codec = container.compression  # what averages are published with
+        if error_sink is not None:  # error feedback: what our outgoing parts lose is written there
+            container.compression = Recording(self._codec, error_sink)
         part_sizes = [math.prod(shape) for shape in self.tensor_part_reducer.part_shapes]
         self.screen = dataclasses.replace(screen, part_sizes=part_sizes)
         self.refused: dict[str, str] = {}  # sender (base58) -> why this reducer refused its parts this round
@@ -165,10 +175,9 @@ class ExactAllReduceRunner(AllReduceRunner):
     async def _publish(self, part_index: int, averaged_part: torch.Tensor) -> runtime_pb2.Tensor:
         """Encode the average of one part once; every sender (and this peer) gets these same bytes."""
         if part_index not in self._published:
-            compression = self.tensor_part_container.compression
             info = CompressionInfo.from_tensor(averaged_part)
             self._published[part_index] = asyncio.get_running_loop().run_in_executor(
-                None, compression.compress, averaged_part, info, False
+                None, self._codec.compress, averaged_part, info, False
             )
         return await self._published[part_index]
 
@@ -273,13 +282,8 @@ class ExactAllReduceRunner(AllReduceRunner):
 @torch.no_grad()
 def zero_spans(tensors: Sequence[torch.Tensor], spans: Sequence[tuple[int, int]]) -> int:
     """Zero the [start, end) ranges of the tensors' concatenated flat view; returns the number of values zeroed."""
-    zeroed, offset = 0, 0
-    for tensor in tensors:
-        flat = tensor.view(-1)
-        for start, end in spans:
-            lo, hi = max(start - offset, 0), min(end - offset, flat.numel())
-            if lo < hi:
-                flat[lo:hi] = 0
-                zeroed += hi - lo
-        offset += flat.numel()
+    zeroed = 0
+    for index, lo, hi in flat_ranges([t.numel() for t in tensors], spans):
+        tensors[index].view(-1)[lo:hi] = 0
+        zeroed += hi - lo
     return zeroed

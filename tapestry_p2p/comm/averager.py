@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 
@@ -64,6 +65,8 @@ class AllReduceOutcome:
     gathered: dict[str, Any]  # peer id (base58) -> the metadata that peer passed as `gather` (untrusted)
     traffic: Traffic
     failed_fraction: float = 0.0  # share of values whose reducer failed (those values get no update this round)
+    failed_spans: list[tuple[int, int]] = field(default_factory=list)  # their [start, end) in the flat layout
+    started: float = 0.0  # time.time() when the group was formed and the all-reduce began (before: matchmaking)
     senders_lost: int = 0  # groupmates whose parts never reached us as a reducer (our span averages the others')
     dropped: dict[str, str] = field(default_factory=dict)  # groupmate -> why it was left out before the all-reduce
     refused: dict[str, str] = field(default_factory=dict)  # groupmate -> why we refused its parts as a reducer
@@ -80,6 +83,8 @@ class ExactAverager(StateTransport, DecentralizedAverager):
     :param codec: the codec's name; part of the schema (hivemind's own schema hash ignores it).
     :param spec: the run spec's digest; part of the schema.
     :param clip_multiple: see `screening.Screen`.
+    :param error_sink: tensors shaped like the averaged ones (in shared memory) where each round writes what our sent
+      parts lost to the codec (see `error_feedback`); None: no error feedback.
     :param fault: a test hook (see FaultHook); None in production.
     Other arguments are DecentralizedAverager's.
     """
@@ -94,10 +99,12 @@ class ExactAverager(StateTransport, DecentralizedAverager):
         spec: str = "",
         state_fn: Optional[Callable[[], tuple[Any, Sequence[torch.Tensor]]]] = None,
         fault: Optional[FaultHook] = None,
+        error_sink: Optional[Sequence[torch.Tensor]] = None,
         start: bool = False,
         **kwargs: Any,
     ) -> None:
         self._state_fn = state_fn
+        self._error_sink = error_sink
         self._fault = fault
         self._members, self._max_steps, self._clip_multiple = members, max_steps, clip_multiple
         self._allreduces = 0
@@ -199,6 +206,7 @@ class ExactAverager(StateTransport, DecentralizedAverager):
         # group is cut down to its admitted members with well-formed metadata, every member is a full node, spans are
         # equal (hivemind splits by self-declared bandwidth), and each reducer screens its senders' parts.
         self._bug = None
+        started = time.time()
         try:
             group, metas, dropped = self._admitted_group(group_info)
             n = len(group.peer_ids)
@@ -225,6 +233,7 @@ class ExactAverager(StateTransport, DecentralizedAverager):
             raise MatchmakingException(f"Unable to run All-Reduce: {e}") from e
         self._outcome.gathered = {name: asdict(meta) for name, meta in metas.items()}
         self._outcome.dropped = dropped
+        self._outcome.started = started
         return self._outcome
 
     @property
@@ -253,6 +262,7 @@ class ExactAverager(StateTransport, DecentralizedAverager):
         group_id = group_info.group_id if group_id is None else group_id
         runner = ExactAllReduceRunner(
             after_part_served=None if fault is None else lambda: fault("served", index),
+            error_sink=self._error_sink,
             p2p=self._p2p,
             servicer_type=type(self),
             prefix=self.prefix,
@@ -275,7 +285,8 @@ class ExactAverager(StateTransport, DecentralizedAverager):
             fault("finished", index)
         # A reducer that failed may have sent part of its span to some members and not to others; nobody uses any of
         # it, so all survivors end the round with the same values.
-        zeroed = zero_spans(tensors, runner.failed_spans())
+        self._outcome.failed_spans = runner.failed_spans()
+        zeroed = zero_spans(tensors, self._outcome.failed_spans)
         self._outcome.failed_fraction = zeroed / max(runner.tensor_part_container.total_size, 1)
         failed_after = runner.tensor_part_reducer.sender_failed_after
         self._outcome.senders_lost = sum(after != float("inf") for after in failed_after)

@@ -40,6 +40,7 @@ from hivemind.utils import get_dht_time
 from tapestry_p2p.comm.allreduce import NETWORK_FAILURES
 from tapestry_p2p.comm.averager import AllReduceOutcome, AveragingBug, ExactAverager, FaultHook
 from tapestry_p2p.comm.codec import compression_for
+from tapestry_p2p.comm.error_feedback import ErrorFeedback
 from tapestry_p2p.comm.matchmaking import MATCHMAKING_LEAD
 from tapestry_p2p.comm.screening import DEFAULT_CLIP_MULTIPLE, RoundMeta, weight_for
 from tapestry_p2p.comm.statesync.client import Download, StateClient
@@ -77,7 +78,8 @@ class AveragingResult:
     clipped: dict[str, float] = field(default_factory=dict)  # groupmate -> the factor we scaled its parts by
     norm: float = 0.0  # the L2 norm of our pseudo-gradient, as we declared it to the group
     # seconds: "norm" (our update's norm), "copy_in"/"copy_out" (into and out of the averager's shared buffers),
-    # "allreduce" (matchmaking, codec and wire, in the averager process)
+    # "wait" (for the meeting and matchmaking, or until the round gave up), "allreduce" (from the group's forming to
+    # our last averaged part: codec and wire, in the averager process)
     seconds: dict[str, float] = field(default_factory=dict)
 
 
@@ -143,9 +145,11 @@ class SwarmAveraging:
         clip_multiple: float = DEFAULT_CLIP_MULTIPLE,
         fault: Optional[FaultHook] = None,
         spec: str = "",
+        feedback: Optional[ErrorFeedback] = None,
     ) -> None:
         self._buffers = [torch.zeros(shape) for shape in shapes]
         self._max_steps = max_steps
+        self.feedback = feedback
         self._averager = ExactAverager(
             self._buffers,
             dht,
@@ -166,6 +170,7 @@ class SwarmAveraging:
             clip_multiple=clip_multiple,
             fault=fault,
             spec=spec,
+            error_sink=None if feedback is None else feedback.pending,
         )
         self.replace_members = self._averager.replace_members
         self.peer_id = self._averager.peer_id.to_base58()
@@ -184,48 +189,74 @@ class SwarmAveraging:
             seconds[name] = round(now - clock[0], 4)
             clock[0] = now
 
-        result = self._average(delta, meeting, meta, lap)
+        result = self._average(delta, meeting, meta, lap, seconds)
         result.seconds = seconds
         return result
 
     def _average(
-        self, delta: Sequence[torch.Tensor], meeting: float, meta: RoundMeta, lap: Callable[[str], None]
+        self,
+        delta: Sequence[torch.Tensor],
+        meeting: float,
+        meta: RoundMeta,
+        lap: Callable[[str], None],
+        seconds: dict[str, float],
     ) -> AveragingResult:
-        # per-tensor float32 norms, combined in double precision (a float64 copy of a 1B-parameter update would cost
-        # 8 GB; reducers check declared norms with a 10% tolerance)
-        norm = math.sqrt(sum(float(torch.linalg.vector_norm(d)) ** 2 for d in delta))
-        lap("norm")
-        finite = math.isfinite(norm)
-        if not finite:  # the 8-bit codec would turn NaN into finite values: contribute nothing instead
-            logger.error("our pseudo-gradient is not finite: contributing nothing to round %d", meta.round + 1)
-            meta = RoundMeta(meta.round, meta.hash, steps=0, norm=0.0)
-        else:
-            meta = RoundMeta(meta.round, meta.hash, meta.steps, norm)
-        with self._averager.get_tensors() as buffers:
+        with self._averager.get_tensors() as buffers:  # our contribution: delta, plus the residual it owes
             for buffer, d in zip(buffers, delta, strict=True):
-                buffer.copy_(d if finite else torch.zeros_like(d))
-        lap("copy_in")
+                buffer.copy_(d)
+            if self.feedback is not None:
+                self.feedback.add_into(buffers)
+            lap("copy_in")
+            # per-tensor float32 norms, combined in double precision (a float64 copy of a 1B-parameter update would
+            # cost 8 GB; reducers check declared norms with a 10% tolerance)
+            norm = math.sqrt(sum(float(torch.linalg.vector_norm(b)) ** 2 for b in buffers))
+            lap("norm")
+            if not math.isfinite(norm):  # a lossy codec would turn NaN into finite values: contribute nothing
+                logger.error("our pseudo-gradient is not finite: contributing nothing to round %d", meta.round + 1)
+                meta = RoundMeta(meta.round, meta.hash, steps=0, norm=0.0)
+                for buffer in buffers:
+                    buffer.zero_()
+            else:
+                meta = RoundMeta(meta.round, meta.hash, meta.steps, norm)
         try:
-            outcome = self._step(meeting, meta)
-            lap("allreduce")
+            try:
+                outcome = self._step(meeting, meta)
+            finally:
+                lap("wait")  # split below into waiting for the group and the all-reduce itself
         except AveragingBug as e:  # logged with its traceback in the averager process
             logger.error("round %d failed: %s (traceback above)", meta.round + 1, e)
-            return alone(delta, failure=str(e))
+            return self._alone(delta, failure=str(e))
         except NETWORK_FAILURES as e:
             reason = str(e).splitlines()[0].rstrip(": ") if str(e).strip() else type(e).__name__
             if "could not find a group" in reason:
                 reason = "no other peer came to the meeting"
             logger.info("round without a group (%s): applying our own update", reason)
-            return alone(delta, failure=reason)
+            return self._alone(delta, failure=reason)
         except Exception as e:
             logger.exception("averaging failed inside tapestry (a bug, not the network)")
-            return alone(delta, failure=f"internal error in averaging: {type(e).__name__}: {e}")
+            return self._alone(delta, failure=f"internal error in averaging: {type(e).__name__}: {e}")
+        if outcome.started:
+            seconds["allreduce"] = round(min(seconds["wait"], max(time.time() - outcome.started, 0.0)), 4)
+            seconds["wait"] = round(seconds["wait"] - seconds["allreduce"], 4)
         with self._averager.get_tensors() as buffers:
             averaged = [b.clone() for b in buffers]
         lap("copy_out")
         if not all(torch.isfinite(a).all() for a in averaged):
-            return alone(delta, failure="non-finite average; kept our own update")
+            return self._alone(delta, failure="non-finite average; kept our own update")
+        if self.feedback is not None:
+            if meta.steps > 0:
+                self.feedback.sent(delta, outcome.failed_spans)
+            else:  # we contributed nothing (non-finite): owe nothing
+                self.feedback.reset()
         return replace(_result(averaged, outcome, meta), norm=meta.norm)
+
+    def _alone(self, delta: Sequence[torch.Tensor], failure: str) -> AveragingResult:
+        """A round that went alone applies our whole contribution (delta plus what we owed): we owe nothing after."""
+        if self.feedback is None:
+            return alone(delta, failure)
+        result = AveragingResult(self.feedback.contribution(delta), group_size=1, failure=failure, clean=False)
+        self.feedback.reset()
+        return result
 
     def _step(self, meeting: float, meta: RoundMeta) -> AllReduceOutcome:
         # Weighted by inner steps (at most H): a partner that came to the meeting with fewer steps moves it less.

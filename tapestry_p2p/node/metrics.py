@@ -46,6 +46,11 @@ class RoundMetrics:
     clipped: dict[str, float] = field(default_factory=dict)  # groupmate -> the factor we scaled its contribution by
     update_norm: float = 0.0  # L2 norm of our pseudo-gradient this round (what we declared; 0 when not averaged)
     seconds: dict[str, float] = field(default_factory=dict)  # where the round's time went (see `Phases`)
+    # the split a WAN benchmark needs (also in `seconds`): inner steps; from the group's forming to our last averaged
+    # part; waiting for the meeting and matchmaking (or for a round that went alone)
+    compute_seconds: float = 0.0
+    allreduce_seconds: float = 0.0
+    wait_seconds: float = 0.0
 
     def to_json(self) -> str:
         record = asdict(self)

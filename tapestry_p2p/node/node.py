@@ -29,6 +29,8 @@ import torch
 
 from tapestry_p2p.comm.averager import FaultHook
 from tapestry_p2p.comm.averaging import AveragingResult, RoundMeta
+from tapestry_p2p.comm.codec import LOSSLESS
+from tapestry_p2p.comm.error_feedback import ErrorFeedback
 from tapestry_p2p.comm.matchmaking import MATCHMAKING_LEAD, MeetingClock
 from tapestry_p2p.node.config import NodeConfig
 from tapestry_p2p.node.metrics import MetricsWriter, Phases, RoundMetrics, Summary, mean
@@ -121,12 +123,25 @@ class Node:
         train = dataclasses.replace(config.train, batch_size=per_rank)
         self.trainer = InnerTrainer(working, batches, train, device, config.grad_accum)
         lock = threading.Lock()  # theta and the outer optimizer, shared with the state-serving thread
-        self.sync = StateSync(self.shared, self.trainer.model, lock, on_adopt=self.round_losses.clear)
+        # what our lossy-coded contributions still owe the swarm (comm.error_feedback)
+        self.feedback = (
+            ErrorFeedback([p.shape for p in self.shared.params])
+            if config.compression not in LOSSLESS and not config.solo
+            else None
+        )
+        self.sync = StateSync(self.shared, self.trainer.model, lock, on_adopt=self._adopted)
         self.checkpoints = (
             None
             if config.checkpoint_dir is None
             else CheckpointManager(
-                config.checkpoint_dir, self.shared, self.trainer, config.model, lock, run, config.keep_checkpoints
+                config.checkpoint_dir,
+                self.shared,
+                self.trainer,
+                config.model,
+                lock,
+                run,
+                config.keep_checkpoints,
+                self.feedback,
             )
         )
         self._rounds_since_save, self._saved_at = 0, time.monotonic()
@@ -135,6 +150,12 @@ class Node:
             self.round_losses.extend(self.checkpoints.resume())
         tokens_per_step = config.train.batch_size * config.model.block_size
         self.metrics = MetricsWriter(config.metrics, StatusPublisher.disabled(), tokens_per_step)
+
+    def _adopted(self) -> None:
+        """We took another peer's state: the round under way and what we owed belong to the model we left."""
+        self.round_losses.clear()
+        if self.feedback is not None:
+            self.feedback.reset()
 
     @property
     def status(self) -> StatusPublisher:
@@ -328,6 +349,9 @@ class Node:
             clipped=result.clipped,
             update_norm=result.norm,
             seconds=phases.seconds,
+            compute_seconds=phases.seconds.get("inner", 0.0),
+            allreduce_seconds=phases.seconds.get("allreduce", 0.0),
+            wait_seconds=phases.seconds.get("wait", 0.0),
         )
         self.metrics.write(record, training_seconds)
         return record
@@ -383,6 +407,7 @@ class Node:
             config.clip_multiple,
             self.spec_digest,
             self.fault,
+            self.feedback,
         )
         self.sync.averaging.publish_round(self.shared.round)
         if config.initial_peers:

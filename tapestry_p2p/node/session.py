@@ -23,6 +23,7 @@ import torch
 
 from tapestry_p2p.comm.averager import FaultHook
 from tapestry_p2p.comm.averaging import SwarmAveraging
+from tapestry_p2p.comm.error_feedback import ErrorFeedback
 from tapestry_p2p.node.consortium_watch import ConsortiumWatch
 from tapestry_p2p.node.spec import decode, digest_of
 from tapestry_p2p.p2p.addresses import DEFAULT_PEER_LISTEN
@@ -145,6 +146,7 @@ class SwarmSession:
         clip_multiple: float,
         spec: str,
         fault: Optional[FaultHook] = None,
+        feedback: Optional[ErrorFeedback] = None,
     ) -> SwarmAveraging:
         """Start the run's averager (a child process), stopped before the status and DHT when the session ends.
         Only peers of the same run spec digest (`spec`) are matched."""
@@ -159,6 +161,7 @@ class SwarmSession:
             clip_multiple,
             fault,
             spec=spec,
+            feedback=feedback,
         )
         self._stack.callback(averaging.shutdown)
         self._averaging = averaging

@@ -143,7 +143,7 @@ TEMPLATE = """\
 
 run_id = "{run_id}"
 inner_steps = 50          # H: inner steps per outer round
-compression = "8bit"      # the codec of the pseudo-gradients on the wire: 8bit, fp16 or none
+compression = "8bit"      # the codec of the pseudo-gradients on the wire: 8bit, 4bit, fp16 or none
 seed = {seed}             # seeds the initial model when [model] has no weights
 # initial_model = "..."   # pin: the hash `tapestry spec show` prints; a partner whose initial model differs stops
 

@@ -3,8 +3,9 @@
 A checkpoint directory holds
 - `model.safetensors`: the shared model after the last completed outer round (float32, `state_dict` names);
 - `state.pt`: everything else resuming needs (working model, inner and outer optimizer states, data position, RNG,
-  round and step, the inner losses of a round stopped half-way), the model config (so a checkpoint says what it
-  holds, as nanoGPT's `model_args` do), plus the hash of the shared model it belongs with.
+  round and step, the inner losses of a round stopped half-way, the error-feedback residual of a lossy codec), the
+  model config (so a checkpoint says what it holds, as nanoGPT's `model_args` do), plus the hash of the shared model
+  it belongs with.
 Each file is written to a temporary file in the same directory, fsynced, then renamed over the old one, so a crash
 leaves either the old or the new file, never half of one. `model.safetensors` is renamed first; `state.pt` records
 its hash, so a crash between the two renames is detected on resume instead of silently mixing rounds.
@@ -32,7 +33,7 @@ import shutil
 import threading
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional, Protocol
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -161,6 +162,17 @@ def load_model(directory: Path) -> tuple[torch.nn.Module, AnyModelConfig]:
     return model, config
 
 
+class Residual(Protocol):
+    """State a node keeps outside the model and optimizers that resuming must restore: the error-feedback residual
+    (comm.error_feedback.ErrorFeedback; training does not import the network layer)."""
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+    def reset(self) -> None: ...
+
+
 class CheckpointManager:
     """Saves and restores one node's training state (shared model, outer and inner optimizers, data, RNG) in a
     checkpoint directory; `lock` guards theta against the thread that serves it to peers."""
@@ -174,9 +186,10 @@ class CheckpointManager:
         lock: threading.Lock,
         run: RunIdentity,
         keep: int = 0,
+        feedback: Optional[Residual] = None,
     ) -> None:
         self.directory, self.shared, self.trainer, self.model, self.lock = directory, shared, trainer, model, lock
-        self.run, self.keep = run, keep
+        self.run, self.keep, self.feedback = run, keep, feedback
 
     def exists(self) -> bool:
         return exists(self.directory)
@@ -193,6 +206,8 @@ class CheckpointManager:
                 "model_hash": self.shared.hash(),
                 "version": __version__,
                 "run": dataclasses.asdict(self.run),
+                # what our lossy-coded contributions still owe the swarm (absent without a lossy codec)
+                "error_feedback": None if self.feedback is None else self.feedback.state_dict(),
             }
             round_no = self.shared.round
         save(self.directory, weights(self.shared.model), state, round_no, self.keep)
@@ -207,6 +222,7 @@ class CheckpointManager:
             self.shared.load_state_dict(state["outer"])
             self.trainer.load_state_dict(state["inner"])
             torch.set_rng_state(state["torch_rng"])
+            self._resume_feedback(state.get("error_feedback"))
             round_losses = [float(x) for x in state["round_losses"]]
             model_hash = state["model_hash"]
         except (KeyError, TypeError, ValueError, RuntimeError) as e:
@@ -227,6 +243,16 @@ class CheckpointManager:
             len(round_losses),
         )
         return round_losses
+
+    def _resume_feedback(self, saved: Optional[dict[str, Any]]) -> None:
+        """Restore the error-feedback residual; a checkpoint of another codec (or an older one) starts owing nothing."""
+        if self.feedback is None:
+            return
+        if saved is None:
+            logger.info("%s holds no error-feedback residual: starting from zero", self.directory)
+            self.feedback.reset()
+            return
+        self.feedback.load_state_dict(saved)
 
     def _check_run(self, state: dict[str, Any]) -> None:
         """Refuse a checkpoint of another run (a checkpoint written before checkpoints recorded their run passes)."""

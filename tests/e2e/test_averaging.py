@@ -10,6 +10,7 @@ from hivemind.utils import get_dht_time
 
 from tapestry_p2p.comm.averaging import RoundMeta, SwarmAveraging
 from tapestry_p2p.comm.codec import max_relative_error
+from tapestry_p2p.comm.error_feedback import ErrorFeedback
 from tapestry_p2p.p2p.dht import DHTOptions, start_dht, stop_dht, visible_maddrs
 
 LOOPBACK = ["/ip4/127.0.0.1/tcp/0"]
@@ -32,7 +33,8 @@ def swarm():
         for _ in range(n):
             dht = start_dht(DHTOptions(initial_peers=visible_maddrs(boot), listen=LOOPBACK))
             started.append(dht)
-            peers.append(SwarmAveraging(dht, run_id, SHAPES, compression, _no_state, max_steps=100))
+            feedback = None if compression == "none" else ErrorFeedback(SHAPES)
+            peers.append(SwarmAveraging(dht, run_id, SHAPES, compression, _no_state, max_steps=100, feedback=feedback))
             started.append(peers[-1])
         return peers
 
@@ -61,7 +63,7 @@ def average_together(peers: list[SwarmAveraging], deltas, steps=None) -> list:
     return results
 
 
-@pytest.mark.parametrize("n_peers,compression", [(2, "8bit"), (3, "8bit"), (3, "none")])
+@pytest.mark.parametrize("n_peers,compression", [(2, "8bit"), (3, "8bit"), (3, "4bit"), (3, "none")])
 def test_peers_get_the_mean_and_identical_values(swarm, n_peers, compression):
     peers = swarm(n_peers, compression, f"avg{n_peers}{compression}")
     generator = torch.Generator().manual_seed(n_peers)
@@ -71,17 +73,24 @@ def test_peers_get_the_mean_and_identical_values(swarm, n_peers, compression):
     assert all(r.group_size == n_peers and r.failure is None for r in results), [
         (r.group_size, r.failure) for r in results
     ]
+    if compression != "none":  # every peer sent parts through the codec, and owes what they lost
+        assert all(any(r.abs().max() > 0 for r in p.feedback.residual) for p in peers)
     for k in range(len(SHAPES)):
         mean = sum(d[k] for d in deltas) / n_peers
         if compression == "none":
             tolerance = 1e-6 * mean.abs().max()
         else:  # each sender's part is quantized once, then the reducer's average once more
-            eps = max_relative_error()
+            eps = max_relative_error(compression)
             tolerance = eps * (max(d[k].abs().max() for d in deltas) + mean.abs().max()) + 1e-7
         for r in results:
             assert (r.averaged[k] - mean).abs().max() <= tolerance
         for r in results[1:]:  # bit for bit, not merely close
             assert torch.equal(r.averaged[k], results[0].averaged[k])
+        if compression != "none":
+            # error feedback: each peer's residual is exactly what its sent parts lost, so the reducers averaged
+            # delta - residual, and the result is that average quantized once (by its reducer)
+            sent = sum(d[k] - p.feedback.residual[k] for d, p in zip(deltas, peers, strict=True)) / n_peers
+            assert (results[0].averaged[k] - sent).abs().max() <= eps * sent.abs().max() + 1e-6
 
 
 def test_the_average_is_weighted_by_inner_steps(swarm):

@@ -126,3 +126,19 @@ def test_checkpoints_every_n_rounds_and_at_the_end(tmp_path):
     assert history == ["round-000002", "round-000004", "round-000005"][-config.keep_checkpoints :]
     resumed = Node(config)
     assert resumed.shared.round == 5 and resumed.shared.hash() == node.shared.hash()
+
+
+def test_the_error_feedback_residual_survives_a_resume(tmp_path):
+    config = dataclasses.replace(solo_config(tmp_path, inner_steps=2, max_rounds=1), solo=False, compression="4bit")
+    node = Node(config)  # not run: no network is started before run()
+    assert node.feedback is not None
+    generator = torch.Generator().manual_seed(3)
+    for residual in node.feedback.residual:
+        residual.copy_(torch.randn(residual.shape, generator=generator))
+    node.checkpoints.save([])
+    resumed = Node(config)
+    assert resumed.resumed
+    for a, b in zip(node.feedback.residual, resumed.feedback.residual, strict=True):
+        assert torch.equal(a, b)
+    lossless = Node(dataclasses.replace(config, compression="none"))  # no codec error to feed back
+    assert lossless.feedback is None and lossless.resumed

@@ -1,4 +1,4 @@
-"""The 8-bit wire codec (comm/codec.py): error bound, wire size, corrupt input."""
+"""The wire codecs (comm/codec.py): error bounds, wire sizes, corrupt input."""
 
 from __future__ import annotations
 
@@ -6,30 +6,46 @@ import pytest
 import torch
 from hivemind.compression import CompressionInfo
 
-from tapestry_p2p.comm.codec import BLOCK_SIZE, Blockwise8Bit, compression_for, max_relative_error
+from tapestry_p2p.comm.codec import BLOCK_SIZE, BLOCK_SIZE_4BIT, compression_for, max_relative_error
+
+BLOCKS = {"8bit": BLOCK_SIZE, "4bit": BLOCK_SIZE_4BIT}
 
 
-def roundtrip(tensor: torch.Tensor) -> torch.Tensor:
-    codec = Blockwise8Bit()
-    return codec.extract(codec.compress(tensor, CompressionInfo.from_tensor(tensor)))
+def roundtrip(codec: str, tensor: torch.Tensor) -> torch.Tensor:
+    compression = compression_for(codec)
+    return compression.extract(compression.compress(tensor, CompressionInfo.from_tensor(tensor)))
 
 
-def test_8bit_roundtrip_error_is_within_the_blockwise_bound():
-    x = torch.randn(10 * BLOCK_SIZE + 17) * torch.linspace(0.01, 10, 10 * BLOCK_SIZE + 17)
-    y = roundtrip(x)
-    for start in range(0, len(x), BLOCK_SIZE):
-        block = slice(start, start + BLOCK_SIZE)
-        assert (y[block] - x[block]).abs().max() <= max_relative_error() * x[block].abs().max() + 1e-12
-    assert torch.equal(roundtrip(x), y)  # deterministic
-    assert max_relative_error() < 0.02
+@pytest.mark.parametrize("codec", ["8bit", "4bit"])
+def test_roundtrip_error_is_within_the_blockwise_bound(codec):
+    block = BLOCKS[codec]
+    n = 10 * block + 17  # a partial last block too
+    x = torch.randn(n) * torch.linspace(0.01, 10, n)
+    x[3 * block : 4 * block] = 0  # a block of zeros decodes to zeros
+    y = roundtrip(codec, x)
+    assert y.shape == x.shape and y.dtype == torch.float32
+    for start in range(0, n, block):
+        values = slice(start, start + block)
+        assert (y[values] - x[values]).abs().max() <= max_relative_error(codec) * x[values].abs().max() + 1e-12
+    assert torch.equal(y[3 * block : 4 * block], torch.zeros(block))
+    assert torch.equal(roundtrip(codec, x), y)  # deterministic
+    assert max_relative_error(codec) < {"8bit": 0.02, "4bit": 0.072}[codec]
 
 
-def test_8bit_wire_size_and_corrupt_input():
+@pytest.mark.parametrize(
+    "codec,size", [("8bit", 4096 + 4 * 4), ("4bit", 2048 + 4 * 32), ("fp16", 2 * 4096), ("none", 4 * 4096)]
+)
+def test_wire_size_and_corrupt_input(codec, size):
     x = torch.randn(4096)
-    message = Blockwise8Bit().compress(x, CompressionInfo.from_tensor(x))
-    assert len(message.buffer) == 4096 + 4 * 4
-    message.buffer = message.buffer[:-1]
-    with pytest.raises(ValueError, match="expected"):
-        Blockwise8Bit().extract(message)
-    with pytest.raises(ValueError, match="one of"):
+    compression = compression_for(codec)
+    message = compression.compress(x, CompressionInfo.from_tensor(x))
+    assert len(message.buffer) == size
+    if codec in BLOCKS:
+        message.buffer = message.buffer[:-1]
+        with pytest.raises(ValueError, match="expected"):
+            compression.extract(message)
+
+
+def test_an_unknown_codec_is_refused_by_name():
+    with pytest.raises(ValueError, match="one of 8bit, 4bit, fp16, none"):
         compression_for("3bit")
