@@ -96,12 +96,18 @@ class LocalSwarm:
         return self.log_path(name).read_text(errors="replace")
 
     def start(
-        self, name: str, *args: str, env: Optional[dict[str, str]] = None, prefix: Sequence[str] = ()
+        self,
+        name: str,
+        *args: str,
+        env: Optional[dict[str, str]] = None,
+        prefix: Sequence[str] = (),
+        program: Sequence[str] = ("-m", "tapestry_p2p"),
     ) -> subprocess.Popen:
-        """`[prefix...] python -m tapestry_p2p ARGS`, its output in `<workdir>/<name>.log`."""
+        """`[prefix...] python -m tapestry_p2p ARGS` (or another `program` of this Python), its output in
+        `<workdir>/<name>.log`."""
         with open(self.log_path(name), "wb") as log:
             popen = subprocess.Popen(
-                [*prefix, sys.executable, "-m", "tapestry_p2p", *args],
+                [*prefix, sys.executable, *program, *args],
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
