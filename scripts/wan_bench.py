@@ -3,7 +3,8 @@
 Each partner runs in its own network namespace behind a software switch (scripts/netlab.py), on a link capped at
 `--rate` in both directions with `tc tbf`; the bootstrap node sits on the switch. For each configuration the same
 model, data, H and number of rounds run through:
-- `tapestry join` with `--compression none | 8bit | 4bit` (error feedback on for the lossy codecs);
+- `tapestry join` with `--compression none | 8bit | 4bit` (error feedback on for the lossy codecs), blocking and
+  with `--overlap`;
 - stock hivemind (`scripts/hivemind_partner.py`): DecentralizedAverager with Float16Compression (OpenDiLoCo's
   setting) and with BlockwiseQuantization (its 8-bit codec).
 Reported per configuration, over the rounds after the first (start-up, DHT join): bytes on each partner's link per
@@ -21,6 +22,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import signal
 import sys
 import tempfile
 import time
@@ -42,12 +44,14 @@ from netlab import Lab  # noqa: E402 (a sibling script)
 HIVEMIND_PARTNER = str(Path(__file__).resolve().parent / "hivemind_partner.py")
 CORPUS = Path(__file__).resolve().parent.parent / "tapestry_p2p" / "app" / "corpus"
 LANGUAGES = ("en", "es", "de", "en")
-CONFIGS = {
-    "tapestry none": ("tapestry", "none"),
-    "tapestry 8bit": ("tapestry", "8bit"),
-    "tapestry 4bit": ("tapestry", "4bit"),
-    "hivemind fp16": ("hivemind", "fp16"),
-    "hivemind 8bit": ("hivemind", "8bit"),
+CONFIGS = {  # name: (system, codec, extra flags)
+    "tapestry none": ("tapestry", "none", ()),
+    "tapestry 8bit": ("tapestry", "8bit", ()),
+    "tapestry 4bit": ("tapestry", "4bit", ()),
+    "tapestry 8bit overlap": ("tapestry", "8bit", ("--overlap",)),
+    "tapestry 4bit overlap": ("tapestry", "4bit", ("--overlap",)),
+    "hivemind fp16": ("hivemind", "fp16", ()),
+    "hivemind 8bit": ("hivemind", "8bit", ()),
 }
 
 
@@ -84,13 +88,13 @@ def coded_bytes(system: str, codec: str, params: int) -> float:
 
 
 def run_config(lab: Lab, name: str, args: argparse.Namespace, workdir: Path, params: int) -> Result:
-    system, codec = CONFIGS[name]
+    system, codec, extra = CONFIGS[name]
     run = workdir / name.replace(" ", "-")
     run.mkdir()
     program = ("-m", "tapestry_p2p") if system == "tapestry" else (HIVEMIND_PARTNER,)
     model = ["--n-layer", str(args.n_layer), "--n-head", str(args.n_head), "--n-embd", str(args.n_embd)]
     common = ["--inner-steps", str(args.inner_steps), "--max-rounds", str(args.rounds), "--threads", "1"]
-    common += ["--batch-size", str(args.batch_size), "--compression", codec, *model]
+    common += ["--batch-size", str(args.batch_size), "--compression", codec, *model, *extra]
     if system == "tapestry":
         common += ["--run-id", "wan", "--round-window", str(args.round_window), "--min-peers", str(lab.partners)]
     else:
@@ -190,6 +194,9 @@ def main() -> None:
     args = parser.parse_args()
     if os.geteuid() != 0:
         raise SystemExit("run as root: the benchmark creates network namespaces")
+    # stopped by a signal (even from a background shell, which ignores SIGINT): stop the swarm, delete the namespaces
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     config = ModelConfig(n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd)
     params = sum(p.numel() for p in build_model(config, 0).parameters())
     lab = Lab(f"w{os.getpid() % 100000}", args.partners, args.rate)

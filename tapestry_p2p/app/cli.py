@@ -273,6 +273,12 @@ def _add_join(join: Parser) -> Parser:
         action="store_true",
         help="if the swarm is ahead of us and nobody serves its state, train from ours instead of waiting",
     )
+    join.add_argument(
+        "--overlap",
+        action="store_true",
+        help="average each round in the background while training the next; its outer update applies one round "
+        "late (docs/ARCHITECTURE.md, node/overlap.py)",
+    )
     _add_model_options(join)
     return join
 
@@ -553,6 +559,7 @@ def node_config(args: argparse.Namespace) -> Any:
         max_rounds=args.max_rounds,
         min_peers=args.min_peers,
         start_fresh=args.start_fresh,
+        overlap=args.overlap,
         threads=args.threads,
         **built,
     )

@@ -34,6 +34,7 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Optional, Protocol
 
 import torch
+from hivemind.compression import CompressionInfo
 from hivemind.dht import DHT
 from hivemind.utils import get_dht_time
 
@@ -55,7 +56,11 @@ logger = logging.getLogger(__name__)
 MATCHMAKING_TIME = MATCHMAKING_LEAD - 0.5  # hivemind's min_matchmaking_time: how long a leader waits for followers
 REQUEST_TIMEOUT = 1.0  # hivemind's request_timeout for one matchmaking request
 MEETING_GRACE = 2.0  # after the meeting time, how long a peer keeps looking for its group before going alone
-ALLREDUCE_TIMEOUT = 60.0  # the longest an all-reduce may take once the group is formed, in seconds
+# The longest an all-reduce may take once the group is formed: this many seconds, plus the time our payload takes at
+# SLOWEST_LINK (a 25M-parameter model in float32 needs ~55 s at 20 Mbit/s; a fixed 60 s made every such round fail).
+# A groupmate that dies is dropped long before, after NEXT_CHUNK_TIMEOUT of silence.
+ALLREDUCE_TIMEOUT = 60.0
+SLOWEST_LINK = 250_000  # bytes per second (2 Mbit/s)
 NEXT_CHUNK_TIMEOUT = 10.0  # a groupmate silent for this long is dropped from the round
 # Smaller parts balance the reducers' load better on small models (hivemind splits each span into parts this big).
 PART_SIZE_BYTES = 64 * 1024
@@ -158,7 +163,7 @@ class SwarmAveraging:
             min_group_size=2,
             min_matchmaking_time=MATCHMAKING_TIME,
             request_timeout=REQUEST_TIMEOUT,
-            allreduce_timeout=ALLREDUCE_TIMEOUT,
+            allreduce_timeout=allreduce_timeout(shapes, compression),
             next_chunk_timeout=NEXT_CHUNK_TIMEOUT,
             part_size_bytes=PART_SIZE_BYTES,
             compression=compression_for(compression),
@@ -271,6 +276,15 @@ class SwarmAveraging:
         self._averager.join(timeout=10)
         if self._averager.is_alive():
             self._averager.kill()
+
+
+def allreduce_timeout(shapes: Sequence[torch.Size], compression: str) -> float:
+    """ALLREDUCE_TIMEOUT, plus what a member sends and receives in a butterfly all-reduce (at most twice the coded
+    model, each way) at SLOWEST_LINK."""
+    values = sum(math.prod(shape) for shape in shapes)
+    probe = torch.zeros(1)
+    coded = 4 * values * compression_for(compression).estimate_compression_ratio(CompressionInfo.from_tensor(probe))
+    return ALLREDUCE_TIMEOUT + 2 * coded / SLOWEST_LINK
 
 
 def _result(averaged: list[torch.Tensor], outcome: AllReduceOutcome, meta: RoundMeta) -> AveragingResult:

@@ -59,9 +59,10 @@ class RoundMetrics:
 
 
 class Phases:
-    """Seconds per phase of one round: `with phases("outer_step"): ...`; repeated phases add up."""
+    """Seconds per phase of one round since `started`: `with phases("outer_step"): ...`; repeated phases add up."""
 
     def __init__(self) -> None:
+        self.started = time.monotonic()
         self.seconds: dict[str, float] = {}
 
     @contextlib.contextmanager

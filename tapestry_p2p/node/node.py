@@ -34,6 +34,7 @@ from tapestry_p2p.comm.error_feedback import ErrorFeedback
 from tapestry_p2p.comm.matchmaking import MATCHMAKING_LEAD, MeetingClock
 from tapestry_p2p.node.config import NodeConfig
 from tapestry_p2p.node.metrics import MetricsWriter, Phases, RoundMetrics, Summary, mean
+from tapestry_p2p.node.overlap import InFlight
 from tapestry_p2p.node.session import SessionOptions, SwarmSession
 from tapestry_p2p.node.spec import SpecError, digest_of, encode, first_difference
 from tapestry_p2p.node.sync import StateSync
@@ -145,6 +146,8 @@ class Node:
             )
         )
         self._rounds_since_save, self._saved_at = 0, time.monotonic()
+        self.in_flight = InFlight()  # --overlap: the round whose all-reduce runs while we train the next
+        self._phases = Phases()  # where the time goes until the next round's record (see run_round)
         self.resumed = self.checkpoints is not None and self.checkpoints.exists()
         if self.checkpoints is not None and self.resumed:
             self.round_losses.extend(self.checkpoints.resume())
@@ -152,7 +155,9 @@ class Node:
         self.metrics = MetricsWriter(config.metrics, StatusPublisher.disabled(), tokens_per_step)
 
     def _adopted(self) -> None:
-        """We took another peer's state: the round under way and what we owed belong to the model we left."""
+        """We took another peer's state: the round under way, the one in flight and what we owed belong to the model
+        we left."""
+        self.in_flight.drop()
         self.round_losses.clear()
         if self.feedback is not None:
             self.feedback.reset()
@@ -179,13 +184,13 @@ class Node:
                 stack.callback(self._release_ranks)
             if not self.config.solo:
                 self._join_swarm(stack)
+            stack.callback(self.in_flight.close)
             while not self.stop.is_set() and (
-                self.config.max_rounds is None or self.rounds_done < self.config.max_rounds
+                self.config.max_rounds is None or self._rounds_started() < self.config.max_rounds
             ):
-                record = self.run_round()
-                if record is None:
+                if not self.run_round():
                     break
-                self.on_round(record)
+            self._settle_in_flight()  # --overlap: the last round launched, or the one in flight at a stop
             if self.stop.is_set() or self._rounds_since_save:
                 self._save()  # stopped (mid-round, too), or rounds since the last periodic checkpoint: keep them
         seconds = time.monotonic() - started
@@ -208,38 +213,61 @@ class Node:
         seconds = time.monotonic() - started
         return Summary(0, self.shared.round, self.trainer.steps, float("nan"), seconds)
 
-    def run_round(self) -> Optional[RoundMetrics]:
-        started = time.monotonic()
-        phases = Phases()
+    def run_round(self) -> bool:
+        """One round: train until the meeting, then average and apply (blocking), or launch this round's all-reduce
+        in the background (--overlap, see node.overlap; the round in flight before it is settled as soon as it is
+        done, at the latest at this meeting). Each settled round's record goes to `on_round`. Returns False if told
+        to stop."""
+        if not self.config.overlap:
+            self._phases = Phases()  # a blocking round is its own accounting period
         self._check_specs()
         if self.group is not None:
             self.group.working_model_reset()  # each round starts every rank from rank 0's working model
-        with phases("catch_up"):
-            if self.sync.catch_up():  # the swarm has moved on (we were alone, away, or out of step): rejoin it
+        if self.in_flight.done():  # --overlap: our last round settles before we compare with the swarm
+            self._settle_in_flight()
+        with self._phases("catch_up"):
+            # the swarm has moved on (we were alone, away, or out of step): rejoin it
+            if self.sync.catch_up(in_flight=self.in_flight.round is not None):
                 self._save()
-        round_no = self.shared.round + 1
-        meeting = self._train_until_meeting(round_no, phases)
+        round_no = self.shared.round + 1 + (self.in_flight.round is not None)
+        training_started = time.monotonic()
+        meeting = self._train_until_meeting(round_no)
         if meeting is None:
             logger.info("round %d abandoned: stopping", round_no)
-            return None
-        training_seconds = time.monotonic() - started
-        result = self._average(meeting, phases)
-        with phases("outer_step"):
-            inner_steps = self._apply(result)
+            return False
+        training_seconds = time.monotonic() - training_started
+        if self.config.overlap:
+            self._settle_in_flight()  # if it is not done yet, we wait for it here
+            self._launch(meeting, training_seconds)
+        else:
+            losses = list(self.round_losses)
+            result = self._average(meeting)
+            with self._phases("outer_step"):
+                self._apply(result)
+            self._finish(result, losses, training_seconds)
+        return True
+
+    def _rounds_started(self) -> int:
+        return self.rounds_done + (self.in_flight.round is not None)
+
+    def _finish(self, result: AveragingResult, losses: list[float], training_seconds: float) -> None:
+        """After a round's outer step: re-sync if it left us out of step, checkpoint, write its record."""
+        self.last_loss = mean(losses)
+        self.rounds_done += 1
         if self.sync.out_of_step(result):
             self.status.update(state="loading state")
-        with phases("resync"):
+        with self._phases("resync"):
             resynced = self.sync.after_round(result)
             self.sync.averaging.publish_round(self.shared.round)
-        with phases("hash"):
+        with self._phases("hash"):
             self.shared.hash()  # once per round (cached until theta changes): record, checkpoint, state server
-        with phases("checkpoint"):
+        with self._phases("checkpoint"):
             self._save(periodic=True)
-        return self._record(result, inner_steps, resynced, started, training_seconds, phases)
+        self.on_round(self._record(result, len(losses), resynced, training_seconds))
 
     # ---- the four steps ----
 
-    def _train_until_meeting(self, round_no: int, phases: Phases) -> Optional[float]:
+    def _train_until_meeting(self, round_no: int) -> Optional[float]:
         """Train until H steps are done and the meeting is near; returns the meeting time (0 when solo), or None if
         told to stop. The round's losses are in `self.round_losses` (not empty when we resumed mid-round)."""
         clock = (
@@ -268,8 +296,10 @@ class Node:
                     meeting = clock.agree()  # we are the first (or alone): call the meeting, train until it nears
                 if dht_time() + self._step_seconds >= meeting - MATCHMAKING_LEAD:
                     break
+            if self.in_flight.done():  # --overlap: apply the last round's average as soon as it is there
+                self._settle_in_flight()
             step_started = time.perf_counter()
-            with phases("inner"):
+            with self._phases("inner"):
                 if self.group is not None:
                     self.group.lead_step(self.trainer.model)
                 self.round_losses.append(self.trainer.step())
@@ -296,39 +326,59 @@ class Node:
                 self._step_seconds + MATCHMAKING_LEAD + 1,
             )
 
-    def _average(self, meeting: float, phases: Phases) -> AveragingResult:
-        """Step 2: the round's one call to the network (overlapping rounds will make it return a handle)."""
-        with phases("pseudo_gradient"):
+    def _contribution(self) -> tuple[list[torch.Tensor], RoundMeta]:
+        """Our pseudo-gradient `theta - working`, and the metadata we declare to the group with it."""
+        with self._phases("pseudo_gradient"):
             delta = self.shared.pseudo_gradient(self.trainer.model)
             if self.update_scale != 1.0:
                 delta = [d * self.update_scale for d in delta]
-        with phases("hash"):
+        with self._phases("hash"):
             meta = RoundMeta(round=self.shared.round, hash=self.shared.hash(), steps=len(self.round_losses))
+        return delta, meta
+
+    def _average(self, meeting: float) -> AveragingResult:
+        """Step 2 (blocking rounds): the round's one call to the network."""
+        delta, meta = self._contribution()
         self.status.update(state="averaging")
         result = self.sync.averaging.average(delta, meeting, meta)
         for name, seconds in result.seconds.items():
-            phases.add(name, seconds)
+            self._phases.add(name, seconds)
         return result
 
-    def _apply(self, result: AveragingResult) -> int:
-        """Step 3: the outer step; the working copy restarts from the new theta. Returns the round's inner steps."""
+    def _apply(self, result: AveragingResult) -> None:
+        """Step 3 (blocking rounds): the outer step; the working copy restarts from the new theta."""
         with self.sync.lock:
             self.shared.apply(result.averaged)
             self.shared.copy_into(self.trainer.model)
-        self.last_loss, inner_steps = mean(self.round_losses), len(self.round_losses)
         self.round_losses.clear()
-        self.rounds_done += 1
-        return inner_steps
+
+    def _launch(self, meeting: float, training_seconds: float) -> None:
+        """--overlap: start this round's all-reduce in the background; training goes on from the working model."""
+        delta, meta = self._contribution()
+        losses = list(self.round_losses)
+        self.round_losses.clear()
+        averaging = self.sync.averaging
+        self.in_flight.launch(lambda: averaging.average(delta, meeting, meta), delta, losses, training_seconds)
+
+    def _settle_in_flight(self) -> None:
+        """--overlap: wait for the round in flight, apply its average keeping our newer progress, finish it. Its
+        record closes the accounting period (`self._phases`) that overlapped it."""
+        with self._phases("wait"):
+            done = self.in_flight.wait()
+        if done is None:
+            return
+        launched, result = done
+        for name, seconds in result.seconds.items():  # these ran in the background, overlapping our compute
+            self._phases.add("background_wait" if name == "wait" else name, seconds)
+        with self._phases("outer_step"), self.sync.lock:
+            self.shared.apply_keeping_progress(result.averaged, self.trainer.model, launched.delta)
+        self._finish(result, launched.losses, launched.training_seconds)
+        self._phases = Phases()
 
     def _record(
-        self,
-        result: AveragingResult,
-        inner_steps: int,
-        resynced: bool,
-        started: float,
-        training_seconds: float,
-        phases: Phases,
+        self, result: AveragingResult, inner_steps: int, resynced: bool, training_seconds: float
     ) -> RoundMetrics:
+        phases = self._phases
         record = RoundMetrics(
             round=self.shared.round,
             step=self.trainer.steps,
@@ -337,7 +387,7 @@ class Node:
             group_size=result.group_size,
             bytes_sent=result.bytes_sent,
             bytes_received=result.bytes_received,
-            round_seconds=round(time.monotonic() - started, 3),
+            round_seconds=round(time.monotonic() - phases.started, 3),
             time=time.time(),
             model_hash=self.shared.hash(),
             peer_id=self.sync.peer_id,

@@ -81,9 +81,10 @@ class StateSync:
         self.on_adopt()
         return True
 
-    def catch_up(self) -> bool:
-        """Adopt the swarm's state if some peer is ahead of us and serves it; returns whether we did."""
-        if self.averaging.highest_round_online() <= self.shared.round:
+    def catch_up(self, in_flight: bool = False) -> bool:
+        """Adopt the swarm's state if some peer is ahead of us and serves it; returns whether we did. With a round
+        `in_flight` (--overlap), a swarm one round ahead is not ahead: our round in flight brings us there."""
+        if self.averaging.highest_round_online() <= self.shared.round + in_flight:
             return False
         download = self.averaging.download_state(min_round=self.shared.round + 1)
         if download is None or not self.adopt(download, self.shared.round + 1):

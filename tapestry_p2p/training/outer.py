@@ -4,7 +4,8 @@
 
 After H inner steps a peer's pseudo-gradient is `theta - working`. The swarm averages it (see `allreduce`), then every
 member runs the same `OuterOptimizer.step` on the same inputs, so `theta` stays identical, bit for bit, across the
-group. DiLoCo's settings (lr 0.7, momentum 0.9, Nesterov) are the defaults.
+group. DiLoCo's settings (lr 0.7, momentum 0.9, Nesterov) are the defaults. With overlapped rounds the average
+arrives one round late and the working model keeps its newer progress (`apply_keeping_progress`).
 """
 
 from __future__ import annotations
@@ -38,7 +39,9 @@ class SharedModel:
     def __init__(self, model: torch.nn.Module, config: OuterConfig) -> None:
         self.model = model
         self.params: list[torch.nn.Parameter] = list(model.parameters())
-        self.optimizer = torch.optim.SGD(self.params, lr=config.lr, momentum=config.momentum, nesterov=True)
+        # (torch refuses Nesterov without momentum: momentum 0 is plain SGD)
+        nesterov = config.momentum > 0
+        self.optimizer = torch.optim.SGD(self.params, lr=config.lr, momentum=config.momentum, nesterov=nesterov)
         self.round = 0
         self._hash: Optional[str] = None  # theta changes only through the methods below, which clear it
 
@@ -56,6 +59,21 @@ class SharedModel:
         self.optimizer.zero_grad(set_to_none=True)
         self.round += 1
         self._hash = None
+
+    @torch.no_grad()
+    def apply_keeping_progress(
+        self, averaged: Sequence[torch.Tensor], working: torch.nn.Module, in_flight: Sequence[torch.Tensor]
+    ) -> None:
+        """The overlapped rounds' outer step (`--overlap`, see node.overlap): apply the average of the round that was
+        in flight, and move the working model with theta, keeping the progress it made since that round was
+        launched: `progress = theta - working - in_flight`, then `working = theta' - progress`."""
+        progress = [
+            theta - w.to("cpu", torch.float32) - d
+            for theta, w, d in zip(self.params, working.parameters(), in_flight, strict=True)
+        ]
+        self.apply(averaged)
+        for w, theta, p in zip(working.parameters(), self.params, progress, strict=True):
+            w.copy_(theta - p)
 
     @torch.no_grad()
     def copy_into(self, working: torch.nn.Module) -> None:

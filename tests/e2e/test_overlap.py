@@ -1,0 +1,57 @@
+"""--overlap with real processes: each round's all-reduce runs while the next round trains, and the swarm keeps one
+model through a partner killed in the middle of an all-reduce and resumed from its checkpoint.
+
+One swarm: a bootstrap and three partners with --overlap. c SIGKILLs itself during its second all-reduce (fault
+injection), while it is already training the next round; it is restarted from its checkpoint, catches up with a and
+b, and averages with them again.
+"""
+
+from __future__ import annotations
+
+import math
+import signal
+
+from helpers import join_args, metrics, run_to_completion
+
+from tapestry_p2p.testing.faults import CRASH_ENV
+
+ROUNDS = 25  # rounds of a and b: long enough (rounds take ~2 s) for c to die, restart, catch up and average again
+
+
+def test_overlapped_rounds_keep_one_model_through_a_crash_and_a_resume(procs, tmp_path):
+    boot = procs.start_bootstrap("boot")
+    args = {
+        name: join_args(tmp_path, name, i, boot, ROUNDS, "--min-peers", "3", "--overlap")
+        for i, name in enumerate("abc")
+    }
+    popens = {name: procs.start(name, *args[name]) for name in "ab"}
+    popens["c"] = procs.start("c", *args["c"], env={CRASH_ENV: "2"})
+    assert popens["c"].wait(timeout=150) == -signal.SIGKILL, procs.log("c")[-2000:]
+    assert "killing this node in the middle of an all-reduce" in procs.log("c")
+    before_crash = metrics(tmp_path, "c")
+
+    popens["c again"] = procs.start("c again", *args["c"], "--max-rounds", "4")
+    run_to_completion(procs, {"a": popens["a"], "b": popens["b"], "c again": popens["c again"]}, timeout=300)
+
+    a, b, c = (metrics(tmp_path, name) for name in ("a", "b", "c"))
+    assert [r["round"] for r in a] == list(range(1, ROUNDS + 1))
+    a_by_round, b_by_round = {r["round"]: r for r in a}, {r["round"]: r for r in b}
+    assert a[-1]["model_hash"] == b[-1]["model_hash"]  # one model at the end
+    averaged = [r for r in a if r["group_size"] > 1 and r["failure"] is None]
+    assert len(averaged) >= ROUNDS // 2
+    for record in averaged:  # every clean round leaves a and b with the same model, bit for bit
+        assert record["model_hash"] == b_by_round[record["round"]]["model_hash"]
+        # the all-reduce ran in the background, while the next round trained: the loop did not wait through it
+        assert "background_wait" in record["seconds"] and record["allreduce_seconds"] > 0
+        # (a partner whose next meeting was already near when it launched trains no step before it: no loss)
+        assert record["loss"] is None if record["inner_steps"] == 0 else math.isfinite(record["loss"])
+
+    # c came back from its checkpoint, caught up, and averaged with a and b again on their model
+    log = procs.log("c again")
+    assert "resumed from" in log and "caught up with the swarm" in log
+    resumed = c[len(before_crash) :]
+    assert resumed and resumed[0]["round"] > (before_crash[-1]["round"] if before_crash else 0)
+    together = [r for r in resumed if r["group_size"] == 3]
+    assert together, resumed
+    for record in together:
+        assert record["model_hash"] == a_by_round[record["round"]]["model_hash"]
