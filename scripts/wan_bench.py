@@ -7,10 +7,10 @@ model, data, H and number of rounds run through:
   with `--overlap`;
 - stock hivemind (`scripts/hivemind_partner.py`): DecentralizedAverager with Float16Compression (OpenDiLoCo's
   setting) and with BlockwiseQuantization (its 8-bit codec).
-Reported per configuration, over the rounds after the first (start-up, DHT join): bytes on each partner's link per
-round from the kernel's counters (payload, matchmaking, DHT, framing: everything), all-reduce seconds against the
-butterfly bound 2(N-1)/N x payload / rate, compute utilization (inner-step seconds over wall seconds), tokens per
-second per partner, and the last round's training loss.
+Reported per configuration: bytes on each partner's link per round (rounds 2..R) from the kernel's counters
+(payload, matchmaking, DHT, framing: everything), all-reduce seconds against the butterfly bound
+2(N-1)/N x payload / rate, compute utilization (inner-step seconds over wall seconds), tokens per second per partner
+(these over rounds 2..R-1), and the last round's training loss.
 
 Run as root, from the repository root (it creates namespaces in 10.78.0.0/24 and deletes them after):
     sudo .venv/bin/python scripts/wan_bench.py --partners 3 --rate 20mbit --rounds 5
@@ -20,6 +20,7 @@ Prints a Markdown table for BENCHMARKS.md; the runs' logs and metrics stay in th
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import signal
@@ -67,6 +68,7 @@ class Result:
     loss: float
     round_seconds: float
     full_groups: float  # share of rounds in which every partner averaged together
+    idle: float  # bytes per second on a partner's link while it trains between all-reduces (blocking rounds)
 
 
 def rate_bytes(rate: str) -> float:
@@ -100,6 +102,7 @@ def run_config(lab: Lab, name: str, args: argparse.Namespace, workdir: Path, par
     else:
         common += ["--run-id", "wan", "--group-size", str(lab.partners)]
     samples: list[dict[int, int]] = [{} for _ in range(lab.partners)]
+    series: list[list[tuple[float, int]]] = [[] for _ in range(lab.partners)]  # (time, link bytes) every second
     with LocalSwarm(run, stop_grace=60) as swarm:
         boot_args = ["bootstrap", "--listen", f"/ip4/{lab.switch_address}/tcp/0", "--addr-file", str(run / "boot.addr")]
         if system == "tapestry":
@@ -129,13 +132,18 @@ def run_config(lab: Lab, name: str, args: argparse.Namespace, workdir: Path, par
                 done = len(read_jsonl(run / f"p{i}.jsonl"))
                 if done not in samples[i]:
                     samples[i][done] = lab.counters(i)
+                if not series[i] or time.time() - series[i][-1][0] >= 1.0:
+                    series[i].append((time.time(), lab.counters(i)))
             time.sleep(0.05)
         for i in range(lab.partners):
             samples[i].setdefault(len(read_jsonl(run / f"p{i}.jsonl")), lab.counters(i))
+    (run / "counters.json").write_text(json.dumps({"after_round": samples, "every_second": series}))
     records = [read_jsonl(run / f"p{i}.jsonl") for i in range(lab.partners)]
     if any(len(r) != args.rounds for r in records):
         raise SystemExit(f"{name}: a partner did not finish {args.rounds} rounds; see {run}")
-    later = [r[1:] for r in records]
+    # Time figures over the steady rounds: not the first (start-up, DHT join), not the last (with --overlap it
+    # settles after the loop ends, with no compute left to overlap)
+    later = [r[1:-1] if len(r) > 2 else r[1:] for r in records]
     rows = [row for rows in later for row in rows]
     n = lab.partners
     payload = 2 * (n - 1) / n * coded_bytes(system, codec, params)
@@ -153,8 +161,23 @@ def run_config(lab: Lab, name: str, args: argparse.Namespace, workdir: Path, par
         tokens_per_second=mean(k * tokens / w for k, w in zip(steps, wall, strict=True)),
         loss=mean(r[-1]["loss"] for r in records),
         round_seconds=mean(row["round_seconds"] for row in rows),
+        idle=idle_rate(records, series) if "--overlap" not in extra else float("nan"),
         full_groups=mean(row["group_size"] == n for row in rows),
     )
+
+
+def idle_rate(records: list[list[dict]], series: list[list[tuple[float, int]]]) -> float:
+    """Link bytes per second while partners train between two all-reduces (blocking rounds): from a second after a
+    round's end until a second before the next round's inner steps end. DHT polls of the meeting time, status
+    records and state declarations; no payload."""
+    rates = []
+    for rows, points in zip(records, series, strict=True):
+        for ended, following in zip(rows[1:-1], rows[2:], strict=False):
+            start, stop = ended["time"] + 1.0, ended["time"] + following["compute_seconds"] - 1.0
+            inside = [(t, b) for t, b in points if start <= t <= stop]
+            if len(inside) >= 2 and inside[-1][0] > inside[0][0]:
+                rates.append((inside[-1][1] - inside[0][1]) / (inside[-1][0] - inside[0][0]))
+    return mean(rates) if rates else float("nan")
 
 
 def report(results: list[Result], args: argparse.Namespace, params: int) -> None:
@@ -164,19 +187,23 @@ def report(results: list[Result], args: argparse.Namespace, params: int) -> None
         f"H = {args.inner_steps}, batch {args.batch_size}, {args.rounds} rounds (the first excluded)\n"
     )
     print(
-        "| configuration | wire / round / partner | vs tapestry fp32 | control* / s | all-reduce | butterfly bound "
-        "| of bound | compute utilization | tokens/s/partner | last loss | full groups |"
+        "| configuration | wire / round / partner | vs tapestry fp32 | beyond payload* | idle link** | all-reduce "
+        "| butterfly bound | of bound | compute utilization | tokens/s/partner | last loss | full groups |"
     )
-    print("|---" * 11 + "|")
+    print("|---" * 12 + "|")
     for r in results:
         ratio = f"{r.wire / base.wire:.3f}x" if base else "n/a"
-        control = max(r.wire - r.payload, 0.0) / r.round_seconds
+        beyond = (r.wire - 2 * r.payload) / r.wire  # the payload crosses the link both ways
         print(
-            f"| {r.name} | {r.wire / 1e6:.2f} MB | {ratio} | {control / 1e3:.1f} KB | {r.allreduce:.1f} s "
-            f"| {r.bound:.1f} s | {r.bound / max(r.allreduce, 1e-9):.0%} | {r.utilization:.0%} "
+            f"| {r.name} | {r.wire / 1e6:.2f} MB | {ratio} | {beyond:.1%} | {r.idle / 1e3:.1f} KB/s "
+            f"| {r.allreduce:.1f} s | {r.bound:.1f} s | {r.bound / max(r.allreduce, 1e-9):.0%} | {r.utilization:.0%} "
             f"| {r.tokens_per_second:.0f} | {r.loss:.3f} | {r.full_groups:.0%} |"
         )
-    print("\n*control: bytes on the link beyond the codec's all-reduce payload, per second of round")
+    print(
+        "\n*beyond payload: share of the link's bytes that are not the codec's all-reduce payload (TCP/IP, TLS and "
+        "yamux framing, matchmaking, DHT)\n**idle link: bytes per second both ways while a partner trains between "
+        "all-reduces (blocking rounds only)"
+    )
 
 
 def main() -> None:
