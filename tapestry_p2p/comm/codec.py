@@ -34,6 +34,7 @@ it to the partner's next one.
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from typing import Literal, get_args
 
 import numpy as np
@@ -82,23 +83,10 @@ class Blockwise8Bit(CompressionBase):
     def compress(self, tensor: torch.Tensor, info: CompressionInfo, allow_inplace: bool = False) -> runtime_pb2.Tensor:
         flat = tensor.detach().to(torch.float32).reshape(-1).contiguous()
         codes, state = quantize_blockwise(flat, code=dynamic_map(), blocksize=BLOCK_SIZE)
-        buffer = state.absmax.to(torch.float32).numpy().tobytes() + codes.numpy().tobytes()
-        return runtime_pb2.Tensor(
-            compression=self.compression_type,
-            buffer=buffer,
-            size=tensor.shape,
-            dtype="float32",
-            requires_grad=False,
-        )
+        return _message(self.compression_type, tensor.shape, state.absmax.to(torch.float32), codes)
 
     def extract(self, serialized_tensor: runtime_pb2.Tensor) -> torch.Tensor:
-        numel = int(np.prod(serialized_tensor.size, dtype=np.int64))
-        num_blocks = -(-numel // BLOCK_SIZE)
-        expected = 4 * num_blocks + numel
-        if len(serialized_tensor.buffer) != expected:
-            raise ValueError(f"8-bit part holds {len(serialized_tensor.buffer)} bytes, expected {expected}")
-        absmax = torch.frombuffer(bytearray(serialized_tensor.buffer[: 4 * num_blocks]), dtype=torch.float32)
-        codes = torch.frombuffer(bytearray(serialized_tensor.buffer[4 * num_blocks :]), dtype=torch.uint8)
+        _, absmax, codes = _split(serialized_tensor, BLOCK_SIZE, lambda blocks, n: n, "8-bit")
         values = dequantize_blockwise(codes, absmax=absmax, code=dynamic_map(), blocksize=BLOCK_SIZE)
         return values.reshape(tuple(serialized_tensor.size))
 
@@ -113,26 +101,37 @@ class Blockwise4Bit(CompressionBase):
 
     def compress(self, tensor: torch.Tensor, info: CompressionInfo, allow_inplace: bool = False) -> runtime_pb2.Tensor:
         absmax, packed = encode_4bit(tensor.detach().to(torch.float32).reshape(-1))
-        return runtime_pb2.Tensor(
-            compression=self.compression_type,
-            buffer=absmax.numpy().tobytes() + packed.numpy().tobytes(),
-            size=tensor.shape,
-            dtype="float32",
-            requires_grad=False,
-        )
+        return _message(self.compression_type, tensor.shape, absmax, packed)
 
     def extract(self, serialized_tensor: runtime_pb2.Tensor) -> torch.Tensor:
-        numel = int(np.prod(serialized_tensor.size, dtype=np.int64))
-        num_blocks = -(-numel // BLOCK_SIZE_4BIT)
-        expected = 4 * num_blocks + num_blocks * BLOCK_SIZE_4BIT // 2
-        if len(serialized_tensor.buffer) != expected:
-            raise ValueError(f"4-bit part holds {len(serialized_tensor.buffer)} bytes, expected {expected}")
-        absmax = torch.frombuffer(bytearray(serialized_tensor.buffer[: 4 * num_blocks]), dtype=torch.float32)
-        packed = torch.frombuffer(bytearray(serialized_tensor.buffer[4 * num_blocks :]), dtype=torch.uint8)
+        numel, absmax, packed = _split(
+            serialized_tensor, BLOCK_SIZE_4BIT, lambda blocks, n: blocks * BLOCK_SIZE_4BIT // 2, "4-bit"
+        )
         return decode_4bit(absmax, packed)[:numel].reshape(tuple(serialized_tensor.size))
 
     def estimate_compression_ratio(self, info: CompressionInfo) -> float:
         return (0.5 + 4 / BLOCK_SIZE_4BIT) / 4
+
+
+def _message(compression: int, shape: torch.Size, absmax: torch.Tensor, codes: torch.Tensor) -> runtime_pb2.Tensor:
+    """A blockwise part on the wire: float32 scales, then the codes."""
+    buffer = absmax.numpy().tobytes() + codes.numpy().tobytes()
+    return runtime_pb2.Tensor(compression=compression, buffer=buffer, size=shape, dtype="float32", requires_grad=False)
+
+
+def _split(
+    message: runtime_pb2.Tensor, block: int, code_bytes: Callable[[int, int], int], codec: str
+) -> tuple[int, torch.Tensor, torch.Tensor]:
+    """(values, scales, codes) of a blockwise part from a peer, its length checked before anything is read;
+    `code_bytes(blocks, values)` is how many code bytes the codec sends."""
+    numel = int(np.prod(message.size, dtype=np.int64))
+    num_blocks = -(-numel // block)
+    expected = 4 * num_blocks + code_bytes(num_blocks, numel)
+    if len(message.buffer) != expected:
+        raise ValueError(f"{codec} part holds {len(message.buffer)} bytes, expected {expected}")
+    absmax = torch.frombuffer(bytearray(message.buffer[: 4 * num_blocks]), dtype=torch.float32)
+    codes = torch.frombuffer(bytearray(message.buffer[4 * num_blocks :]), dtype=torch.uint8)
+    return numel, absmax, codes
 
 
 @torch.no_grad()
