@@ -216,7 +216,8 @@ class SwarmAveraging:
             # cost 8 GB; reducers check declared norms with a 10% tolerance)
             norm = math.sqrt(sum(float(torch.linalg.vector_norm(b)) ** 2 for b in buffers))
             lap("norm")
-            if not math.isfinite(norm):  # a lossy codec would turn NaN into finite values: contribute nothing
+            finite = math.isfinite(norm)
+            if not finite:  # a lossy codec would turn NaN into finite values: contribute nothing
                 logger.error("our pseudo-gradient is not finite: contributing nothing to round %d", meta.round + 1)
                 meta = RoundMeta(meta.round, meta.hash, steps=0, norm=0.0)
                 for buffer in buffers:
@@ -249,10 +250,11 @@ class SwarmAveraging:
         if not all(torch.isfinite(a).all() for a in averaged):
             return self._alone(delta, failure="non-finite average; kept our own update")
         if self.feedback is not None:
-            if meta.steps > 0:
-                self.feedback.sent(delta, outcome.failed_spans)
-            else:  # we contributed nothing (non-finite): owe nothing
+            if not finite:  # we contributed nothing, and owe nothing
                 self.feedback.reset()
+            elif meta.steps > 0:
+                self.feedback.sent(delta, outcome.failed_spans)
+            # (no inner steps: our weight was 0, nothing of ours was averaged; we still owe the residual)
         return replace(_result(averaged, outcome, meta), norm=meta.norm)
 
     def _alone(self, delta: Sequence[torch.Tensor], failure: str) -> AveragingResult:
