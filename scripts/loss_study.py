@@ -25,9 +25,9 @@ from tapestry_p2p.training.evaluation import held_out_losses
 
 LANGUAGES = ("en", "es", "de")
 CONFIGS = {  # name: extra flags
-    "fp32": ("--compression", "none"),
-    "8bit": ("--compression", "8bit"),
-    "4bit+EF": ("--compression", "4bit"),
+    "fp32": ("--compression", "none", "--no-overlap"),
+    "8bit": ("--compression", "8bit", "--no-overlap"),
+    "4bit+EF": ("--compression", "4bit", "--no-overlap"),
     "fp32 overlap": ("--compression", "none", "--overlap"),
     "8bit overlap": ("--compression", "8bit", "--overlap"),
     "4bit+EF overlap": ("--compression", "4bit", "--overlap"),

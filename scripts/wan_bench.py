@@ -3,8 +3,8 @@
 Each partner runs in its own network namespace behind a software switch (scripts/netlab.py), on a link capped at
 `--rate` in both directions with `tc tbf`; the bootstrap node sits on the switch. For each configuration the same
 model, data, H and number of rounds run through:
-- `tapestry join` with `--compression none | 8bit | 4bit` (error feedback on for the lossy codecs), blocking and
-  with `--overlap`;
+- `tapestry join` with `--compression none | 8bit | 4bit` (error feedback on for the lossy codecs), blocking
+  (`--no-overlap`) and overlapped (`--overlap`, the default);
 - stock hivemind (`scripts/hivemind_partner.py`): DecentralizedAverager with Float16Compression (OpenDiLoCo's
   setting) and with BlockwiseQuantization (its 8-bit codec).
 Reported per configuration: bytes on each partner's link per round (rounds 2..R) from the kernel's counters
@@ -46,9 +46,9 @@ HIVEMIND_PARTNER = str(Path(__file__).resolve().parent / "hivemind_partner.py")
 CORPUS = Path(__file__).resolve().parent.parent / "tapestry_p2p" / "app" / "corpus"
 LANGUAGES = ("en", "es", "de", "en")
 CONFIGS = {  # name: (system, codec, extra flags)
-    "tapestry none": ("tapestry", "none", ()),
-    "tapestry 8bit": ("tapestry", "8bit", ()),
-    "tapestry 4bit": ("tapestry", "4bit", ()),
+    "tapestry none": ("tapestry", "none", ("--no-overlap",)),
+    "tapestry 8bit": ("tapestry", "8bit", ("--no-overlap",)),
+    "tapestry 4bit": ("tapestry", "4bit", ("--no-overlap",)),
     "tapestry 8bit overlap": ("tapestry", "8bit", ("--overlap",)),
     "tapestry 4bit overlap": ("tapestry", "4bit", ("--overlap",)),
     "hivemind fp16": ("hivemind", "fp16", ()),

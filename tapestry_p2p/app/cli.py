@@ -275,9 +275,11 @@ def _add_join(join: Parser) -> Parser:
     )
     join.add_argument(
         "--overlap",
-        action="store_true",
+        action=argparse.BooleanOptionalAction,
+        default=True,
         help="average each round in the background while training the next; its outer update applies one round "
-        "late (docs/ARCHITECTURE.md, node/overlap.py)",
+        "late (the default; docs/ARCHITECTURE.md, node/overlap.py). --no-overlap: every partner waits for each "
+        "round's all-reduce",
     )
     _add_model_options(join)
     return join

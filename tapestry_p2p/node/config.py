@@ -62,7 +62,7 @@ class NodeConfig:
     threads: int = 0  # torch threads; 0 keeps torch's default
     solo: bool = False  # no network at all: the trained-alone baseline
     start_fresh: bool = False  # if the swarm is ahead and nobody serves its state: train from our own, don't wait
-    overlap: bool = False  # average round r in the background while training round r+1 (node.overlap)
+    overlap: bool = True  # average round r in the background while training round r+1 (node.overlap); False: block
     run_spec: Optional[Path] = None  # the run spec the shared fields came from (None: from flags, the quick-start)
     seed: Optional[int] = None  # seeds the initial model (None: derived from the run id)
     initial_model: str = ""  # the initial model's hash every partner must start from ("": not pinned)

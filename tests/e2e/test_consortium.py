@@ -17,6 +17,7 @@ import contextlib
 import functools
 import json
 import re
+import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,7 +43,7 @@ from tapestry_p2p.testing.faults import SCALE_ENV
 from tapestry_p2p.testing.local_swarm import LOOPBACK, LocalSwarm
 
 RUN = "members"
-ROUNDS = 14  # north and south; long enough for east to join and leave while they run
+UNTIL_STOPPED = 1000  # north's, south's and east's rounds: they run until the fixture stops them (SIGTERM)
 TIMEOUT = 240
 
 
@@ -89,7 +90,7 @@ def observed(tmp_path_factory) -> Observed:
         # start_bootstrap names its identity <workdir>/bootstrap.key: the one listed above
         procs = {}
         for name, seed in (("north", 1), ("south", 2)):
-            args = join_args(tmp, name, seed, boot, ROUNDS, "--run-id", RUN, "--identity", str(seen.keys[name]))
+            args = join_args(tmp, name, seed, boot, UNTIL_STOPPED, "--run-id", RUN, "--identity", str(seen.keys[name]))
             args += ["--min-peers", "2"]  # start round 1 together
             procs[name] = swarm.start(name, *args, "--consortium", str(files[name]))
         _wait_for(lambda: _grouped_rounds(tmp, "north", 2) >= 2, TIMEOUT, "north and south to average", swarm, "north")
@@ -109,7 +110,7 @@ def observed(tmp_path_factory) -> Observed:
                 name,
             )
         save(v2, files["east"])
-        east_args = join_args(tmp, "east", 3, boot, 4, "--run-id", RUN, "--identity", str(seen.keys["east"]))
+        east_args = join_args(tmp, "east", 3, boot, UNTIL_STOPPED, "--run-id", RUN, "--identity", str(seen.keys["east"]))
         east_args += ["--consortium", str(files["east"]), "--partner", "impostor-of-north"]
         procs["east"] = swarm.start("east", *east_args, env={SCALE_ENV: "100"})
         east_id = seen.ids["east"]
@@ -129,6 +130,7 @@ def observed(tmp_path_factory) -> Observed:
         run_to_completion(swarm, {"monitor": monitor}, timeout=90)
         output = swarm.log("monitor")
         seen.monitor = json.loads(output[output.index("[\n") :])
+        procs["east"].send_signal(signal.SIGTERM)  # after the monitor's snapshot, which lists it
         run_to_completion(swarm, {"east": procs["east"]}, timeout=TIMEOUT)
 
         v3 = v2.with_member("stranger-inc", key["stranger"]).signed_by(signing_key(seen.keys["east"]))
@@ -136,6 +138,8 @@ def observed(tmp_path_factory) -> Observed:
         _wait_for(
             lambda: "refused consortium version 3" in swarm.log("south"), 60, "south to refuse v3", swarm, "south"
         )
+        for name in ("north", "south"):  # SIGTERM: settle the round in flight, checkpoint, exit 0
+            procs[name].send_signal(signal.SIGTERM)
         run_to_completion(swarm, {"north": procs["north"], "south": procs["south"]}, timeout=TIMEOUT)
         for name in ("bootstrap", "north", "south", "east"):
             seen.logs[name] = swarm.log(name)

@@ -2,8 +2,8 @@
 model through a partner killed in the middle of an all-reduce and resumed from its checkpoint.
 
 One swarm: a bootstrap and three partners with --overlap. c SIGKILLs itself during its second all-reduce (fault
-injection), while it is already training the next round; it is restarted from its checkpoint, catches up with a and
-b, and averages with them again.
+injection), while it is already training the next round; it is restarted from its checkpoint, gets a's and b's
+model, and averages with them again.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ def test_overlapped_rounds_keep_one_model_through_a_crash_and_a_resume(procs, tm
     assert "killing this node in the middle of an all-reduce" in procs.log("c")
     before_crash = metrics(tmp_path, "c")
 
-    popens["c again"] = procs.start("c again", *args["c"], "--max-rounds", "4")
+    popens["c again"] = procs.start("c again", *args["c"], "--max-rounds", "6")
     run_to_completion(procs, {"a": popens["a"], "b": popens["b"], "c again": popens["c again"]}, timeout=300)
 
     a, b, c = (metrics(tmp_path, name) for name in ("a", "b", "c"))
@@ -48,12 +48,15 @@ def test_overlapped_rounds_keep_one_model_through_a_crash_and_a_resume(procs, tm
         # (a partner whose next meeting was already near when it launched trains no step before it: no loss)
         assert record["loss"] is None if record["inner_steps"] == 0 else math.isfinite(record["loss"])
 
-    # c came back from its checkpoint, caught up, and averaged with a and b again on their model
+    # c came back from its checkpoint, got the swarm's model (caught up before a round, or re-synced from its group
+    # after one, depending on where a and b were when it came back), and averaged with them again on their model
     log = procs.log("c again")
-    assert "resumed from" in log and "caught up with the swarm" in log
+    assert "resumed from" in log
+    assert "caught up with the swarm" in log or "left us out of step with the group: re-synced from it" in log
     resumed = c[len(before_crash) :]
     assert resumed and resumed[0]["round"] > (before_crash[-1]["round"] if before_crash else 0)
-    together = [r for r in resumed if r["group_size"] == 3]
+    together = [r for r in resumed if r["group_size"] > 1 and r["failure"] is None and not r["resynced"]]
     assert together, resumed
     for record in together:
-        assert record["model_hash"] == a_by_round[record["round"]]["model_hash"]
+        theirs = {x["model_hash"] for x in (a_by_round.get(record["round"]), b_by_round.get(record["round"])) if x}
+        assert record["model_hash"] in theirs

@@ -39,7 +39,11 @@ def assert_same(a, b, where: str = "state") -> None:
 
 
 def test_stop_mid_round_resume_exactly_and_refuse_a_damaged_checkpoint(procs, bootstrap_addr, tmp_path):
-    args = join_args(tmp_path, "p", 1, bootstrap_addr, 100, "--run-id", "nobody-here", "--round-window", "6")
+    # blocking rounds: the claim is a checkpoint taken in the middle of round 2's inner steps (a resume with a round
+    # in flight is tests/e2e/test_overlap.py's)
+    args = join_args(
+        tmp_path, "p", 1, bootstrap_addr, 100, "--run-id", "nobody-here", "--round-window", "6", "--no-overlap"
+    )
     ckpt = tmp_path / "p" / "ckpt"
 
     # Ctrl-C in round 2 (SIGINT to the terminal's process group): the node checkpoints mid-round and exits 0
