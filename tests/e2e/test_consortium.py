@@ -110,7 +110,9 @@ def observed(tmp_path_factory) -> Observed:
                 name,
             )
         save(v2, files["east"])
-        east_args = join_args(tmp, "east", 3, boot, UNTIL_STOPPED, "--run-id", RUN, "--identity", str(seen.keys["east"]))
+        east_args = join_args(
+            tmp, "east", 3, boot, UNTIL_STOPPED, "--run-id", RUN, "--identity", str(seen.keys["east"])
+        )
         east_args += ["--consortium", str(files["east"]), "--partner", "impostor-of-north"]
         procs["east"] = swarm.start("east", *east_args, env={SCALE_ENV: "100"})
         east_id = seen.ids["east"]
