@@ -79,10 +79,11 @@ class Lab:
         for ns in [self.switch] + [self.namespace(i) for i in range(self.partners)]:
             subprocess.run(["ip", "netns", "del", ns], check=False, stderr=subprocess.DEVNULL)
 
-    def counters(self, i: int) -> int:
-        """tx + rx bytes of partner i's end of its link: everything it exchanged with anyone."""
+    def counters(self, i: int, directions: tuple[str, ...] = ("tx_bytes", "rx_bytes")) -> int:
+        """Bytes through partner i's end of its link, by default both ways (everything it exchanged with anyone);
+        `("tx_bytes",)`: what it sent."""
         total = 0
-        for direction in ("tx_bytes", "rx_bytes"):
+        for direction in directions:
             path = f"/sys/class/net/{self.tag}p{i}/statistics/{direction}"
             out = subprocess.run([*self.prefix(i), "cat", path], check=True, capture_output=True, text=True)
             total += int(out.stdout)

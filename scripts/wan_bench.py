@@ -68,7 +68,7 @@ class Result:
     loss: float
     round_seconds: float
     full_groups: float  # share of rounds in which every partner averaged together
-    idle: float  # bytes per second on a partner's link while it trains between all-reduces (blocking rounds)
+    idle: tuple[float, float]  # bytes per second a partner sends, and both ways, while it trains between all-reduces
 
 
 def rate_bytes(rate: str) -> float:
@@ -102,7 +102,8 @@ def run_config(lab: Lab, name: str, args: argparse.Namespace, workdir: Path, par
     else:
         common += ["--run-id", "wan", "--group-size", str(lab.partners)]
     samples: list[dict[int, int]] = [{} for _ in range(lab.partners)]
-    series: list[list[tuple[float, int]]] = [[] for _ in range(lab.partners)]  # (time, link bytes) every second
+    # (time, link bytes both ways, bytes sent) every second
+    series: list[list[tuple[float, int, int]]] = [[] for _ in range(lab.partners)]
     with LocalSwarm(run, stop_grace=60) as swarm:
         boot_args = ["bootstrap", "--listen", f"/ip4/{lab.switch_address}/tcp/0", "--addr-file", str(run / "boot.addr")]
         if system == "tapestry":
@@ -133,7 +134,7 @@ def run_config(lab: Lab, name: str, args: argparse.Namespace, workdir: Path, par
                 if done not in samples[i]:
                     samples[i][done] = lab.counters(i)
                 if not series[i] or time.time() - series[i][-1][0] >= 1.0:
-                    series[i].append((time.time(), lab.counters(i)))
+                    series[i].append((time.time(), lab.counters(i), lab.counters(i, ("tx_bytes",))))
             time.sleep(0.05)
         for i in range(lab.partners):
             samples[i].setdefault(len(read_jsonl(run / f"p{i}.jsonl")), lab.counters(i))
@@ -161,23 +162,25 @@ def run_config(lab: Lab, name: str, args: argparse.Namespace, workdir: Path, par
         tokens_per_second=mean(k * tokens / w for k, w in zip(steps, wall, strict=True)),
         loss=mean(r[-1]["loss"] for r in records),
         round_seconds=mean(row["round_seconds"] for row in rows),
-        idle=idle_rate(records, series) if "--overlap" not in extra else float("nan"),
+        idle=idle_rates(records, series) if "--overlap" not in extra else (float("nan"), float("nan")),
         full_groups=mean(row["group_size"] == n for row in rows),
     )
 
 
-def idle_rate(records: list[list[dict]], series: list[list[tuple[float, int]]]) -> float:
-    """Link bytes per second while partners train between two all-reduces (blocking rounds): from a second after a
-    round's end until a second before the next round's inner steps end. DHT polls of the meeting time, status
-    records and state declarations; no payload."""
-    rates = []
+def idle_rates(records: list[list[dict]], series: list[list[tuple[float, int, int]]]) -> tuple[float, float]:
+    """(sent, both ways): link bytes per second while partners train between two all-reduces (blocking rounds), from
+    a second after a round's end until a second before the next round's inner steps end. DHT polls of the meeting
+    time, status records and state declarations; no payload."""
+    sent, both = [], []
     for rows, points in zip(records, series, strict=True):
         for ended, following in zip(rows[1:-1], rows[2:], strict=False):
             start, stop = ended["time"] + 1.0, ended["time"] + following["compute_seconds"] - 1.0
-            inside = [(t, b) for t, b in points if start <= t <= stop]
+            inside = [point for point in points if start <= point[0] <= stop]
             if len(inside) >= 2 and inside[-1][0] > inside[0][0]:
-                rates.append((inside[-1][1] - inside[0][1]) / (inside[-1][0] - inside[0][0]))
-    return mean(rates) if rates else float("nan")
+                seconds = inside[-1][0] - inside[0][0]
+                both.append((inside[-1][1] - inside[0][1]) / seconds)
+                sent.append((inside[-1][2] - inside[0][2]) / seconds)
+    return (mean(sent), mean(both)) if sent else (float("nan"), float("nan"))
 
 
 def report(results: list[Result], args: argparse.Namespace, params: int) -> None:
@@ -187,7 +190,8 @@ def report(results: list[Result], args: argparse.Namespace, params: int) -> None
         f"H = {args.inner_steps}, batch {args.batch_size}, {args.rounds} rounds (the first excluded)\n"
     )
     print(
-        "| configuration | wire / round / partner | vs tapestry fp32 | beyond payload* | idle link** | all-reduce "
+        "| configuration | wire / round / partner | vs tapestry fp32 | beyond payload* | idle: sent / both ways** "
+        "| all-reduce "
         "| butterfly bound | of bound | compute utilization | tokens/s/partner | last loss | full groups |"
     )
     print("|---" * 12 + "|")
@@ -195,14 +199,15 @@ def report(results: list[Result], args: argparse.Namespace, params: int) -> None
         ratio = f"{r.wire / base.wire:.3f}x" if base else "n/a"
         beyond = (r.wire - 2 * r.payload) / r.wire  # the payload crosses the link both ways
         print(
-            f"| {r.name} | {r.wire / 1e6:.2f} MB | {ratio} | {beyond:.1%} | {r.idle / 1e3:.1f} KB/s "
+            f"| {r.name} | {r.wire / 1e6:.2f} MB | {ratio} | {beyond:.1%} "
+            f"| {r.idle[0] / 1e3:.1f} / {r.idle[1] / 1e3:.1f} KB/s "
             f"| {r.allreduce:.1f} s | {r.bound:.1f} s | {r.bound / max(r.allreduce, 1e-9):.0%} | {r.utilization:.0%} "
             f"| {r.tokens_per_second:.0f} | {r.loss:.3f} | {r.full_groups:.0%} |"
         )
     print(
         "\n*beyond payload: share of the link's bytes that are not the codec's all-reduce payload (TCP/IP, TLS and "
-        "yamux framing, matchmaking, DHT)\n**idle link: bytes per second both ways while a partner trains between "
-        "all-reduces (blocking rounds only)"
+        "yamux framing, matchmaking, DHT)\n**idle: bytes per second a partner sends, and "
+        "exchanges both ways, while it trains between all-reduces (blocking rounds only)"
     )
 
 

@@ -22,7 +22,8 @@ Gaussian data) but spends 4 bytes per block on its scale; 1024 costs 0.4% of the
 scale `absmax` and 15 levels `k * absmax / 7`, k in -7..7, rounded to nearest (error at most absmax / 14 per value);
 two codes per byte, the first value in the high nibble. It is plain torch arithmetic, not bitsandbytes' FP4/NF4: the
 same wire size and error within 25% of NF4 (relative L2 error 11.7% against 9.6% on Gaussian data with 128-value
-blocks), but bitsandbytes' CPU 4-bit encoder runs at ~0.1 GB/s where this one runs at ~0.8 (scripts/codec_speed.py).
+blocks), but bitsandbytes' CPU 4-bit encoder runs at ~0.1 GB/s where this one, which works through the tensor in
+cache-sized chunks, encodes at ~1.5 and decodes at ~1 GB/s per core (scripts/codec_speed.py).
 hivemind's `CompressionType` enum has no 4-bit member, so these parts travel under `UNIFORM_8BIT`, which tapestry does
 not otherwise use (every peer of a run registers the same codec there). 128-value blocks cost 6% of the payload for
 their scales (4.25 bits per value, 0.133x of float32); 64 would lower the error to 10.8% at 0.141x.
@@ -47,6 +48,7 @@ from tapestry_p2p.p2p import hivemind_compat
 
 BLOCK_SIZE = 1024
 BLOCK_SIZE_4BIT = 128
+CHUNK_BLOCKS = 2048  # blocks per pass of the 4-bit codec: 1 MB of float32, fits a core's L2 cache (fastest tried)
 LEVELS_4BIT = 7  # codes 1..15 stand for -7..7 steps of absmax / 7; code 0 (never produced) decodes to -8/7 absmax
 
 Codec = Literal["8bit", "4bit", "fp16", "none"]
@@ -136,26 +138,48 @@ def _split(
 
 @torch.no_grad()
 def encode_4bit(flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(absmax per block, packed codes) of a flat float32 tensor, padded with zeros to whole blocks."""
+    """(absmax per block, packed codes) of a flat float32 tensor, padded with zeros to whole blocks. Works through
+    CHUNK_BLOCKS blocks at a time, so that every pass over a chunk stays in the CPU's cache."""
     tail = -flat.numel() % BLOCK_SIZE_4BIT
     if tail:
         flat = torch.nn.functional.pad(flat, (0, tail))
     blocks = flat.view(-1, BLOCK_SIZE_4BIT)
-    absmax = blocks.abs().amax(dim=1)
-    # a block of zeros (or of values so small that 7/absmax overflows) codes as zeros: 0 * finite scale
-    steps = blocks * (LEVELS_4BIT / absmax.clamp_min(1e-30)).unsqueeze(1)
-    codes = steps.round_().add_(LEVELS_4BIT + 1).to(torch.uint8).view(-1, 2)
-    return absmax, codes[:, 0].bitwise_left_shift(4).bitwise_or_(codes[:, 1])
+    absmax = torch.empty(blocks.shape[0])
+    packed = torch.empty(blocks.numel() // 2, dtype=torch.uint8)
+    steps = torch.empty(min(CHUNK_BLOCKS, blocks.shape[0]), BLOCK_SIZE_4BIT)
+    pairs = torch.empty(steps.numel() // 2)
+    half = BLOCK_SIZE_4BIT // 2
+    for start in range(0, blocks.shape[0], CHUNK_BLOCKS):
+        chunk = blocks[start : start + CHUNK_BLOCKS]
+        n = chunk.shape[0]
+        scaled, amax = steps[:n], absmax[start : start + n]
+        torch.amax(torch.abs(chunk, out=scaled), dim=1, out=amax)
+        # a block of zeros (or of values so small that 7/absmax overflows) codes as zeros: 0 * finite scale
+        torch.mul(chunk, (LEVELS_4BIT / amax.clamp_min(1e-30)).unsqueeze(1), out=scaled)
+        scaled.round_().add_(LEVELS_4BIT + 1)  # codes 1..15, exact small integers in float32
+        codes = scaled.view(-1, 2)
+        # two codes per byte, the first in the high nibble: 16 * first + second, exact in float32
+        torch.add(codes[:, 1], codes[:, 0], alpha=16, out=pairs[: n * half])
+        packed[start * half : (start + n) * half].copy_(pairs[: n * half])
+    return absmax, packed
 
 
 @torch.no_grad()
 def decode_4bit(absmax: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
-    """The flat float32 values of `encode_4bit`'s output (including the padding)."""
-    codes = torch.empty(packed.numel(), 2, dtype=torch.uint8)
-    torch.bitwise_right_shift(packed, 4, out=codes[:, 0])
-    torch.bitwise_and(packed, 15, out=codes[:, 1])
-    values = codes.view(-1, BLOCK_SIZE_4BIT).to(torch.float32)
-    return values.sub_(LEVELS_4BIT + 1).mul_((absmax / LEVELS_4BIT).unsqueeze(1)).view(-1)
+    """The flat float32 values of `encode_4bit`'s output (including the padding), CHUNK_BLOCKS blocks at a time."""
+    values = torch.empty(packed.numel() * 2)
+    blocks = values.view(-1, BLOCK_SIZE_4BIT)
+    codes = torch.empty(min(CHUNK_BLOCKS, blocks.shape[0]) * BLOCK_SIZE_4BIT // 2, 2, dtype=torch.uint8)
+    scales = absmax / LEVELS_4BIT
+    half = BLOCK_SIZE_4BIT // 2
+    for start in range(0, blocks.shape[0], CHUNK_BLOCKS):
+        chunk = blocks[start : start + CHUNK_BLOCKS]
+        n = chunk.shape[0]
+        part, pair = packed[start * half : (start + n) * half], codes[: n * half]
+        torch.bitwise_right_shift(part, 4, out=pair[:, 0])
+        torch.bitwise_and(part, 15, out=pair[:, 1])
+        chunk.copy_(pair.view(n, BLOCK_SIZE_4BIT)).sub_(LEVELS_4BIT + 1).mul_(scales[start : start + n].unsqueeze(1))
+    return values
 
 
 def compression_for(name: str) -> CompressionBase:

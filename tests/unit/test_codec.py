@@ -6,7 +6,7 @@ import pytest
 import torch
 from hivemind.compression import CompressionInfo
 
-from tapestry_p2p.comm.codec import BLOCK_SIZE, BLOCK_SIZE_4BIT, compression_for, max_relative_error
+from tapestry_p2p.comm.codec import BLOCK_SIZE, BLOCK_SIZE_4BIT, CHUNK_BLOCKS, compression_for, max_relative_error
 
 BLOCKS = {"8bit": BLOCK_SIZE, "4bit": BLOCK_SIZE_4BIT}
 
@@ -19,7 +19,8 @@ def roundtrip(codec: str, tensor: torch.Tensor) -> torch.Tensor:
 @pytest.mark.parametrize("codec", ["8bit", "4bit"])
 def test_roundtrip_error_is_within_the_blockwise_bound(codec):
     block = BLOCKS[codec]
-    n = 10 * block + 17  # a partial last block too
+    # a partial last block too; for 4-bit, more than two of the chunks it encodes at a time
+    n = (10 if codec == "8bit" else 2 * CHUNK_BLOCKS + 10) * block + 17
     x = torch.randn(n) * torch.linspace(0.01, 10, n)
     x[3 * block : 4 * block] = 0  # a block of zeros decodes to zeros
     y = roundtrip(codec, x)
