@@ -3,7 +3,7 @@
 `Averaging` is the interface the node sees; `SwarmAveraging` implements it with the bit-exact `ExactAverager`
 (hivemind matchmaking + butterfly all-reduce) around a fixed set of flat delta buffers, and `SoloAveraging` with no
 network (the trained-alone baseline). Neither knows what the tensors are: the node hands in a list of tensors and
-gets a list back. `average` is the round's one blocking call; overlapping rounds will turn it into a handle.
+gets a list back. `average` is the round's one blocking call; overlapped rounds (node.overlap) run it in a thread.
 
 The average is weighted by each member's inner steps this round (see `SwarmAveraging.average`).
 
