@@ -3,6 +3,7 @@ The node itself (`node.Node`) knows nothing of the terminal; it reports through 
 
 from __future__ import annotations
 
+import math
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -21,8 +22,9 @@ from tapestry_p2p.training.distributed import launched_ranks
 def round_line(record: RoundMetrics) -> Text:
     """One round as the terminal shows it; the failure reason (from peers, too) is printed literally."""
     alone = " (alone)" if record.group_size == 1 else ""
+    loss = f"{record.loss:6.3f}" if math.isfinite(record.loss) else "   n/a"  # n/a: no inner step this round
     line = Text(
-        f"round {record.round:4d}  loss {record.loss:6.3f}  group {record.group_size}{alone}  "
+        f"round {record.round:4d}  loss {loss}  group {record.group_size}{alone}  "
         f"sent {record.bytes_sent / 1e6:6.2f} MB  recv {record.bytes_received / 1e6:6.2f} MB  "
         f"{record.round_seconds:5.1f}s  model {record.model_hash}"
     )

@@ -1,11 +1,14 @@
-"""Status records without a network (telemetry/status.py) and the peer table drawn from them (app/monitor.py)."""
+"""Status records without a network (telemetry/status.py), the peer table drawn from them (app/monitor.py), and the
+line `tapestry join` prints per round (app/join.py)."""
 
 from __future__ import annotations
 
 import pytest
 from rich.console import Console
 
+from tapestry_p2p.app.join import round_line
 from tapestry_p2p.app.monitor import render
+from tapestry_p2p.node.metrics import RoundMetrics
 from tapestry_p2p.telemetry.status import PeerStatus, StatusPublisher, trainers_online
 
 
@@ -112,3 +115,20 @@ def test_a_peer_whose_contributions_were_refused_or_clipped_is_shown_to_everyone
 def test_status_records_name_a_bounded_number_of_flagged_peers():
     with pytest.raises(ValueError, match="at most"):
         status("a", refused={f"peer{i}": 1 for i in range(40)})
+
+
+def round_record(**changes) -> RoundMetrics:
+    values = dict(round=7, step=140, inner_steps=20, loss=2.5, group_size=3, bytes_sent=1_200_000)
+    values |= dict(bytes_received=1_100_000, round_seconds=4.25, time=1000.0, model_hash="0123456789abcdef")
+    values |= dict(peer_id="12D3Kooa", partner="a", compression="8bit", failure=None, resynced=False)
+    return RoundMetrics(**{**values, **changes})
+
+
+def test_a_round_line_says_what_the_round_did_and_why_it_failed():
+    assert round_line(round_record()).plain == (
+        "round    7  loss  2.500  group 3  sent   1.20 MB  recv   1.10 MB    4.2s  model 0123456789abcdef"
+    )
+    alone = round_line(round_record(group_size=1, failure="no other peer came to the meeting")).plain
+    assert "group 1 (alone)" in alone and alone.endswith("  no other peer came to the meeting")
+    # a round with no inner step of ours (we re-synced just before the meeting) has no loss to show
+    assert "loss    n/a  group 3" in round_line(round_record(inner_steps=0, loss=float("nan"))).plain
