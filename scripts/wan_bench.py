@@ -4,7 +4,7 @@ Each partner runs in its own network namespace behind a software switch (scripts
 `--rate` in both directions with `tc tbf`; the bootstrap node sits on the switch. For each configuration the same
 model, data, H and number of rounds run through:
 - `tapestry join` with `--compression none | 8bit | 4bit` (error feedback on for the lossy codecs), blocking
-  (`--no-overlap`) and overlapped (`--overlap`, the default);
+  (`--no-overlap`) and overlapped (`--overlap`);
 - stock hivemind (`scripts/hivemind_partner.py`): DecentralizedAverager with Float16Compression (OpenDiLoCo's
   setting) and with BlockwiseQuantization (its 8-bit codec).
 Reported per configuration: bytes on each partner's link per round (rounds 2..R) from the kernel's counters
