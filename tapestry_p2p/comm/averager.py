@@ -123,6 +123,7 @@ class ExactAverager(StateTransport, DecentralizedAverager):
 
     def run(self) -> None:
         hivemind_compat.install("averager")
+        renew_torch_thread_pool()
         super().run()
 
     def get_current_state(self) -> tuple[Any, Sequence[torch.Tensor], None]:
@@ -306,3 +307,13 @@ def _parse_gathered(serializer: Any, raw: bytes) -> Optional[RoundMeta]:
     if type(mode) is not int or mode != AveragingMode.NODE.value:
         return None
     return RoundMeta.parse(meta)
+
+
+def renew_torch_thread_pool() -> None:
+    """Call first thing in a forked process that uses torch from several threads (the averager process).
+
+    torch leaks its thread pool in a forked child and builds a new one on first use, without a lock: two threads that
+    use torch for the first time at once (hivemind encodes parts in a thread pool) can find no pool at all, and the
+    encoding fails with `RuntimeError: pool INTERNAL ASSERT FAILED ... Invalid thread pool!`; that part is never sent,
+    and the round loses a span. Building it here, before any other thread runs, closes the race."""
+    torch.set_num_threads(torch.get_num_threads())

@@ -7,10 +7,12 @@ gets a list back. `average` is the round's one blocking call; overlapped rounds 
 
 The average is weighted by each member's inner steps this round (see `SwarmAveraging.average`).
 
-Agreement: every peer gathers its groupmates' `RoundMeta` (round, hash, steps, norm). If the group's members disagree
-on the shared model (a peer missed a round, or crashed and came back), the elected state is the one a majority of
-them hold (see `statesync.policy.elected_state`: a claim to be ahead wins nothing); `needs_resync` tells the other
-members to download it afterwards.
+Agreement: only peers whose shared model is at one round meet (the round is part of hivemind's group key, so a peer
+that missed a round goes alone and catches up, instead of mixing an update computed against an older model into the
+next round). Every peer gathers its groupmates' `RoundMeta` (round, hash, steps, norm). If the group's members
+disagree on the shared model (a round that split them, a peer that crashed and came back), the elected state is the
+one a majority of them hold (see `statesync.policy.elected_state`: a claim to be ahead wins nothing); `needs_resync`
+tells the other members to download it afterwards.
 
 Influence: the weight is the member's inner steps, at most H; before encoding, a pseudo-gradient that is not finite is
 replaced by zeros at a negligible weight (the codec would turn NaN into finite values); each reducer screens and clips
@@ -96,6 +98,8 @@ def alone(delta: Sequence[torch.Tensor], failure: Optional[str] = None) -> Avera
 class Averaging(Protocol):
     """What a node needs from the network for its rounds and its state (SwarmAveraging, or SoloAveraging)."""
 
+    longest_round: float  # the most seconds a round can take from our launch to its end (its all-reduce included)
+
     def average(self, delta: Sequence[torch.Tensor], meeting: float, meta: RoundMeta) -> AveragingResult: ...
 
     def publish_round(self, round_no: int) -> None: ...
@@ -113,6 +117,8 @@ class Averaging(Protocol):
 
 class SoloAveraging:
     """No network: the peer's own pseudo-gradient is the average (a peer alone, or the trained-alone baseline)."""
+
+    longest_round = 0.0
 
     def average(self, delta: Sequence[torch.Tensor], meeting: float, meta: RoundMeta) -> AveragingResult:
         return alone(delta)
@@ -155,6 +161,8 @@ class SwarmAveraging:
         self._buffers = [torch.zeros(shape) for shape in shapes]
         self._max_steps = max_steps
         self.feedback = feedback
+        timeout = allreduce_timeout(shapes, compression)
+        self.longest_round = MATCHMAKING_LEAD + MEETING_GRACE + timeout
         self._averager = ExactAverager(
             self._buffers,
             dht,
@@ -163,7 +171,7 @@ class SwarmAveraging:
             min_group_size=2,
             min_matchmaking_time=MATCHMAKING_TIME,
             request_timeout=REQUEST_TIMEOUT,
-            allreduce_timeout=allreduce_timeout(shapes, compression),
+            allreduce_timeout=timeout,
             next_chunk_timeout=NEXT_CHUNK_TIMEOUT,
             part_size_bytes=PART_SIZE_BYTES,
             compression=compression_for(compression),
@@ -266,6 +274,10 @@ class SwarmAveraging:
         return result
 
     def _step(self, meeting: float, meta: RoundMeta) -> AllReduceOutcome:
+        # Only members whose shared model is at one round meet: the round is part of the group key, so a partner
+        # one round behind (it missed a round) is never matched with the swarm's next round, where its update,
+        # computed against an older model, would be mixed into theirs; it goes alone and catches up instead.
+        self._averager.set_group_bits(group_bits(meta.round))
         # Weighted by inner steps (at most H): a partner that came to the meeting with fewer steps moves it less.
         timeout = max(meeting - get_dht_time(), 0.0) + MEETING_GRACE
         weight = weight_for(meta.steps, self._max_steps)
@@ -278,6 +290,11 @@ class SwarmAveraging:
         self._averager.join(timeout=10)
         if self._averager.is_alive():
             self._averager.kill()
+
+
+def group_bits(round_no: int) -> str:
+    """The bits of hivemind's group key for a round: the round of the shared model going in, in binary."""
+    return format(round_no, "b")
 
 
 def allreduce_timeout(shapes: Sequence[torch.Size], compression: str) -> float:

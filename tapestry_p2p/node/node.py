@@ -32,9 +32,10 @@ from tapestry_p2p.comm.averaging import AveragingResult, RoundMeta
 from tapestry_p2p.comm.codec import LOSSLESS
 from tapestry_p2p.comm.error_feedback import ErrorFeedback
 from tapestry_p2p.comm.matchmaking import MATCHMAKING_LEAD, MeetingClock
+from tapestry_p2p.comm.statesync.client import Download
 from tapestry_p2p.node.config import NodeConfig
 from tapestry_p2p.node.metrics import MetricsWriter, Phases, RoundMetrics, Summary, mean
-from tapestry_p2p.node.overlap import InFlight
+from tapestry_p2p.node.overlap import Awaited, InFlight
 from tapestry_p2p.node.session import SessionOptions, SwarmSession
 from tapestry_p2p.node.spec import SpecError, digest_of, encode, first_difference
 from tapestry_p2p.node.sync import StateSync
@@ -163,6 +164,12 @@ class Node:
             self.feedback.reset()
 
     @property
+    def position(self) -> int:
+        """The round our shared model reaches once the round in flight settles (what we advertise; our next meeting is
+        `position + 1`)."""
+        return self.shared.round + (self.in_flight.round is not None)
+
+    @property
     def status(self) -> StatusPublisher:
         """Our status record: published once we joined the swarm, only kept up to date before (or when solo)."""
         return self.metrics.status
@@ -227,9 +234,10 @@ class Node:
             self._settle_in_flight()
         with self._phases("catch_up"):
             # the swarm has moved on (we were alone, away, or out of step): rejoin it
-            if self.sync.catch_up(in_flight=self.in_flight.round is not None):
-                self._save()
-        round_no = self.shared.round + 1 + (self.in_flight.round is not None)
+            caught_up = self.sync.catch_up(self.position)
+        if caught_up is not None:
+            self._caught_up(caught_up)
+        round_no = self.position + 1
         training_started = time.monotonic()
         meeting = self._train_until_meeting(round_no)
         if meeting is None:
@@ -240,6 +248,7 @@ class Node:
             self._settle_in_flight()  # if it is not done yet, we wait for it here
             self._launch(meeting, training_seconds)
         else:
+            self._settle_in_flight()  # the swarm's round we awaited since catching up (servers with --overlap)
             losses = list(self.round_losses)
             result = self._average(meeting)
             with self._phases("outer_step"):
@@ -248,7 +257,7 @@ class Node:
         return True
 
     def _rounds_started(self) -> int:
-        return self.rounds_done + (self.in_flight.round is not None)
+        return self.rounds_done + self.in_flight.launched
 
     def _finish(self, result: AveragingResult, losses: list[float], training_seconds: float) -> None:
         """After a round's outer step: re-sync if it left us out of step, checkpoint, write its record."""
@@ -258,7 +267,7 @@ class Node:
             self.status.update(state="loading state")
         with self._phases("resync"):
             resynced = self.sync.after_round(result)
-            self.sync.averaging.publish_round(self.shared.round)
+            self.sync.averaging.publish_round(self.position)
         with self._phases("hash"):
             self.shared.hash()  # once per round (cached until theta changes): record, checkpoint, state server
         with self._phases("checkpoint"):
@@ -358,22 +367,58 @@ class Node:
         losses = list(self.round_losses)
         self.round_losses.clear()
         averaging = self.sync.averaging
+        with self.sync.lock:
+            self.sync.in_flight = True
         self.in_flight.launch(lambda: averaging.average(delta, meeting, meta), delta, losses, training_seconds)
+        averaging.publish_round(self.position)
 
     def _settle_in_flight(self) -> None:
         """--overlap: wait for the round in flight, apply its average keeping our newer progress, finish it. Its
         record closes the accounting period (`self._phases`) that overlapped it."""
         with self._phases("wait"):
-            done = self.in_flight.wait()
-        if done is None:
+            launched = self.in_flight.wait()
+        if isinstance(launched, Awaited):
+            self._take_awaited(launched)
             return
-        launched, result = done
+        if launched is None:
+            return
+        result = launched.future.result()
         for name, seconds in result.seconds.items():  # these ran in the background, overlapping our compute
             self._phases.add("background_wait" if name == "wait" else name, seconds)
         with self._phases("outer_step"), self.sync.lock:
             self.shared.apply_keeping_progress(result.averaged, self.trainer.model, launched.delta)
+            self.sync.in_flight = False
         self._finish(result, launched.losses, launched.training_seconds)
         self._phases = Phases()
+
+    def _caught_up(self, download: Download) -> None:
+        """We adopted the swarm's state. If its servers had their next round in flight, the swarm meets next for the
+        round after it: we await that round's outcome (the state it ends on) and meet with them, instead of meeting
+        alone for a round they already averaged."""
+        if download.in_flight:
+            awaited = download.state_id.round + 1
+            with self.sync.lock:
+                self.sync.in_flight = True
+            self.in_flight.await_state(lambda: self.sync.await_round(awaited, self.stop), awaited)
+            logger.info("the swarm has round %d in flight: taking its outcome once it settles", awaited)
+        self.sync.averaging.publish_round(self.position)
+        self._save()
+
+    def _take_awaited(self, awaited: Awaited) -> None:
+        """The swarm's round we awaited settled: adopt the state it ends on, keeping our progress since we caught up
+        (our next round sends it). If it did not settle, we train on from the state we have (position back)."""
+        download = awaited.future.result()
+        if self.sync.adopt(download, awaited.round, keep_progress=True):
+            logger.info("took the swarm's round %d (model %s)", awaited.round, self.shared.hash())
+        else:
+            with self.sync.lock:
+                self.sync.in_flight = False
+            logger.warning(
+                "the swarm's round %d did not settle where we could download it: training on from round %d",
+                awaited.round,
+                self.shared.round,
+            )
+        self.sync.averaging.publish_round(self.position)
 
     def _record(
         self, result: AveragingResult, inner_steps: int, resynced: bool, training_seconds: float
@@ -462,9 +507,9 @@ class Node:
         self.sync.averaging.publish_round(self.shared.round)
         if config.initial_peers:
             self.status.update(state="loading state")
-            outcome = self.sync.first_catch_up(self.stop, config.start_fresh)
-            if outcome == "caught up":
-                self._save()
+            outcome, download = self.sync.first_catch_up(self.stop, config.start_fresh)
+            if download is not None:
+                self._caught_up(download)
             elif outcome == "alone" and not self.session.others_online():
                 logger.warning(
                     "nobody else is in run %r yet: training alone until partners join "

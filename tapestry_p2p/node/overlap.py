@@ -16,10 +16,15 @@ blocking rounds, whenever the average is applied. A blocking round is the same r
 launch (progress is then zero and the working model restarts from theta). A partner's own progress shows in its
 working model at once, its groupmates' once their round settles (at most one round later).
 
-Applying the average as soon as it is there keeps the state a peer serves current for most of the round: the
-meeting number is theta's round + 1, + 1 while a round is in flight, so a joiner that downloads a settled state
-meets with the swarm at once; one that downloaded while the round was in flight meets alone once, and the next
-catch-up or re-sync puts it in step (tests/e2e/test_overlap.py).
+Staying in step: a peer's *position* is theta's round, + 1 while a round is in flight; its next meeting is for round
+position + 1, and it advertises its position to the swarm. Only peers whose theta is at one round meet (the round is
+part of the group key, see comm.averaging), so a peer one round behind never mixes an update computed against an
+older model into the swarm's average: it goes alone, and catches up at its next round start, when it sees a later
+position advertised. A peer that catches up while the swarm's round r+1 is in flight downloads the settled state of
+round r and, since its servers say their next round is under way, *awaits* round r+1 (`Awaited`): in the background
+it downloads the state r+1 ends on once a majority holds it, and adopts it keeping the progress it trained since
+(`SharedModel.move_working`), at the latest at its own next meeting, which is the swarm's (r+2). Without this, a peer
+catching up in a swarm whose all-reduce outlasts its compute would always land one round behind.
 
 Churn, catch-up and checkpoints: a checkpoint is written when a round settles (nothing is then in flight; the
 working model's progress since is not yet sent, and is sent with the next round after a resume). A partner that
@@ -36,16 +41,17 @@ from __future__ import annotations
 import concurrent.futures
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 
 from tapestry_p2p.comm.averaging import AveragingResult
+from tapestry_p2p.comm.statesync.client import Download
 
 
 @dataclass
 class Launched:
-    """The round whose all-reduce is in flight."""
+    """Our round whose all-reduce is in flight."""
 
     future: concurrent.futures.Future[AveragingResult]
     delta: list[torch.Tensor]  # what we contributed (kept: the working model's progress is measured past it)
@@ -53,12 +59,20 @@ class Launched:
     training_seconds: float
 
 
+@dataclass
+class Awaited:
+    """The swarm's round that was in flight when we caught up: its outcome comes as the state it ends on."""
+
+    future: concurrent.futures.Future[Optional[Download]]
+    round: int  # the round that state completes
+
+
 class InFlight:
-    """At most one round in flight: launch it in a background thread, wait for it, or drop it."""
+    """At most one round in flight, ours or the swarm's: run it in a background thread, wait for it, or drop it."""
 
     def __init__(self) -> None:
         self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="tapestry-round")
-        self.round: Optional[Launched] = None
+        self.round: Optional[Union[Launched, Awaited]] = None
 
     def launch(
         self,
@@ -70,16 +84,27 @@ class InFlight:
         assert self.round is None, "one round in flight at a time"
         self.round = Launched(self._executor.submit(average), delta, losses, training_seconds)
 
+    def await_state(self, fetch: Callable[[], Optional[Download]], round_no: int) -> None:
+        """Wait in the background for the state the swarm's round `round_no` ends on (`fetch`)."""
+        assert self.round is None, "one round in flight at a time"
+        self.round = Awaited(self._executor.submit(fetch), round_no)
+
+    @property
+    def launched(self) -> bool:
+        """Whether a round of ours is in flight (the swarm's awaited round is not ours: it has no record)."""
+        return isinstance(self.round, Launched)
+
     def done(self) -> bool:
-        """Whether a round is in flight and its all-reduce has finished."""
+        """Whether a round is in flight and has finished."""
         return self.round is not None and self.round.future.done()
 
-    def wait(self) -> Optional[tuple[Launched, AveragingResult]]:
-        """The round in flight and its result, once it is done (None if nothing was in flight)."""
+    def wait(self) -> Optional[Union[Launched, Awaited]]:
+        """The round in flight, once it is done (None if nothing was in flight); its outcome is `.future.result()`."""
         if self.round is None:
             return None
-        launched, self.round = self.round, None
-        return launched, launched.future.result()
+        entry, self.round = self.round, None
+        entry.future.exception()  # waits until it is done (the outcome is read by the caller)
+        return entry
 
     def drop(self) -> None:
         """Wait for the round in flight and forget it (we adopted another state)."""

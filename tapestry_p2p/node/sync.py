@@ -4,8 +4,10 @@ that left us out of step with our group, and adopt a downloaded state only if it
 The transport and the choice of the elected state are in `comm.statesync`; this module is the node's policy:
 - on joining (`first_catch_up`): if the swarm is ahead, wait for its state rather than train from our own (a joiner
   that trains alone would only be overwritten later), unless told to start fresh;
-- at every round start (`catch_up`): if some peer advertises a later round, download the state a majority of the
-  peers hold (an advertised round is a hint, never a reason);
+- at every round start (`catch_up`): if some peer advertises a later position (the round it reaches once its round
+  in flight settles, see node.overlap), download the state a majority of the peers hold (an advertised round is a
+  hint, never a reason); if they served it with their next round under way, the node takes that round's outcome as
+  the state it ends on (`await_round`) instead of meeting alone for a round the swarm already averaged;
 - after a round (`after_round`): if we disagreed with the group going in, or values lost their reducer, compare
   states with the group and download the agreed one if ours differs;
 - `adopt`: well-formed, not older than asked, and hashing to what its servers announced, or it is ignored.
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable
 from typing import Any, Optional
 
@@ -28,6 +31,7 @@ from tapestry_p2p.training.outer import SharedModel
 logger = logging.getLogger(__name__)
 
 CATCH_UP_RETRY_SECONDS = 10.0  # a joiner that finds the swarm ahead but nobody serving its state asks again this often
+AWAIT_POLL_SECONDS = 1.0  # how often a node waiting for the swarm's round in flight asks for the state it ends on
 
 
 class StateSync:
@@ -44,18 +48,25 @@ class StateSync:
         self.averaging: Averaging = SoloAveraging()
         self.peer_id = "solo"
         self.clean = True  # our last round received every averaged part (peers comparing states ask for it)
+        self.in_flight = False  # our next round is under way: the state we serve is the one before it (node.overlap)
 
     def share_state(self) -> tuple[dict[str, Any], list[torch.Tensor]]:
         """What a peer downloads from us: theta and the outer momentum (runs in hivemind's helper thread)."""
         with self.lock:
-            metadata = {"round": self.shared.round, "hash": self.shared.hash(), "clean": self.clean}
+            metadata = {
+                "round": self.shared.round,
+                "hash": self.shared.hash(),
+                "clean": self.clean,
+                "in_flight": self.in_flight,
+            }
             tensors = [p.detach().clone() for p in self.shared.params]
             tensors += [m.clone() for m in self.shared.momentum_buffers()]
             return metadata, tensors
 
-    def adopt(self, download: Optional[Download], min_round: int) -> bool:
+    def adopt(self, download: Optional[Download], min_round: int, keep_progress: bool = False) -> bool:
         """Take a downloaded shared state if it is well-formed, at least `min_round`, and hashes to what its servers
-        announced; returns whether we did. The working model restarts from it."""
+        announced; returns whether we did. The working model restarts from it, or with `keep_progress` (the outcome
+        of the swarm's round we awaited) moves with it, keeping what it trained since the state it left."""
         if download is None:
             return False
         round_no, tensors, n = download.state_id.round, download.tensors, len(self.shared.params)
@@ -71,24 +82,31 @@ class StateSync:
                 self.shared.momentum_buffers(),
                 self.shared.round,
             )
+            progress = self.shared.pseudo_gradient(self.working) if keep_progress else None
             self.shared.load(tensors[:n], tensors[n:], round_no)
             if self.shared.hash() != download.state_id.hash:
                 self.shared.load(*before)
                 logger.warning("ignored a downloaded state whose hash differs from what its servers announced")
                 return False
-            self.shared.copy_into(self.working)
+            if progress is None:
+                self.shared.copy_into(self.working)
+            else:
+                self.shared.move_working(self.working, progress)
             self.clean = True  # we now hold a state the group agreed on
-        self.on_adopt()
+            self.in_flight = False
+        if not keep_progress:
+            self.on_adopt()
         return True
 
-    def catch_up(self, in_flight: bool = False) -> bool:
-        """Adopt the swarm's state if some peer is ahead of us and serves it; returns whether we did. With a round
-        `in_flight` (--overlap), a swarm one round ahead is not ahead: our round in flight brings us there."""
-        if self.averaging.highest_round_online() <= self.shared.round + in_flight:
-            return False
+    def catch_up(self, position: int) -> Optional[Download]:
+        """Adopt the swarm's state if some peer is ahead of our `position` (our round, + 1 while a round of ours is in
+        flight) and serves it; returns what we adopted (None if nothing). If its servers had their next round in
+        flight (`Download.in_flight`), the caller awaits that round's outcome (`await_round`)."""
+        if self.averaging.highest_round_online() <= position:
+            return None
         download = self.averaging.download_state(min_round=self.shared.round + 1)
         if download is None or not self.adopt(download, self.shared.round + 1):
-            return False
+            return None
         logger.info(
             "caught up with the swarm at round %d (model %s), downloaded %.1f MB from %d peers in %.2fs (%.1f MB/s)",
             self.shared.round,
@@ -98,21 +116,22 @@ class StateSync:
             download.seconds,
             download.nbytes / 1e6 / max(download.seconds, 1e-9),
         )
-        self.averaging.publish_round(self.shared.round)
-        return True
+        return download
 
-    def first_catch_up(self, stop: threading.Event, start_fresh: bool) -> str:
+    def first_catch_up(self, stop: threading.Event, start_fresh: bool) -> tuple[str, Optional[Download]]:
         """On joining: catch up with the swarm if it is ahead, waiting for a server if there is none yet. Returns
-        `caught up`, `in step` (nobody ahead), `alone` (no other peer advertises a state) or `fresh`/`stopped`."""
+        `caught up` (with what we adopted), `in step` (nobody ahead), `alone` (no other peer advertises a state) or
+        `fresh`/`stopped`."""
         while not stop.is_set():
             ahead = self.averaging.highest_round_online()
             if ahead <= self.shared.round:
-                return "alone" if ahead < 0 else "in step"
-            if self.catch_up():
-                return "caught up"
+                return ("alone" if ahead < 0 else "in step"), None
+            download = self.catch_up(self.shared.round)
+            if download is not None:
+                return "caught up", download
             if start_fresh:
                 logger.warning("the swarm is at round %d but nobody served its state: training from ours", ahead)
-                return "fresh"
+                return "fresh", None
             logger.warning(
                 "the swarm is at round %d but nobody served its state; asking again in %.0fs "
                 "(pass --start-fresh to train from our own state instead)",
@@ -120,7 +139,18 @@ class StateSync:
                 CATCH_UP_RETRY_SECONDS,
             )
             stop.wait(CATCH_UP_RETRY_SECONDS)
-        return "stopped"
+        return "stopped", None
+
+    def await_round(self, round_no: int, stop: threading.Event) -> Optional[Download]:
+        """The state the swarm's round `round_no` ends on (it was in flight when we caught up), once a majority of the
+        peers hold it; None if it does not come within the longest a round can take, or the swarm moved past it."""
+        deadline = time.monotonic() + self.averaging.longest_round
+        while not stop.is_set() and time.monotonic() < deadline:
+            download = self.averaging.download_state(min_round=round_no)
+            if download is not None:
+                return download if download.state_id.round == round_no else None
+            stop.wait(AWAIT_POLL_SECONDS)
+        return None
 
     @staticmethod
     def out_of_step(result: AveragingResult) -> bool:

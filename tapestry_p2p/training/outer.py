@@ -67,11 +67,13 @@ class SharedModel:
         """The overlapped rounds' outer step (`--overlap`, see node.overlap): apply the average of the round that was
         in flight, and move the working model with theta, keeping the progress it made since that round was
         launched: `progress = theta - working - in_flight`, then `working = theta' - progress`."""
-        progress = [
-            theta - w.to("cpu", torch.float32) - d
-            for theta, w, d in zip(self.params, working.parameters(), in_flight, strict=True)
-        ]
+        progress = [d - sent for d, sent in zip(self.pseudo_gradient(working), in_flight, strict=True)]
         self.apply(averaged)
+        self.move_working(working, progress)
+
+    @torch.no_grad()
+    def move_working(self, working: torch.nn.Module, progress: Sequence[torch.Tensor]) -> None:
+        """Put the working copy at `theta - progress` (theta changed under it; its own progress stays)."""
         for w, theta, p in zip(working.parameters(), self.params, progress, strict=True):
             w.copy_(theta - p)
 

@@ -46,14 +46,17 @@ def swarm():
             stop_dht(item)
 
 
-def average_together(peers: list[SwarmAveraging], deltas, steps=None) -> list:
-    """All peers call `average` at once for the same meeting, each from its own thread, like separate nodes."""
+def average_together(peers: list[SwarmAveraging], deltas, steps=None, rounds=None) -> list:
+    """All peers call `average` at once for the same meeting, each from its own thread, like separate nodes; each
+    declares the round of its shared model (`rounds`, all 0 by default)."""
     meeting = get_dht_time() + 3.0
     results = [None] * len(peers)
     steps = steps or [10] * len(peers)
+    rounds = rounds or [0] * len(peers)
 
     def run(i):
-        results[i] = peers[i].average(deltas[i], meeting, RoundMeta(round=0, hash="same", steps=steps[i]))
+        meta = RoundMeta(round=rounds[i], hash=f"model of round {rounds[i]}", steps=steps[i])
+        results[i] = peers[i].average(deltas[i], meeting, meta)
 
     threads = [threading.Thread(target=run, args=(i,)) for i in range(len(peers))]
     for t in threads:
@@ -101,6 +104,19 @@ def test_the_average_is_weighted_by_inner_steps(swarm):
     for r in results:
         assert r.group_size == 3
         assert all(torch.allclose(a, torch.full_like(a, expected), atol=1e-5) for a in r.averaged)
+
+
+def test_a_peer_one_round_behind_is_not_averaged_with_the_next_round(swarm):
+    """The round is part of the group key: a peer whose shared model is a round behind (it missed one) meeting at the
+    same time as the others goes alone, and its update, computed against the older model, is absent from theirs."""
+    peers = swarm(3, "none", "rounds")
+    deltas = [[torch.full(s, float(i + 1)) for s in SHAPES] for i in range(3)]  # 1, 2, and 3 from the late peer
+    results = average_together(peers, deltas, rounds=[4, 4, 3])
+    assert [r.group_size for r in results] == [2, 2, 1], [(r.group_size, r.failure) for r in results]
+    for r in results[:2]:
+        assert r.failure is None and all(torch.equal(a, torch.full_like(a, 1.5)) for a in r.averaged)
+    assert results[2].failure == "no other peer came to the meeting"
+    assert all(torch.equal(a, d) for a, d in zip(results[2].averaged, deltas[2], strict=True))
 
 
 def test_eight_bit_traffic_is_a_quarter_of_float32(swarm):

@@ -11,7 +11,6 @@ from __future__ import annotations
 import math
 import signal
 
-import pytest
 from helpers import join_args, metrics, run_to_completion
 
 from tapestry_p2p.testing.faults import CRASH_ENV
@@ -19,10 +18,6 @@ from tapestry_p2p.testing.faults import CRASH_ENV
 ROUNDS = 25  # rounds of a and b: long enough (rounds take ~2 s) for c to die, restart, catch up and average again
 
 
-# A known fault of the opt-in --overlap (issue 10 stays open for it): a partner one round behind after the crash round
-# is matched with the others' next round, and catch-up counts its round in flight, so it can stay on another model for
-# many rounds (2 of 5 fresh-clone runs failed). Blocking rounds, the default, have test_churn's same scenario and pass.
-@pytest.mark.xfail(reason="--overlap: a partner one round behind may stay apart (issue 10, open)", strict=False)
 def test_overlapped_rounds_keep_one_model_through_a_crash_and_a_resume(procs, tmp_path):
     boot = procs.start_bootstrap("boot")
     args = {

@@ -65,15 +65,21 @@ def test_state_download_is_split_evenly_across_servers():
 def test_state_messages_from_peers_are_validated():
     info = StateInfo(7, "abc", (3, 4))
     assert StateInfo.unpack(info.pack()) == info and info.nbytes == 28
-    assert StateInfo.unpack(msgpack.packb({"round": 1, "hash": "x", "numel": [], "clean": "yes"})) is None
+    serving_before_its_round = StateInfo(7, "abc", (3, 4), clean=False, in_flight=True)
+    assert StateInfo.unpack(serving_before_its_round.pack()) == serving_before_its_round
+    good = {"round": 1, "hash": "x", "numel": [], "clean": True, "in_flight": False}
+    assert StateInfo.unpack(msgpack.packb(good)) == StateInfo(1, "x", ())
+    assert StateInfo.unpack(msgpack.packb({**good, "clean": "yes"})) is None
+    assert StateInfo.unpack(msgpack.packb({**good, "in_flight": 1})) is None
     assert info.state == PeerState(7, "abc") and info.id == StateId(7, "abc")
     for bad in (
         b"junk",
         msgpack.packb({"round": -1, "hash": "x", "numel": []}),
         msgpack.packb({"round": 1, "hash": 5, "numel": []}),
         msgpack.packb({"round": 1, "hash": "x"}),
-        msgpack.packb({"round": True, "hash": "x", "numel": [], "clean": True}),
-        msgpack.packb({"round": 1, "hash": "x", "numel": [False], "clean": True}),
+        msgpack.packb({**good, "round": True}),
+        msgpack.packb({**good, "numel": [False]}),
+        msgpack.packb({"round": 1, "hash": "x", "numel": [], "clean": True}),  # no in_flight
     ):
         assert StateInfo.unpack(bad) is None
     assert unpack_request(pack_request("h", [0, 2]), 3) == ("h", [0, 2])

@@ -40,6 +40,8 @@ class Download:
     tensors: list[torch.Tensor]
     servers: list[str]
     seconds: float = 0.0  # how long the transfer took
+    # its servers had their next round under way (--overlap): the swarm meets next for round `state_id.round + 2`
+    in_flight: bool = False
 
     @property
     def nbytes(self) -> int:
@@ -53,7 +55,8 @@ class StateClient:
         self._dht, self._averager = dht, averager
 
     def publish_round(self, round_no: int) -> None:
-        """Peers download state from whoever is furthest along: advertise our round as the priority."""
+        """Peers download state from whoever is furthest along: advertise our round as the priority (with --overlap,
+        the round we reach once our round in flight settles: the node's position, see node.overlap)."""
         self._averager.state_sharing_priority = float(round_no)
 
     def _advertised(self) -> dict[str, float]:
@@ -102,7 +105,8 @@ class StateClient:
         fetched = self._averager.fetch_state(servers, infos[servers[0]], STATE_TIMEOUT)
         if fetched is None:
             return None
-        return Download(target, fetched[0], fetched[1], seconds=time.perf_counter() - started)
+        in_flight = any(infos[server].in_flight for server in servers)
+        return Download(target, fetched[0], fetched[1], time.perf_counter() - started, in_flight)
 
     def agreed_state(self, me: str, mine: PeerState, others: Sequence[str], group_round: int) -> Optional[StateId]:
         """The state our group converged on after the round we just finished (`mine`; `group_round` is the round the

@@ -118,7 +118,9 @@ class StateTransport:
         metadata, tensors, _ = await self._get_current_state_from_host_process()
         metadata = self.serializer.loads(metadata)
         numel = tuple(t.numel() for t in tensors)
-        info = StateInfo(int(metadata["round"]), str(metadata["hash"]), numel, bool(metadata["clean"]))
+        info = StateInfo(
+            int(metadata["round"]), str(metadata["hash"]), numel, bool(metadata["clean"]), bool(metadata["in_flight"])
+        )
         yield averaging_pb2.DownloadData(metadata=info.pack())
         asked = unpack_request(request.metadata, len(tensors))
         if asked is None or (asked[0] is not None and asked[0] != info.hash):

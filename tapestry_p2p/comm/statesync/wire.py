@@ -17,9 +17,9 @@ node asks for in `client.py`.
 
 Wire format (hivemind p2p streams, protobufs hivemind already has): the request is a `runtime_pb2.ExpertRequest`
 whose `metadata` is msgpack `{"hash": str | None, "tensors": [index, ...]}`; the answer is a stream of
-`averaging_pb2.DownloadData`, the first carrying msgpack `{"round", "hash", "numel": [...], "clean"}` and the rest the
-requested tensors in order, uncompressed float32, split for streaming. A server whose hash is not the requested one
-sends the info and nothing else.
+`averaging_pb2.DownloadData`, the first carrying msgpack `{"round", "hash", "numel": [...], "clean", "in_flight"}` and
+the rest the requested tensors in order, uncompressed float32, split for streaming. A server whose hash is not the
+requested one sends the info and nothing else.
 """
 
 from __future__ import annotations
@@ -67,6 +67,7 @@ class StateInfo:
     hash: str
     numel: tuple[int, ...]
     clean: bool = True  # the peer's last round went through without losing any part
+    in_flight: bool = False  # the peer's next round is under way (--overlap): it serves the state before that round
 
     @property
     def id(self) -> StateId:
@@ -81,7 +82,15 @@ class StateInfo:
         return 4 * sum(self.numel)
 
     def pack(self) -> bytes:
-        return msgpack.packb({"round": self.round, "hash": self.hash, "numel": list(self.numel), "clean": self.clean})
+        return msgpack.packb(
+            {
+                "round": self.round,
+                "hash": self.hash,
+                "numel": list(self.numel),
+                "clean": self.clean,
+                "in_flight": self.in_flight,
+            }
+        )
 
     @classmethod
     def unpack(cls, raw: bytes) -> Optional[StateInfo]:
@@ -89,15 +98,16 @@ class StateInfo:
         try:
             data = msgpack.unpackb(raw)
             round_no, digest, numel, clean = data["round"], data["hash"], data["numel"], data["clean"]
+            in_flight = data["in_flight"]
         except UNPACK_ERRORS:
             return None
-        if not isinstance(clean, bool):
+        if not (isinstance(clean, bool) and isinstance(in_flight, bool)):
             return None
         if not (is_count(round_no) and isinstance(digest, str) and len(digest) <= MAX_HASH_LENGTH):
             return None
         if not (isinstance(numel, list) and all(is_count(n) for n in numel)):
             return None
-        return cls(round_no, digest, tuple(numel), clean)
+        return cls(round_no, digest, tuple(numel), clean, in_flight)
 
 
 def pack_request(want_hash: Optional[str], tensors: Sequence[int]) -> bytes:
