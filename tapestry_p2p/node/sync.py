@@ -31,7 +31,7 @@ from tapestry_p2p.training.outer import SharedModel
 logger = logging.getLogger(__name__)
 
 CATCH_UP_RETRY_SECONDS = 10.0  # a joiner that finds the swarm ahead but nobody serving its state asks again this often
-AWAIT_POLL_SECONDS = 1.0  # how often a node waiting for the swarm's round in flight asks for the state it ends on
+AWAIT_POLL_SECONDS = 0.5  # how often a node waiting for the swarm's round in flight asks for the state it ends on
 
 
 class StateSync:
@@ -102,7 +102,7 @@ class StateSync:
         """Adopt the swarm's state if some peer is ahead of our `position` (our round, + 1 while a round of ours is in
         flight) and serves it; returns what we adopted (None if nothing). If its servers had their next round in
         flight (`Download.in_flight`), the caller awaits that round's outcome (`await_round`)."""
-        if self.averaging.highest_round_online() <= position:
+        if not self.swarm_ahead(position):
             return None
         download = self.averaging.download_state(min_round=self.shared.round + 1)
         if download is None or not self.adopt(download, self.shared.round + 1):
@@ -117,6 +117,10 @@ class StateSync:
             download.nbytes / 1e6 / max(download.seconds, 1e-9),
         )
         return download
+
+    def swarm_ahead(self, position: int) -> bool:
+        """Whether some peer advertises a later position than ours (a hint: what we adopt is what a majority holds)."""
+        return self.averaging.highest_round_online() > position
 
     def first_catch_up(self, stop: threading.Event, start_fresh: bool) -> tuple[str, Optional[Download]]:
         """On joining: catch up with the swarm if it is ahead, waiting for a server if there is none yet. Returns
