@@ -276,10 +276,10 @@ def _add_join(join: Parser) -> Parser:
     join.add_argument(
         "--overlap",
         action=argparse.BooleanOptionalAction,
-        default=False,
+        default=True,
         help="average each round in the background while training the next; its outer update applies one round "
-        "late (docs/ARCHITECTURE.md, node/overlap.py; experimental: a partner one round behind may stay apart from "
-        "the swarm). Default --no-overlap: every partner waits for each round's all-reduce",
+        "late (the default; docs/ARCHITECTURE.md, node/overlap.py). --no-overlap: every partner waits for each "
+        "round's all-reduce (DiLoCo's blocking rounds)",
     )
     _add_model_options(join)
     return join

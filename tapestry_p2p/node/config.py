@@ -62,9 +62,8 @@ class NodeConfig:
     threads: int = 0  # torch threads; 0 keeps torch's default
     solo: bool = False  # no network at all: the trained-alone baseline
     start_fresh: bool = False  # if the swarm is ahead and nobody serves its state: train from our own, don't wait
-    # average round r in the background while training round r+1 (node.overlap); off by default until a partner one
-    # round behind can no longer average with the swarm's next round and hide from catch-up (see node.overlap)
-    overlap: bool = False
+    # average round r in the background while training round r+1, its update applied one round late (node.overlap)
+    overlap: bool = True
     run_spec: Optional[Path] = None  # the run spec the shared fields came from (None: from flags, the quick-start)
     seed: Optional[int] = None  # seeds the initial model (None: derived from the run id)
     initial_model: str = ""  # the initial model's hash every partner must start from ("": not pinned)
