@@ -461,7 +461,9 @@ def setup_logging(verbose: bool) -> None:
 def console(stderr: bool = False) -> Any:
     from rich.console import Console
 
-    return Console(stderr=stderr, highlight=False)
+    out = Console(stderr=stderr, highlight=False)
+    out.soft_wrap = not out.is_terminal  # piped or redirected: one line stays one line, whatever its length
+    return out
 
 
 def install_stop_handlers(stop: threading.Event) -> None:

@@ -107,7 +107,11 @@ class Averaging(Protocol):
     def highest_round_online(self) -> int: ...
 
     def download_state(
-        self, min_round: int, peers: Optional[Sequence[str]] = None, want: Optional[StateId] = None
+        self,
+        min_round: int,
+        peers: Optional[Sequence[str]] = None,
+        want: Optional[StateId] = None,
+        have: Optional[StateId] = None,
     ) -> Optional[Download]: ...
 
     def agreed_state(self, me: str, mine: PeerState, others: Sequence[str], group_round: int) -> Optional[StateId]: ...
@@ -130,7 +134,11 @@ class SoloAveraging:
         return -1
 
     def download_state(
-        self, min_round: int, peers: Optional[Sequence[str]] = None, want: Optional[StateId] = None
+        self,
+        min_round: int,
+        peers: Optional[Sequence[str]] = None,
+        want: Optional[StateId] = None,
+        have: Optional[StateId] = None,
     ) -> Optional[Download]:
         return None
 
@@ -232,8 +240,13 @@ class SwarmAveraging:
                     buffer.zero_()
             else:
                 meta = RoundMeta(meta.round, meta.hash, meta.steps, norm)
+        # Only members whose shared model is at one round meet: the round is part of the group key, so a partner
+        # one round behind (it missed a round) is never matched with the swarm's next round, where its update,
+        # computed against an older model, would be mixed into theirs; it goes alone and catches up instead.
+        # (Set every round: hivemind reshuffles the bits after each group it assembles.)
         try:
             try:
+                self._averager.set_group_bits(group_bits(meta.round))
                 outcome = self._step(meeting, meta)
             finally:
                 lap("wait")  # split below into waiting for the group and the all-reduce itself
@@ -274,10 +287,6 @@ class SwarmAveraging:
         return result
 
     def _step(self, meeting: float, meta: RoundMeta) -> AllReduceOutcome:
-        # Only members whose shared model is at one round meet: the round is part of the group key, so a partner
-        # one round behind (it missed a round) is never matched with the swarm's next round, where its update,
-        # computed against an older model, would be mixed into theirs; it goes alone and catches up instead.
-        self._averager.set_group_bits(group_bits(meta.round))
         # Weighted by inner steps (at most H): a partner that came to the meeting with fewer steps moves it less.
         timeout = max(meeting - get_dht_time(), 0.0) + MEETING_GRACE
         weight = weight_for(meta.steps, self._max_steps)

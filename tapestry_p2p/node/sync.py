@@ -25,7 +25,7 @@ import torch
 
 from tapestry_p2p.comm.averaging import Averaging, AveragingResult, SoloAveraging
 from tapestry_p2p.comm.statesync.client import Download
-from tapestry_p2p.comm.statesync.wire import PeerState
+from tapestry_p2p.comm.statesync.wire import PeerState, StateId
 from tapestry_p2p.training.outer import SharedModel
 
 logger = logging.getLogger(__name__)
@@ -99,13 +99,20 @@ class StateSync:
         return True
 
     def catch_up(self, position: int) -> Optional[Download]:
-        """Adopt the swarm's state if some peer is ahead of our `position` (our round, + 1 while a round of ours is in
-        flight) and serves it; returns what we adopted (None if nothing). If its servers had their next round in
-        flight (`Download.in_flight`), the caller awaits that round's outcome (`await_round`)."""
+        """Take the swarm's state if some peer is ahead of our `position` (our round, + 1 while a round of ours is in
+        flight): the state a majority serves, if it is past ours, or at our round with another hash. Returns it (None
+        if nothing changed); if its servers had their next round in flight (`Download.in_flight`), the caller awaits
+        that round's outcome (`await_round`), also when the state they serve is the one we hold (`Download.held`)."""
         if not self.swarm_ahead(position):
             return None
-        download = self.averaging.download_state(min_round=self.shared.round + 1)
-        if download is None or not self.adopt(download, self.shared.round + 1):
+        mine = StateId(self.shared.round, self.shared.hash())
+        download = self.averaging.download_state(min_round=self.shared.round, have=mine)
+        if download is None or (download.held and not download.in_flight):
+            return None
+        if download.held:
+            logger.info("we hold the swarm's state of round %d (model %s)", mine.round, mine.hash)
+            return download
+        if not self.adopt(download, self.shared.round):
             return None
         logger.info(
             "caught up with the swarm at round %d (model %s), downloaded %.1f MB from %d peers in %.2fs (%.1f MB/s)",
@@ -149,7 +156,9 @@ class StateSync:
         """The state the swarm's round `round_no` ends on (it was in flight when we caught up), once a majority of the
         peers hold it; None if it does not come within the longest a round can take, or the swarm moved past it."""
         deadline = time.monotonic() + self.averaging.longest_round
-        while not stop.is_set() and time.monotonic() < deadline:
+        # (a peer's advertised position outlives it by at most hivemind's declaration period: once no peer
+        # advertises the round, nobody is left to settle it)
+        while not stop.is_set() and time.monotonic() < deadline and self.swarm_ahead(round_no - 1):
             download = self.averaging.download_state(min_round=round_no)
             if download is not None:
                 return download if download.state_id.round == round_no else None

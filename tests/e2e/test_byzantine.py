@@ -52,11 +52,11 @@ class Misbehaving(SwarmAveraging):
 
 
 def _honest_state() -> tuple[dict[str, Any], list[torch.Tensor]]:
-    return {"round": 0, "hash": "honest", "clean": True}, [torch.ones(s) for s in SHAPES]
+    return {"round": 0, "hash": "honest", "clean": True, "in_flight": False}, [torch.ones(s) for s in SHAPES]
 
 
 def _claims_round_a_million() -> tuple[dict[str, Any], list[torch.Tensor]]:
-    return {"round": 1_000_000, "hash": "zeros", "clean": True}, [torch.zeros(s) for s in SHAPES]
+    return {"round": 1_000_000, "hash": "zeros", "clean": True, "in_flight": False}, [torch.zeros(s) for s in SHAPES]
 
 
 @pytest.fixture(scope="module")

@@ -7,6 +7,7 @@ holds, as `comm.statesync` would elect it). tests/e2e/test_overlap.py runs the s
 from __future__ import annotations
 
 import threading
+from dataclasses import replace
 from typing import Optional
 
 import torch
@@ -34,18 +35,23 @@ def state_of(theta: list[float], momentum: list[float], round_no: int, in_flight
 
 
 class Served(SoloAveraging):
-    """The swarm as the downloader sees it: the elected state at each call, in turn (None: no majority yet)."""
+    """The swarm as the downloader sees it: the elected state at each call, in turn (None: no majority yet), and the
+    highest position advertised (default: the latest answer's round)."""
 
-    def __init__(self, answers: list[Optional[Download]], longest_round: float = 30.0) -> None:
+    def __init__(self, answers: list[Optional[Download]], longest_round: float = 30.0, position: int = -1) -> None:
         self.answers, self.longest_round, self.asked = answers, longest_round, 0
+        rounds = [a.state_id.round + a.in_flight for a in answers if a is not None]
+        self.position = max(rounds, default=position)
 
     def highest_round_online(self) -> int:
-        return max((a.state_id.round for a in self.answers if a is not None), default=-1)
+        return self.position
 
-    def download_state(self, min_round: int, peers=None, want=None) -> Optional[Download]:
+    def download_state(self, min_round: int, peers=None, want=None, have=None) -> Optional[Download]:
         answer = self.answers[min(self.asked, len(self.answers) - 1)]
         self.asked += 1
-        return answer if answer is not None and answer.state_id.round >= min_round else None
+        if answer is None or answer.state_id.round < min_round:
+            return None
+        return replace(answer, tensors=[], held=True) if answer.state_id == have else answer
 
 
 def node_state(theta: list[float], working: list[float]) -> tuple[StateSync, torch.nn.Linear, list[str]]:
@@ -80,14 +86,34 @@ def test_catching_up_while_the_swarm_averages_awaits_its_round_and_keeps_our_pro
     assert torch.equal(sync.shared.pseudo_gradient(working)[0], torch.tensor([[0.125, 0.25]]))  # sent next round
 
 
+def test_a_node_that_holds_the_swarms_state_awaits_its_round_in_flight_without_downloading():
+    """A joiner on the initial model, while the swarm averages its first round: the same state, one round behind."""
+    sync, working, adopted = node_state([1.0, 2.0], [0.875, 1.75])  # theta_0, and one inner step of ours
+    swarm = state_of([1.0, 2.0], [0.0, 0.0], 0, in_flight=True)
+    sync.averaging = Served([swarm])
+    caught_up = sync.catch_up(position=0)
+    assert caught_up is not None and caught_up.held and caught_up.in_flight and caught_up.tensors == []
+    assert adopted == [] and torch.equal(working.weight, torch.tensor([[0.875, 1.75]]))  # nothing reset
+    # the same state without a round in flight is not ahead of us: nothing to do
+    sync.averaging = Served([state_of([1.0, 2.0], [0.0, 0.0], 0)], position=1)
+    assert sync.catch_up(position=0) is None
+    # a state of our round with another hash, held by the majority while it averages: taken
+    other = state_of([0.5, 0.5], [0.0, 0.0], 0, in_flight=True)
+    sync.averaging = Served([other])
+    assert sync.catch_up(position=0) is other and sync.shared.hash() == other.state_id.hash and adopted == ["adopted"]
+
+
 def test_an_awaited_round_is_taken_only_as_the_round_we_wait_for():
     sync, _, _ = node_state([0.0, 0.0], [0.0, 0.0])
     # the swarm moved two rounds on before we asked: that state is not the outcome of the round we missed
     sync.averaging = Served([state_of([1.0, 1.0], [0.0, 0.0], 7)])
     assert sync.await_round(6, threading.Event()) is None
     # nobody settles it within the longest a round can take: we give up (and train on from our state)
-    sync.averaging = Served([None], longest_round=0.6)
+    sync.averaging = Served([None], longest_round=0.6, position=6)
     assert sync.await_round(6, threading.Event()) is None and sync.averaging.asked >= 2
+    # nobody advertises the round any more (its peers left): we give up without asking
+    sync.averaging = Served([None], position=5)
+    assert sync.await_round(6, threading.Event()) is None and sync.averaging.asked == 0
     # told to stop: we stop asking at once
     stop = threading.Event()
     stop.set()

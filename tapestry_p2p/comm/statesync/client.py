@@ -42,6 +42,7 @@ class Download:
     seconds: float = 0.0  # how long the transfer took
     # its servers had their next round under way (--overlap): the swarm meets next for round `state_id.round + 2`
     in_flight: bool = False
+    held: bool = False  # we hold this state already (`download_state(have=...)`): nothing was fetched
 
     @property
     def nbytes(self) -> int:
@@ -77,18 +78,24 @@ class StateClient:
         return int(max(self._advertised().values(), default=-1))
 
     def download_state(
-        self, min_round: int, peers: Optional[Sequence[str]] = None, want: Optional[StateId] = None
+        self,
+        min_round: int,
+        peers: Optional[Sequence[str]] = None,
+        want: Optional[StateId] = None,
+        have: Optional[StateId] = None,
     ) -> Optional[Download]:
         """The state `want` (default: the one a majority of `peers` hold, if it is `min_round` or later) among `peers`
         (default: every other advertiser), downloaded in slices from all peers that hold it; None if there is no such
-        state, nobody serves it, or the download failed."""
+        state, nobody serves it, or the download failed. If it is `have` (ours), nothing is fetched (`held`)."""
         try:
-            return self._download(min_round, peers, want)
+            return self._download(min_round, peers, want, have)
         except Exception as e:  # noqa: BLE001 (a remote peer must not stop the node: whatever it caused, log it)
             logger.warning("state download failed (%s: %s); carrying on with our own state", type(e).__name__, e)
             return None
 
-    def _download(self, min_round: int, peers: Optional[Sequence[str]], want: Optional[StateId]) -> Optional[Download]:
+    def _download(
+        self, min_round: int, peers: Optional[Sequence[str]], want: Optional[StateId], have: Optional[StateId]
+    ) -> Optional[Download]:
         if peers is None:
             peers = sorted(self._advertised())
         if not peers:
@@ -100,12 +107,14 @@ class StateClient:
                 logger.info("peers are ahead, but no state is held by a majority of the %d that answered", len(infos))
             return None
         servers = sorted(p for p, info in infos.items() if info.id == target)
+        in_flight = any(infos[server].in_flight for server in servers)
+        if target == have:
+            return Download(target, [], servers, in_flight=in_flight, held=True)
         logger.info("downloading the state of round %d (%s) from %d peers", target.round, target.hash, len(servers))
         started = time.perf_counter()
         fetched = self._averager.fetch_state(servers, infos[servers[0]], STATE_TIMEOUT)
         if fetched is None:
             return None
-        in_flight = any(infos[server].in_flight for server in servers)
         return Download(target, fetched[0], fetched[1], time.perf_counter() - started, in_flight)
 
     def agreed_state(self, me: str, mine: PeerState, others: Sequence[str], group_round: int) -> Optional[StateId]:
