@@ -113,7 +113,7 @@ class ExactAverager(StateTransport, DecentralizedAverager):
         super().__init__(*args, allow_state_sharing=state_fn is not None, start=False, **kwargs)
         # peers are matched only if they average the same shapes with the same codec and H (A7 in the review), and
         # train the same run spec (node.spec)
-        hivemind_hash: bytes = self.schema_hash  # type: ignore[has-type]
+        hivemind_hash: bytes = self.schema_hash
         self.schema_hash = DHTID.generate(source=[hivemind_hash.hex(), codec, max_steps, spec]).to_bytes()
         if start:
             self.run_in_background(await_ready=True)

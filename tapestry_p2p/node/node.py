@@ -399,10 +399,8 @@ class Node:
         round after it: we await that round's outcome (the state it ends on) and meet with them, instead of meeting
         alone for a round they already averaged."""
         if download.in_flight:
-            awaited = download.state_id.round + 1
-            with self.sync.lock:
-                self.sync.in_flight = True
-            self.in_flight.await_state(lambda: self.sync.await_round(awaited, self.stop), awaited)
+            awaited, peers = download.state_id.round + 1, download.in_flight
+            self.in_flight.await_state(lambda: self.sync.await_round(awaited, peers, self.stop), awaited)
             logger.info("the swarm has round %d in flight: taking its outcome once it settles", awaited)
         self.sync.averaging.publish_round(self.position)
         self._save()
@@ -414,8 +412,6 @@ class Node:
         if self.sync.adopt(download, awaited.round, keep_progress=True):
             logger.info("took the swarm's round %d (model %s)", awaited.round, self.shared.hash())
         else:
-            with self.sync.lock:
-                self.sync.in_flight = False
             logger.warning(
                 "the swarm's round %d did not settle where we could download it: training on from round %d",
                 awaited.round,

@@ -48,7 +48,7 @@ class StateSync:
         self.averaging: Averaging = SoloAveraging()
         self.peer_id = "solo"
         self.clean = True  # our last round received every averaged part (peers comparing states ask for it)
-        self.in_flight = False  # our next round is under way: the state we serve is the one before it (node.overlap)
+        self.in_flight = False  # our next round's all-reduce is under way: we serve the state before it (node.overlap)
 
     def share_state(self) -> tuple[dict[str, Any], list[torch.Tensor]]:
         """What a peer downloads from us: theta and the outer momentum (runs in hivemind's helper thread)."""
@@ -152,14 +152,15 @@ class StateSync:
             stop.wait(CATCH_UP_RETRY_SECONDS)
         return "stopped", None
 
-    def await_round(self, round_no: int, stop: threading.Event) -> Optional[Download]:
-        """The state the swarm's round `round_no` ends on (it was in flight when we caught up), once a majority of the
-        peers hold it; None if it does not come within the longest a round can take, or the swarm moved past it."""
+    def await_round(self, round_no: int, peers: list[str], stop: threading.Event) -> Optional[Download]:
+        """The state the swarm's round `round_no` ends on (it was in flight for `peers` when we caught up), once a
+        majority of them hold it; None if it does not come within the longest a round can take, or they moved past
+        it. (Only the peers that average it are asked: another node awaiting it holds the state before it.)"""
         deadline = time.monotonic() + self.averaging.longest_round
         # (a peer's advertised position outlives it by at most hivemind's declaration period: once no peer
         # advertises the round, nobody is left to settle it)
         while not stop.is_set() and time.monotonic() < deadline and self.swarm_ahead(round_no - 1):
-            download = self.averaging.download_state(min_round=round_no)
+            download = self.averaging.download_state(min_round=round_no, peers=peers)
             if download is not None:
                 return download if download.state_id.round == round_no else None
             stop.wait(AWAIT_POLL_SECONDS)

@@ -31,7 +31,7 @@ def state_of(theta: list[float], momentum: list[float], round_no: int, in_flight
     holder = SharedModel(linear(theta), OuterConfig(lr=0.5, momentum=0.0))
     holder.load([torch.tensor([theta])], [torch.tensor([momentum])], round_no)
     tensors = [torch.tensor([theta]), torch.tensor([momentum])]
-    return Download(StateId(round_no, holder.hash()), tensors, ["server"], in_flight=in_flight)
+    return Download(StateId(round_no, holder.hash()), tensors, ["server"], in_flight=["server"] if in_flight else [])
 
 
 class Served(SoloAveraging):
@@ -40,7 +40,7 @@ class Served(SoloAveraging):
 
     def __init__(self, answers: list[Optional[Download]], longest_round: float = 30.0, position: int = -1) -> None:
         self.answers, self.longest_round, self.asked = answers, longest_round, 0
-        rounds = [a.state_id.round + a.in_flight for a in answers if a is not None]
+        rounds = [a.state_id.round + bool(a.in_flight) for a in answers if a is not None]
         self.position = max(rounds, default=position)
 
     def highest_round_online(self) -> int:
@@ -76,7 +76,7 @@ def test_catching_up_while_the_swarm_averages_awaits_its_round_and_keeps_our_pro
         working.weight.sub_(torch.tensor([[0.125, 0.25]]))  # inner steps while round 5 is in flight
 
     sync.averaging = Served([None, round5])
-    awaited = sync.await_round(5, threading.Event())
+    awaited = sync.await_round(5, ["server"], threading.Event())
     assert awaited is round5
     assert sync.adopt(awaited, 5, keep_progress=True)
     assert sync.shared.round == 5 and sync.shared.hash() == round5.state_id.hash
@@ -107,18 +107,18 @@ def test_an_awaited_round_is_taken_only_as_the_round_we_wait_for():
     sync, _, _ = node_state([0.0, 0.0], [0.0, 0.0])
     # the swarm moved two rounds on before we asked: that state is not the outcome of the round we missed
     sync.averaging = Served([state_of([1.0, 1.0], [0.0, 0.0], 7)])
-    assert sync.await_round(6, threading.Event()) is None
+    assert sync.await_round(6, ["server"], threading.Event()) is None
     # nobody settles it within the longest a round can take: we give up (and train on from our state)
     sync.averaging = Served([None], longest_round=0.6, position=6)
-    assert sync.await_round(6, threading.Event()) is None and sync.averaging.asked >= 2
+    assert sync.await_round(6, ["server"], threading.Event()) is None and sync.averaging.asked >= 2
     # nobody advertises the round any more (its peers left): we give up without asking
     sync.averaging = Served([None], position=5)
-    assert sync.await_round(6, threading.Event()) is None and sync.averaging.asked == 0
+    assert sync.await_round(6, ["server"], threading.Event()) is None and sync.averaging.asked == 0
     # told to stop: we stop asking at once
     stop = threading.Event()
     stop.set()
     sync.averaging = Served([None])
-    assert sync.await_round(6, stop) is None and sync.averaging.asked == 0
+    assert sync.await_round(6, ["server"], stop) is None and sync.averaging.asked == 0
 
 
 def test_a_state_that_does_not_hash_to_what_its_servers_announced_is_not_taken_even_awaited():

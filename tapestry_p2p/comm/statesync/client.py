@@ -1,9 +1,9 @@
 """State sync as a node asks for it: who is ahead, which state to download, and what a group agreed on after a round.
 
-Peers advertise their round as hivemind's state-sharing priority (the averager's `all_averagers` DHT key); a node
-that sees a later round advertised asks every advertiser (members only, in a consortium) for its state info, adopts
-the state a majority of them hold (`policy.elected_state`; an advertised round is only a hint, never a reason) and
-downloads it in slices from every peer holding it (`transport.py`).
+Peers advertise their round as hivemind's state-sharing priority (under `StateTransport.advertised_key`, one key per
+schema); a node that sees a later round advertised asks every advertiser (members only, in a consortium) for its state
+info, adopts the state a majority of them hold (`policy.elected_state`; an advertised round is only a hint, never a
+reason) and downloads it in slices from every peer holding it (`transport.py`).
 
 Every call here has an overall deadline, and whatever a remote peer makes a call raise is logged and turned into
 "nothing downloaded": a peer can delay a download, never stop the node (S3 in the security review).
@@ -15,7 +15,7 @@ import logging
 import math
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Optional
 
 import torch
@@ -40,8 +40,9 @@ class Download:
     tensors: list[torch.Tensor]
     servers: list[str]
     seconds: float = 0.0  # how long the transfer took
-    # its servers had their next round under way (--overlap): the swarm meets next for round `state_id.round + 2`
-    in_flight: bool = False
+    # those of its servers whose next round's all-reduce was under way (--overlap): the swarm meets next for round
+    # `state_id.round + 2`, and they are the peers that will hold the state that round ends on
+    in_flight: list[str] = field(default_factory=list)
     held: bool = False  # we hold this state already (`download_state(have=...)`): nothing was fetched
 
     @property
@@ -61,8 +62,8 @@ class StateClient:
         self._averager.state_sharing_priority = float(round_no)
 
     def _advertised(self) -> dict[str, float]:
-        """Peer id -> round, for every peer that declares it can serve its state (hivemind's `all_averagers` key)."""
-        found = self._dht.get(f"{self._averager.prefix}.all_averagers", latest=True)
+        """Peer id -> round, for every peer of our schema that declares it can serve its state."""
+        found = self._dht.get(self._averager.advertised_key, latest=True)
         if found is None or not isinstance(found.value, dict):
             return {}
         rounds = {}
@@ -107,7 +108,7 @@ class StateClient:
                 logger.info("peers are ahead, but no state is held by a majority of the %d that answered", len(infos))
             return None
         servers = sorted(p for p, info in infos.items() if info.id == target)
-        in_flight = any(infos[server].in_flight for server in servers)
+        in_flight = [server for server in servers if infos[server].in_flight]
         if target == have:
             return Download(target, [], servers, in_flight=in_flight, held=True)
         logger.info("downloading the state of round %d (%s) from %d peers", target.round, target.hash, len(servers))

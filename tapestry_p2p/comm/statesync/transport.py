@@ -69,6 +69,7 @@ class StateTransport:
         _outer_pipe: Any
         _members: Any
         prefix: str
+        schema_hash: bytes
         serializer: Any
         allow_state_sharing: bool
 
@@ -83,12 +84,19 @@ class StateTransport:
 
     # ---- advertising ----
 
+    @property
+    def advertised_key(self) -> str:
+        """Where we advertise that we serve our state: hivemind's `all_averagers` key, per schema (changed from
+        upstream: a peer of another run spec, codec or model could never average with us, and its state is not ours
+        to download)."""
+        return f"{self.prefix}.{self.schema_hash.hex()[:16]}.all_averagers"
+
     async def _declare_for_download_periodically(self) -> None:
         # forked from hivemind 1.1.12 averaging/averager.py:DecentralizedAverager._declare_for_download_periodically;
         # change: each declaration lives two periods, so the next one is stored before it expires. Upstream's expires
         # the moment the next one is sent: a joiner that reads the key in between (a DHT store takes a while under
-        # load) finds one server fewer (tests/e2e/test_churn.py's late joiner once did).
-        download_key = f"{self._matchmaking.group_key_manager.prefix}.all_averagers"
+        # load) finds one server fewer (tests/e2e/test_churn.py's late joiner once did); the key is per schema.
+        download_key = self.advertised_key
         sharing_was_allowed = self.allow_state_sharing
         while True:
             if self.allow_state_sharing or sharing_was_allowed:
