@@ -9,6 +9,7 @@ model, and averages with them again.
 from __future__ import annotations
 
 import math
+import re
 import signal
 
 from helpers import join_args, metrics, run_to_completion
@@ -56,7 +57,14 @@ def test_overlapped_rounds_keep_one_model_through_a_crash_and_a_resume(procs, tm
     resumed = c[len(before_crash) :]
     assert resumed and resumed[0]["round"] > (before_crash[-1]["round"] if before_crash else 0)
     together = [r for r in resumed if r["group_size"] > 1 and r["failure"] is None and not r["resynced"]]
-    assert together, resumed
+    assert len(together) >= len(resumed) // 2 and any(r["group_size"] == 3 for r in together), resumed
     for record in together:
         theirs = {x["model_hash"] for x in (a_by_round.get(record["round"]), b_by_round.get(record["round"])) if x}
         assert record["model_hash"] in theirs
+    # if it caught up while a's and b's round was in flight, it took that round's outcome and met them at the next
+    # (before its first round it may do so twice: a and b launch their next round while it waits for --min-peers)
+    before_first_round = log.split("\nround ")[0]
+    awaited = re.findall(r"the swarm has round (\d+) in flight", before_first_round)
+    if awaited:
+        assert f"took the swarm's round {awaited[-1]}" in before_first_round, log[-3000:]
+        assert resumed[0]["round"] == int(awaited[-1]) + 1 and resumed[0]["group_size"] > 1, resumed
