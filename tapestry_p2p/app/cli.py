@@ -461,9 +461,7 @@ def setup_logging(verbose: bool) -> None:
 def console(stderr: bool = False) -> Any:
     from rich.console import Console
 
-    out = Console(stderr=stderr, highlight=False)
-    out.soft_wrap = not out.is_terminal  # piped or redirected: one line stays one line, whatever its length
-    return out
+    return Console(stderr=stderr, highlight=False)
 
 
 def install_stop_handlers(stop: threading.Event) -> None:

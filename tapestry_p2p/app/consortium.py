@@ -70,7 +70,10 @@ def _verify(args: argparse.Namespace, out: Any) -> None:
         raise ConsortiumError(
             f"{args.file} is version {consortium.version}: pass --previous with the version it replaces"
         )
-    out.print(f"{args.file}: run {consortium.run_id!r}, version {consortium.version}, valid", markup=False)
+    # one line whatever the path's length (scripts read it)
+    out.print(
+        f"{args.file}: run {consortium.run_id!r}, version {consortium.version}, valid", markup=False, soft_wrap=True
+    )
     if consortium.spec:
         out.print(f"  run spec pinned: {consortium.spec}", markup=False)
     for member in consortium.members:
