@@ -380,10 +380,10 @@ class Node:
         record closes the accounting period (`self._phases`) that overlapped it."""
         with self._phases("wait"):
             launched = self.in_flight.wait()
-        if isinstance(launched, Awaited):
-            self._take_awaited(launched)
-            return
         if launched is None:
+            return
+        if isinstance(launched, Awaited):  # not our round: the swarm's, since we caught up
+            self._take_awaited(launched)
             return
         result = launched.future.result()
         for name, seconds in result.seconds.items():  # these ran in the background, overlapping our compute
@@ -395,15 +395,16 @@ class Node:
         self._phases = Phases()
 
     def _caught_up(self, download: Download) -> None:
-        """We adopted the swarm's state. If its servers had their next round in flight, the swarm meets next for the
-        round after it: we await that round's outcome (the state it ends on) and meet with them, instead of meeting
-        alone for a round they already averaged."""
+        """We hold the swarm's state now (adopted, or ours already: `download.held`). If its servers had their next
+        round in flight, the swarm meets next for the round after it: we await that round's outcome (the state it
+        ends on) and meet with them, instead of meeting alone for a round they already averaged."""
         if download.in_flight:
             awaited, peers = download.state_id.round + 1, download.in_flight
             self.in_flight.await_state(lambda: self.sync.await_round(awaited, peers, self.stop), awaited)
             logger.info("the swarm has round %d in flight: taking its outcome once it settles", awaited)
         self.sync.averaging.publish_round(self.position)
-        self._save()
+        if not download.held:
+            self._save()
 
     def _take_awaited(self, awaited: Awaited) -> None:
         """The swarm's round we awaited settled: adopt the state it ends on, keeping our progress since we caught up
