@@ -106,6 +106,8 @@ class Averaging(Protocol):
 
     def highest_round_online(self) -> int: ...
 
+    def positions(self) -> dict[str, int]: ...
+
     def download_state(
         self,
         min_round: int,
@@ -132,6 +134,9 @@ class SoloAveraging:
 
     def highest_round_online(self) -> int:
         return -1
+
+    def positions(self) -> dict[str, int]:
+        return {}
 
     def download_state(
         self,
@@ -198,6 +203,7 @@ class SwarmAveraging:
         self._states = StateClient(dht, self._averager)
         self.publish_round = self._states.publish_round
         self.highest_round_online = self._states.highest_round_online
+        self.positions = self._states.positions
         self.download_state = self._states.download_state
         self.agreed_state = self._states.agreed_state
 

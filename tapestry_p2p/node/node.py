@@ -235,7 +235,7 @@ class Node:
         with self._phases("catch_up"):
             # the swarm has moved on (we were alone, away, or out of step): rejoin it. Our round in flight settles
             # first, so that the state we download is the swarm's latest when we adopt it.
-            if self.in_flight.round is not None and self.sync.swarm_ahead(self.position):
+            if self.in_flight.round is not None and self.sync.peers_ahead(self.position):
                 self._settle_in_flight()
             caught_up = self.sync.catch_up(self.position)
         if caught_up is not None:

@@ -103,10 +103,11 @@ class StateSync:
         flight): the state a majority serves, if it is past ours, or at our round with another hash. Returns it (None
         if nothing changed); if its servers had their next round in flight (`Download.in_flight`), the caller awaits
         that round's outcome (`await_round`), also when the state they serve is the one we hold (`Download.held`)."""
-        if not self.swarm_ahead(position):
+        ahead = self.peers_ahead(position)
+        if not ahead:
             return None
         mine = StateId(self.shared.round, self.shared.hash())
-        download = self.averaging.download_state(min_round=self.shared.round, have=mine)
+        download = self.averaging.download_state(min_round=self.shared.round, peers=ahead, have=mine)
         if download is None or (download.held and not download.in_flight):
             return None
         if download.held:
@@ -128,6 +129,16 @@ class StateSync:
     def swarm_ahead(self, position: int) -> bool:
         """Whether some peer advertises a later position than ours (a hint: what we adopt is what a majority holds)."""
         return self.averaging.highest_round_online() > position
+
+    def peers_ahead(self, position: int) -> list[str]:
+        """The peers to catch up from: those advertising a later position than ours, if they outnumber the peers
+        level with us (else none). Peers behind us have no say (a partner resuming from an old checkpoint must not
+        keep two others that split apart from agreeing), and a minority claiming to be ahead of peers in step with us
+        wins nothing; among those ahead, the state a majority of them holds is the one taken (`download_state`)."""
+        positions = self.averaging.positions()
+        ahead = sorted(peer for peer, theirs in positions.items() if theirs > position)
+        level = sum(theirs == position for theirs in positions.values())
+        return ahead if len(ahead) > level else []
 
     def first_catch_up(self, stop: threading.Event, start_fresh: bool) -> tuple[str, Optional[Download]]:
         """On joining: catch up with the swarm if it is ahead, waiting for a server if there is none yet. Returns

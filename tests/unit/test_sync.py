@@ -46,6 +46,9 @@ class Served(SoloAveraging):
     def highest_round_online(self) -> int:
         return self.position
 
+    def positions(self) -> dict[str, int]:
+        return {"server": self.position}
+
     def download_state(self, min_round: int, peers=None, want=None, have=None) -> Optional[Download]:
         answer = self.answers[min(self.asked, len(self.answers) - 1)]
         self.asked += 1
@@ -128,3 +131,28 @@ def test_a_state_that_does_not_hash_to_what_its_servers_announced_is_not_taken_e
     assert not sync.adopt(forged, 5, keep_progress=True)
     assert sync.shared.round == 0 and torch.equal(sync.shared.params[0], torch.tensor([[0.0, 0.0]]))
     assert torch.equal(working.weight, torch.tensor([[0.5, 0.5]]))
+
+
+class Advertised(SoloAveraging):
+    """Only the positions peers advertise (what `peers_ahead` reads)."""
+
+    def __init__(self, positions: dict[str, int]) -> None:
+        self.advertised = positions
+
+    def positions(self) -> dict[str, int]:
+        return self.advertised
+
+
+def test_the_peers_to_catch_up_from_outnumber_those_in_step_with_us():
+    sync, _, _ = node_state([0.0, 0.0], [0.0, 0.0])
+    # a partner that split from us after a crash round runs ahead; the crashed one resumed far behind: it has no say
+    sync.averaging = Advertised({"ahead": 9, "resumed": 1})
+    assert sync.peers_ahead(5) == ["ahead"]
+    # one peer claiming to be ahead of a peer in step with us wins nothing (S1 in the security review)
+    sync.averaging = Advertised({"claims": 1_000_000, "in step": 5})
+    assert sync.peers_ahead(5) == []
+    # the swarm moved on without us: all of it
+    sync.averaging = Advertised({"x": 7, "y": 7, "claims": 1_000_000, "in step": 5})
+    assert sync.peers_ahead(5) == ["claims", "x", "y"]  # (then the state a majority of these holds is taken)
+    sync.averaging = Advertised({"x": 5, "y": 4})
+    assert sync.peers_ahead(5) == []

@@ -74,6 +74,10 @@ class StateClient:
         rounds.pop(self._averager.peer_id.to_base58(), None)
         return rounds
 
+    def positions(self) -> dict[str, int]:
+        """Peer id -> the round it advertises, for every other peer of our schema serving its state."""
+        return {peer: int(value) for peer, value in self._advertised().items()}
+
     def highest_round_online(self) -> int:
         """The highest round another peer of the run advertises for state sharing (-1 if none does)."""
         return int(max(self._advertised().values(), default=-1))
