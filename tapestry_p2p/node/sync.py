@@ -4,10 +4,11 @@ that left us out of step with our group, and adopt a downloaded state only if it
 The transport and the choice of the elected state are in `comm.statesync`; this module is the node's policy:
 - on joining (`first_catch_up`): if the swarm is ahead, wait for its state rather than train from our own (a joiner
   that trains alone would only be overwritten later), unless told to start fresh;
-- at every round start (`catch_up`): if some peer advertises a later position (the round it reaches once its round
-  in flight settles, see node.overlap), download the state a majority of the peers hold (an advertised round is a
-  hint, never a reason); if they served it with their next round under way, the node takes that round's outcome as
-  the state it ends on (`await_round`) instead of meeting alone for a round the swarm already averaged;
+- at every round start (`catch_up`): if peers advertise a later position (the round they reach once their round in
+  flight settles, see node.overlap) and outnumber those in step with us, download the state a majority of them hold
+  (an advertised round is a hint, never a reason; `peers_ahead`); if they served it with their next round under way,
+  the node takes that round's outcome as the state it ends on (`await_round`) instead of meeting alone for a round
+  the swarm already averaged;
 - after a round (`after_round`): if we disagreed with the group going in, or values lost their reducer, compare
   states with the group and download the agreed one if ours differs;
 - `adopt`: well-formed, not older than asked, and hashing to what its servers announced, or it is ignored.
