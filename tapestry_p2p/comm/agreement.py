@@ -1,0 +1,321 @@
+"""The agreed group of a round: who averages round r, computed by every member from the same signed inputs.
+
+Replaces hivemind's leader/follower matchmaking, a one-phase commit whose two sides time out independently (a leader
+could form a group with a follower that had already gone alone: docs/ARCHITECTURE.md, "Agreement"). Here, for round r
+(the round of the shared model going in), among peers of one schema:
+
+1. **Declare.** Each partner that will average round r stores a `Declaration` (its peer id, the state it holds: round
+   and hash, its inner steps and the norm of its update) under the round's DHT key, in its own owner-signed subkey,
+   before the cut-off. Only the owner can write its entry (hivemind's RSASignatureValidator), and an entry speaks only
+   for the peer its signing key derives (`security.identity.peer_id_of`): nobody relays anybody's metadata.
+2. **View.** At the cut-off each reads the key. Its `Proposal` is the set of valid declarations holding the state a
+   majority of declarers hold (`statesync.policy.elected_state`); its group id is the hash of the round, the schema
+   and every member's declared entry, sorted.
+3. **Vote.** Each sends its vote (attempt, group id, members) to every member of its proposal; every answer carries
+   the answerer's own status. A peer *commits* when it holds a vote for its own proposal from every member of it, and
+   tells the members (a commit announcement: a peer that missed one vote learns that everybody voted). A peer that
+   has committed never votes again, so no other group containing it can ever be committed.
+4. **Retry.** If the votes differ (the DHT gave members different views) or a member stays silent past the vote
+   deadline (asked once more, then dropped), attempt 2 proposes the intersection of the views received, without the
+   silent or abstaining members; if that fails too the peer is out of the round, knowing why.
+
+A peer outside the group knows why (`Outcome.reason`: declared late, state differs, not seen by a member, silent, no
+agreement); a round that nobody else declared is a round alone. Reducers refuse parts of any other group id at the
+first message (`comm.averager`).
+
+This module is pure (no network, no clock): `Agreement` is the state machine one peer runs per round, fed with the
+statuses its peers send; `comm.averager` drives it over the network. With reliable delivery the members of a
+committed group all commit it; the one window no protocol without a master can close (a peer that stalls between
+receiving the last vote and its own vote reaching the others) costs the committed members that peer's span, never a
+split: its own outcome is a round outside the group, which the node repairs by adopting the group's state.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal, Optional
+
+import msgpack
+
+from tapestry_p2p.comm.statesync.policy import elected_state
+from tapestry_p2p.comm.statesync.wire import MAX_HASH_LENGTH, UNPACK_ERRORS, PeerState, is_count
+
+MAX_NORM = 1e30  # a declared norm above this is malformed
+MAX_MEMBERS = 256  # a vote naming more members is malformed
+MAX_PEER_ID_LENGTH = 128
+ATTEMPTS = 2  # attempt 1: the view from the DHT; attempt 2: the intersection of the views received
+
+# Why a peer is not in the group it would have averaged with (RoundMetrics.left_out)
+DECLARED_LATE = "declared late"  # our declaration was stored after the cut-off: we did not vote
+NOT_SEEN = "not seen by all members"  # some member's view lacked our declaration (attempt 2 dropped us)
+STATE_DIFFERS = "state differs"  # our shared model is not the one the majority of declarers holds
+SILENT = "silent at the vote"  # we did not answer in time (attempt 2 of the others dropped us)
+NO_AGREEMENT = "no agreement"  # two attempts, still no group every member voted for
+ALONE = "nobody else declared"  # no group to be in: a round alone
+
+
+@dataclass(frozen=True)
+class Declaration:
+    """What a partner declares for round `round` (the shared model's round going in), signed by itself."""
+
+    peer: str  # its peer id (base58); must be the peer the signing key derives
+    round: int
+    hash: str  # its shared model's hash
+    steps: int  # its inner steps this round (its weight is screening.weight_for(steps, H))
+    norm: float  # L2 norm of its whole pseudo-gradient this round, before encoding
+
+    def pack(self) -> dict[str, Any]:
+        return {"peer": self.peer, "round": self.round, "hash": self.hash, "steps": self.steps, "norm": self.norm}
+
+    @classmethod
+    def parse(cls, signer: Optional[str], value: Any, round_no: int) -> Optional[Declaration]:
+        """A declaration read from the DHT (untrusted): None if malformed, of another round, or not its signer's."""
+        if not isinstance(value, dict) or set(value) != {"peer", "round", "hash", "steps", "norm"}:
+            return None
+        peer, declared_round, digest, steps, norm = (value[k] for k in ("peer", "round", "hash", "steps", "norm"))
+        if signer is None or peer != signer or declared_round != round_no:
+            return None
+        if not (is_count(steps) and isinstance(digest, str) and len(digest) <= MAX_HASH_LENGTH):
+            return None
+        if type(norm) is not float or not (math.isfinite(norm) and 0.0 <= norm <= MAX_NORM):
+            return None
+        return cls(peer, declared_round, digest, steps, norm)
+
+    @property
+    def state(self) -> PeerState:
+        return PeerState(self.round, self.hash)
+
+
+@dataclass(frozen=True)
+class Proposal:
+    """A set of members for a round, and the group id that names exactly their declarations."""
+
+    members: tuple[str, ...]  # sorted peer ids
+    group_id: bytes
+
+    def __contains__(self, peer: object) -> bool:
+        return peer in self.members
+
+
+def group_id(schema: bytes, declarations: Iterable[Declaration]) -> bytes:
+    """The id of a group: a hash of the schema and every member's declared entry, sorted by peer id."""
+    entries = sorted((d.peer, d.round, d.hash, d.steps, d.norm) for d in declarations)
+    return hashlib.sha256(msgpack.packb([schema, entries], use_bin_type=True)).digest()[:20]
+
+
+def propose(schema: bytes, declarations: Mapping[str, Declaration]) -> Proposal:
+    """The group a view implies: the declarers holding the state a majority of them hold (ties: see elected_state)."""
+    elected = elected_state({peer: d.state for peer, d in declarations.items()})
+    chosen = [d for d in declarations.values() if elected is not None and d.state.id == elected]
+    return Proposal(tuple(sorted(d.peer for d in chosen)), group_id(schema, chosen))
+
+
+def ordered(proposal: Proposal) -> list[str]:
+    """The members in all-reduce order (member i reduces span i): by hash of the group id and peer id, so no member
+    chooses its place by choosing its key."""
+    return sorted(proposal.members, key=lambda peer: hashlib.sha256(proposal.group_id + peer.encode()).digest())
+
+
+Kind = Literal["pending", "vote", "committed", "out"]
+
+
+@dataclass(frozen=True)
+class Status:
+    """What a peer says about its agreement of one round: in its requests (its vote) and in every answer."""
+
+    kind: Kind
+    attempt: int = 0
+    group_id: bytes = b""  # the group it votes for, or committed
+    members: tuple[str, ...] = ()  # that group's members
+    view: tuple[str, ...] = ()  # the members of its attempt-1 proposal (what it read from the DHT)
+    reason: str = ""  # for "out": why (one of the reasons above)
+
+    def pack(self, round_no: int) -> bytes:
+        fields = [round_no, self.kind, self.attempt, self.group_id, list(self.members), list(self.view), self.reason]
+        return msgpack.packb(fields, use_bin_type=True)
+
+    @classmethod
+    def unpack(cls, raw: bytes) -> Optional[tuple[int, Status]]:
+        """(round, status) from untrusted bytes; None if malformed."""
+        try:
+            round_no, kind, attempt, gid, members, view, reason = msgpack.unpackb(raw, raw=False)
+        except UNPACK_ERRORS:
+            return None
+        if not (is_count(round_no) and kind in ("pending", "vote", "committed", "out") and is_count(attempt)):
+            return None
+        if not (isinstance(gid, bytes) and len(gid) <= 32 and isinstance(reason, str) and len(reason) <= 64):
+            return None
+        if not (_peer_list(members) and _peer_list(view)):
+            return None
+        if attempt > ATTEMPTS or (kind in ("vote", "committed") and not (gid and members)):
+            return None
+        return round_no, cls(kind, attempt, gid, tuple(members), tuple(view), reason)
+
+
+def _peer_list(value: Any) -> bool:
+    return (
+        isinstance(value, list)
+        and len(value) <= MAX_MEMBERS
+        and all(isinstance(m, str) and 0 < len(m) <= MAX_PEER_ID_LENGTH for m in value)
+    )
+
+
+PENDING = Status("pending")
+
+
+@dataclass
+class Outcome:
+    """How one peer's agreement of a round ended: the group it committed, or why it is out of the round."""
+
+    group: Optional[Proposal]  # the committed group (None: out of the round)
+    attempt: int = 1
+    reason: str = ""  # why we are out (empty when committed)
+    declarations: dict[str, Declaration] = field(default_factory=dict)  # the members' declarations (committed)
+    # when we are out: the peers that will hold the state this round ends on (the majority-state declarers we saw)
+    others: tuple[str, ...] = ()
+
+
+class Agreement:
+    """One peer's agreement of one round, as a state machine: feed it the statuses peers send (`receive`) and the
+    vote deadlines (`deadline_passed`); it says what to send (`status`, `peers`, `missing`) and how it ended
+    (`outcome`).
+
+    `view` holds every valid declaration this peer read at the cut-off (ours included); `abstain` gives the reason we
+    do not vote at all (we declared late), so that we answer "out" to anyone who counts on us."""
+
+    def __init__(self, me: str, schema: bytes, view: Mapping[str, Declaration], abstain: str = "") -> None:
+        self.me, self.schema = me, schema
+        self.view = dict(view)
+        self.attempt = 1
+        self.first = propose(schema, self.view)  # our attempt-1 proposal (our view of the DHT)
+        self.proposal = self.first  # the one we vote for now
+        self.views: dict[str, tuple[str, ...]] = {}  # peer -> its attempt-1 proposal's members
+        self.votes: dict[str, tuple[int, bytes]] = {}  # peer -> (attempt, group id) of its latest vote
+        self.dropped_us: set[str] = set()  # peers whose attempt-2 vote leaves us out (we were silent or late to them)
+        self.committed: dict[str, bytes] = {}  # peer -> the group it committed
+        self.out: dict[str, str] = {}  # peer -> why it said it is out
+        self.silent: set[str] = set()  # members that did not answer by a vote deadline, even when asked again
+        self.outcome: Optional[Outcome] = None
+        if abstain:
+            self._leave(abstain)
+        elif me not in self.first:
+            self._leave(STATE_DIFFERS)
+        elif len(self.first.members) == 1:
+            self._leave(ALONE)
+        else:
+            self.views[me] = self.first.members
+
+    # ---- what we say ----
+
+    @property
+    def status(self) -> Status:
+        if self.outcome is None:
+            return Status("vote", self.attempt, self.proposal.group_id, self.proposal.members, self.first.members)
+        if self.outcome.group is not None:
+            group = self.outcome.group
+            return Status("committed", self.outcome.attempt, group.group_id, group.members, self.first.members)
+        return Status("out", self.attempt, view=self.first.members, reason=self.outcome.reason)
+
+    @property
+    def peers(self) -> list[str]:
+        """The members of our current proposal other than us: whom we send our vote."""
+        return [p for p in self.proposal.members if p != self.me]
+
+    def missing(self) -> list[str]:
+        """Members of our current proposal we have heard nothing from for this attempt."""
+        return [p for p in self.peers if not self._heard(p)]
+
+    def pending_group(self) -> Optional[bytes]:
+        """The group id we are still voting for (a reducer waits for our decision before refusing its parts)."""
+        return None if self.outcome is not None else self.proposal.group_id
+
+    # ---- what we hear ----
+
+    def receive(self, peer: str, status: Status) -> None:
+        """A status from `peer` (the sender libp2p authenticated): its vote, its commit, or that it is out."""
+        if peer == self.me or peer not in self.view:
+            return  # only declarers we saw have a say
+        if status.view:
+            self.views[peer] = status.view
+        if status.kind == "vote":
+            self.votes[peer] = (status.attempt, status.group_id)
+            if status.attempt > 1 and self.me not in status.members:
+                self.dropped_us.add(peer)
+        elif status.kind == "committed":
+            self.committed[peer] = status.group_id
+        elif status.kind == "out":
+            self.out[peer] = status.reason
+        self.silent.discard(peer)
+        self._check()
+
+    def deadline_passed(self, silent: Sequence[str]) -> None:
+        """This attempt's vote deadline passed; `silent` did not answer even when asked again."""
+        if self.outcome is None:
+            self.silent.update(p for p in silent if not self._heard(p))
+            self._check(force=True)
+
+    # ---- deciding ----
+
+    def _supports(self, peer: str) -> bool:
+        gid = self.proposal.group_id
+        return self.committed.get(peer) == gid or self.votes.get(peer, (0, b""))[1] == gid
+
+    def _heard(self, peer: str) -> bool:
+        """Whether `peer` said anything that counts for this attempt: a vote of this attempt or later, a commit, out."""
+        voted_now = self.votes.get(peer, (0, b""))[0] >= self.attempt
+        return self._supports(peer) or voted_now or peer in self.committed or peer in self.out
+
+    def _against(self, peer: str) -> bool:
+        """Whether `peer` said something that rules our current proposal out."""
+        if peer in self.out or (peer in self.committed and not self._supports(peer)):
+            return True
+        attempt, gid = self.votes.get(peer, (0, b""))
+        return attempt >= self.attempt and gid != self.proposal.group_id
+
+    def _check(self, force: bool = False) -> None:
+        if self.outcome is not None:
+            return
+        # A member that committed a group held every member's vote for it. It never votes again, so a proposal of
+        # ours that contains it can never be committed: its group is the one to take, if we voted for it.
+        for peer, gid in self.committed.items():
+            if gid == self.proposal.group_id or (gid == self.first.group_id and peer in self.proposal):
+                self._commit(self.proposal if gid == self.proposal.group_id else self.first)
+                return
+        if all(self._supports(p) for p in self.peers):
+            self._commit(self.proposal)
+            return
+        if force or (not self.missing() and any(self._against(p) for p in self.peers)):
+            self._next_attempt()
+
+    def _commit(self, proposal: Proposal) -> None:
+        attempt = 1 if proposal is self.first else self.attempt
+        declarations = {p: self.view[p] for p in proposal.members}
+        self.outcome = Outcome(proposal, attempt, declarations=declarations)
+
+    def _next_attempt(self) -> None:
+        if self.attempt >= ATTEMPTS:
+            self._leave(SILENT if self.dropped_us else NO_AGREEMENT)
+            return
+        gone = set(self.out) | self.silent
+        seen_by_all = set(self.first.members) - gone
+        for peer, view in self.views.items():
+            if peer in seen_by_all:
+                seen_by_all &= set(view)
+        if self.me not in seen_by_all:  # a member's view lacks our declaration
+            self._leave(NOT_SEEN)
+            return
+        # members that committed another group will not vote again
+        members = seen_by_all - {p for p, g in self.committed.items() if g != self.first.group_id}
+        if len(members) == 1:
+            self._leave(SILENT if self.dropped_us or self.committed else NO_AGREEMENT)
+            return
+        self.attempt += 1
+        self.proposal = Proposal(tuple(sorted(members)), group_id(self.schema, [self.view[p] for p in members]))
+        self._check()
+
+    def _leave(self, reason: str) -> None:
+        others = () if reason == ALONE else tuple(p for p in self.first.members if p != self.me)
+        self.outcome = Outcome(None, self.attempt, reason, others=others)

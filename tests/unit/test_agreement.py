@@ -1,0 +1,267 @@
+"""The agreed group (comm/agreement.py) on a fake network: views that differ, silent and abstaining members, a late
+commit, malformed statuses. Each peer runs its own `Agreement`; `Net` delivers what each sends, in order, except what
+a test holds back or drops."""
+
+from __future__ import annotations
+
+import pytest
+
+from tapestry_p2p.comm.agreement import (
+    ALONE,
+    DECLARED_LATE,
+    NO_AGREEMENT,
+    NOT_SEEN,
+    SILENT,
+    STATE_DIFFERS,
+    Agreement,
+    Declaration,
+    Status,
+    group_id,
+    ordered,
+    propose,
+)
+
+SCHEMA = b"schema"
+
+
+def decl(peer: str, digest: str = "h", steps: int = 10, norm: float = 1.0, round_no: int = 4) -> Declaration:
+    return Declaration(peer, round_no, digest, steps, norm)
+
+
+class Net:
+    """Peers exchanging statuses: each vote is a request, answered at once with the receiver's status (as
+    `rpc_agree` does); `cut` holds the messages between two peers back until `heal`."""
+
+    def __init__(self, agreements: dict[str, Agreement]) -> None:
+        self.peers = agreements
+        self.cut: set[tuple[str, str]] = set()
+        self.held: list[tuple[str, str]] = []
+
+    def send(self, sender: str, receiver: str) -> None:
+        if (sender, receiver) in self.cut:
+            self.held.append((sender, receiver))
+            return
+        if receiver not in self.peers:
+            return
+        self.peers[receiver].receive(sender, self.peers[sender].status)  # the request
+        self.peers[sender].receive(receiver, self.peers[receiver].status)  # the answer
+
+    def run(self, rounds: int = 4) -> None:
+        """Everyone sends its status to every member of its proposal, until nothing changes."""
+        for _ in range(rounds):
+            for name, agreement in self.peers.items():
+                for peer in agreement.peers if agreement.outcome is None else agreement.first.members:
+                    if peer != name:
+                        self.send(name, peer)
+
+    def outcomes(self) -> dict[str, tuple]:
+        return {name: _summary(a) for name, a in self.peers.items()}
+
+
+def _summary(agreement: Agreement) -> tuple | None:
+    outcome = agreement.outcome
+    return None if outcome is None else (outcome.group.members if outcome.group else None, outcome.reason)
+
+
+def swarm(views: dict[str, list[Declaration]]) -> Net:
+    return Net({name: Agreement(name, SCHEMA, {d.peer: d for d in view}) for name, view in views.items()})
+
+
+def test_everyone_seeing_the_same_declarations_commits_one_group_at_once():
+    everyone = [decl(p) for p in "abc"]
+    net = swarm({p: everyone for p in "abc"})
+    net.run(rounds=1)
+    assert net.outcomes() == {p: (("a", "b", "c"), "") for p in "abc"}
+    gids = {a.outcome.group.group_id for a in net.peers.values()}
+    assert gids == {group_id(SCHEMA, everyone)}
+    assert all(a.outcome.attempt == 1 for a in net.peers.values())
+
+
+def test_the_group_id_names_every_declared_entry():
+    base = [decl("a"), decl("b")]
+    assert group_id(SCHEMA, base) == group_id(SCHEMA, list(reversed(base)))
+    assert group_id(SCHEMA, base) != group_id(SCHEMA, [decl("a"), decl("b", norm=1.5)])  # another norm: another group
+    assert group_id(SCHEMA, base) != group_id(b"other", base)
+    proposal = propose(SCHEMA, {d.peer: d for d in base})
+    assert sorted(ordered(proposal)) == ["a", "b"]
+
+
+def test_a_declaration_seen_by_some_members_only_is_dropped_at_the_second_attempt():
+    everyone = [decl(p) for p in "abc"]
+    net = swarm({"a": everyone, "b": [decl("a"), decl("b")], "c": everyone})
+    net.run()
+    outcomes = net.outcomes()
+    assert outcomes["a"] == outcomes["b"] == (("a", "b"), "")
+    assert outcomes["c"] == (None, NOT_SEEN)  # c knows why
+    assert net.peers["a"].outcome.attempt == 2
+    assert set(net.peers["c"].outcome.others) == {"a", "b"}  # who will hold the round's outcome
+
+
+def test_a_minority_state_is_left_out_and_told_whom_to_follow():
+    view = [decl("a", "h1"), decl("b", "h1"), decl("c", "h2")]
+    net = swarm({p: view for p in "abc"})
+    net.run()
+    assert net.outcomes()["a"] == (("a", "b"), "")
+    assert net.outcomes()["c"] == (None, STATE_DIFFERS)
+    assert set(net.peers["c"].outcome.others) == {"a", "b"}
+
+
+def test_a_silent_member_is_dropped_after_the_deadline():
+    everyone = [decl(p) for p in "abc"]
+    net = swarm({p: everyone for p in "abc"})
+    net.cut = {("c", "a"), ("c", "b"), ("a", "c"), ("b", "c")}  # c is stalled: it neither sends nor answers
+    net.run()
+    assert all(a.outcome is None for a in net.peers.values())  # nobody commits without c's vote
+    for name in "ab":
+        net.peers[name].deadline_passed(silent=net.peers[name].missing())
+    net.run()
+    assert net.outcomes()["a"] == net.outcomes()["b"] == (("a", "b"), "")
+    assert net.peers["c"].outcome is None  # c, stalled, has decided nothing yet
+    net.cut.clear()  # c resumes: its vote for {a, b, c} is answered with their commit of {a, b}, without it
+    net.run()
+    assert net.outcomes()["c"] == (None, SILENT)
+
+
+def test_a_member_that_misses_one_vote_commits_through_a_groupmates_commit():
+    everyone = [decl(p) for p in "abc"]
+    net = swarm({p: everyone for p in "abc"})
+    net.cut = {("b", "c"), ("c", "b")}  # b and c never hear from each other directly
+    net.send("a", "b")
+    net.send("a", "c")  # a now holds every vote, and commits; b and c hold a's vote only
+    assert net.outcomes() == {"a": (("a", "b", "c"), ""), "b": None, "c": None}
+    net.send("b", "a")  # a's answers tell them it committed: so everyone voted for that group
+    net.send("c", "a")
+    assert net.outcomes() == {p: (("a", "b", "c"), "") for p in "abc"}
+
+
+def test_a_commit_learnt_after_moving_on_is_taken_when_it_rules_out_our_second_proposal():
+    everyone = [decl(p) for p in "abc"]
+    net = swarm({p: everyone for p in "abc"})
+    net.cut = {("c", "b"), ("b", "c")}
+    net.send("a", "b")
+    net.send("a", "c")  # a holds all three votes: a commits {a, b, c}; b never heard c, c never heard b
+    c = net.peers["c"]
+    c.deadline_passed(silent=["b"])  # c drops b and proposes {a, c} ...
+    assert c.outcome is None and c.proposal.members == ("a", "c")
+    net.send("c", "a")  # ... but a, in that proposal, committed {a, b, c}: so c commits it too
+    assert net.outcomes()["c"] == (("a", "b", "c"), "")
+
+
+def test_two_failed_attempts_leave_everyone_out_knowing_why():
+    everyone = [decl(p) for p in "abcd"]
+    net = swarm({"a": everyone, "b": everyone[:3], "c": everyone, "d": [everyone[0], everyone[3]]})
+    net.run(rounds=8)
+    for agreement in net.peers.values():
+        if agreement.outcome is None:
+            agreement.deadline_passed(silent=agreement.missing())
+    net.run(rounds=8)
+    groups = {a.outcome.group.group_id for a in net.peers.values() if a.outcome and a.outcome.group}
+    members = [a.outcome.group.members for a in net.peers.values() if a.outcome and a.outcome.group]
+    assert len(groups) <= 1  # never two groups
+    for agreement in net.peers.values():
+        if agreement.outcome.group is None:
+            assert agreement.outcome.reason in (NOT_SEEN, SILENT, NO_AGREEMENT), agreement.outcome
+        else:
+            assert all(agreement.outcome.group.members == m for m in members)
+
+
+def test_a_late_declarer_abstains_and_says_so():
+    everyone = [decl(p) for p in "abc"]
+    agreements = {p: Agreement(p, SCHEMA, {d.peer: d for d in everyone}) for p in "ab"}
+    agreements["c"] = Agreement("c", SCHEMA, {d.peer: d for d in everyone}, abstain=DECLARED_LATE)
+    net = Net(agreements)
+    net.run()
+    assert net.outcomes() == {"a": (("a", "b"), ""), "b": (("a", "b"), ""), "c": (None, DECLARED_LATE)}
+
+
+def test_alone_when_nobody_else_declared():
+    agreement = Agreement("a", SCHEMA, {"a": decl("a")})
+    assert agreement.outcome.group is None and agreement.outcome.reason == ALONE and agreement.outcome.others == ()
+
+
+def test_statuses_from_peers_we_did_not_see_or_about_other_groups_are_ignored():
+    everyone = [decl(p) for p in "ab"]
+    a = Agreement("a", SCHEMA, {d.peer: d for d in everyone})
+    a.receive("mallory", Status("committed", 1, b"x" * 20, ("a", "mallory"), ("a", "mallory")))
+    assert a.outcome is None
+    a.receive("b", Status("vote", 1, a.proposal.group_id, a.proposal.members, a.proposal.members))
+    assert a.outcome.group == a.first
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b"",
+        b"\xc1",
+        Status("vote", 1, b"g", ("a",)).pack(1)[:-1],
+        __import__("msgpack").packb([1, "vote", 3, b"g", ["a"], [], ""]),  # attempt beyond the last
+        __import__("msgpack").packb([1, "vote", 1, b"", ["a"], [], ""]),  # a vote for no group
+        __import__("msgpack").packb([1, "shout", 1, b"g", ["a"], [], ""]),
+        __import__("msgpack").packb([1, "vote", 1, b"g", ["a" * 500], [], ""]),
+        __import__("msgpack").packb([1, "vote", 1, b"g", ["a"] * 1000, [], ""]),
+        __import__("msgpack").packb([True, "vote", 1, b"g", ["a"], [], ""]),
+    ],
+)
+def test_malformed_statuses_are_refused(raw):
+    assert Status.unpack(raw) is None
+
+
+def test_a_status_round_trips():
+    status = Status("vote", 2, b"g" * 20, ("a", "b"), ("a", "b", "c"))
+    assert Status.unpack(status.pack(7)) == (7, status)
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        {"peer": "b", "round": 4, "hash": "h", "steps": 1, "norm": 1.0},  # speaks for another peer
+        {"peer": "a", "round": 5, "hash": "h", "steps": 1, "norm": 1.0},  # another round
+        {"peer": "a", "round": 4, "hash": "h", "steps": -1, "norm": 1.0},
+        {"peer": "a", "round": 4, "hash": "h", "steps": 1, "norm": float("nan")},
+        {"peer": "a", "round": 4, "hash": "h", "steps": 1, "norm": 1e31},
+        {"peer": "a", "round": 4, "hash": "h", "steps": 1, "norm": 1},  # an int, not a float
+        {"peer": "a", "round": 4, "hash": "h" * 65, "steps": 1, "norm": 1.0},
+        {"peer": "a", "round": 4, "hash": "h", "steps": 1, "norm": 1.0, "extra": 0},
+        "not a dict",
+    ],
+)
+def test_malformed_declarations_are_refused(value):
+    assert Declaration.parse("a", value, 4) is None
+
+
+def test_a_declaration_round_trips():
+    d = decl("a")
+    assert Declaration.parse("a", d.pack(), 4) == d
+
+
+@pytest.mark.parametrize("seed", range(300))
+def test_no_two_committed_groups_share_a_member_whatever_the_order_and_deadlines(seed):
+    """Random views (each peer may miss others' declarations), random delivery order, random deadlines: a peer that
+    commits a group is never in another committed group, and every member of a committed group that decides at all
+    commits the same group."""
+    import random
+
+    rng = random.Random(seed)
+    names = "abcdef"[: rng.randint(2, 6)]
+    everyone = {p: decl(p) for p in names}
+    views = {p: [everyone[q] for q in names if q == p or rng.random() > 0.15] for p in names}
+    net = swarm(views)
+    queue = [(name, peer) for name, a in net.peers.items() for peer in a.peers]
+    for _ in range(400):
+        if rng.random() < 0.1:  # a deadline passes somewhere
+            name = rng.choice(names)
+            agreement = net.peers[name]
+            agreement.deadline_passed(silent=[p for p in agreement.missing() if rng.random() < 0.5])
+        elif queue:
+            sender, receiver = queue.pop(rng.randrange(len(queue)))
+            before = net.peers[sender].status, net.peers[receiver].status
+            net.send(sender, receiver)
+            for name in (sender, receiver):  # a changed status is sent again to the proposal's members
+                if net.peers[name].status not in before:
+                    queue += [(name, p) for p in net.peers[name].first.members if p != name]
+    committed = {n: a.outcome.group for n, a in net.peers.items() if a.outcome and a.outcome.group}
+    for name, group in committed.items():
+        assert name in group.members
+        for other, theirs in committed.items():
+            if other in group.members:
+                assert theirs == group, (seed, name, group, other, theirs)
