@@ -38,9 +38,9 @@ from typing import Optional
 
 import torch
 from safetensors.torch import load_file
+from tapestry_p2p.testing.faults import CRASH_ENV
 
 from tapestry_p2p.node.metrics import read_jsonl
-from tapestry_p2p.testing.faults import CRASH_ENV
 from tapestry_p2p.testing.local_swarm import LOOPBACK, TINY_MODEL, LocalSwarm
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -13,9 +13,13 @@ from pathlib import Path
 from typing import Optional
 
 import pytest
+from hivemind.dht.crypto import RSASignatureValidator
 
 from tapestry_p2p.app.cli import main
 from tapestry_p2p.node.metrics import read_jsonl
+from tapestry_p2p.p2p.dht import DHT, DHTOptions, start_dht, stop_dht
+from tapestry_p2p.security.dht_auth import owner_subkey
+from tapestry_p2p.security.identity import ephemeral_identity, signing_key
 from tapestry_p2p.testing.corpus import write_text
 from tapestry_p2p.testing.local_swarm import LOOPBACK, TINY_MODEL, LocalSwarm
 
@@ -42,6 +46,22 @@ def join_args(tmp_path: Path, name: str, seed: int, bootstrap: Optional[str], ro
     if bootstrap:
         options["--initial-peers"] = bootstrap
     return ["join", *(str(x) for pair in options.items() for x in pair), *TINY_MODEL, *extra]
+
+
+def start_signed_dht(stack: contextlib.ExitStack, initial_peers: list[str]) -> tuple[DHT, bytes]:
+    """A real DHT node on loopback with an RSA identity that signs its records, as a partner's node has (stopped when
+    `stack` closes); returns it and its owner-signed subkey."""
+    identity = stack.enter_context(ephemeral_identity())
+    key = signing_key(identity)
+    options = DHTOptions(
+        initial_peers=initial_peers,
+        listen=[LOOPBACK],
+        identity=identity,
+        record_validators=[RSASignatureValidator(key)],
+    )
+    dht = start_dht(options)
+    stack.callback(stop_dht, dht)
+    return dht, owner_subkey(key)
 
 
 def metrics(tmp_path: Path, name: str) -> list:

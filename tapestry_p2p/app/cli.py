@@ -510,8 +510,9 @@ def cmd_bootstrap(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_join(args: argparse.Namespace) -> int:
+def cmd_join(args: argparse.Namespace, node_class: Optional[type] = None) -> int:
     from tapestry_p2p.app.join import run_join
+    from tapestry_p2p.node.node import Node
 
     if args.data is None:
         raise UsageError("tapestry join: --data is required: a .txt/.jsonl/.parquet file, a folder, or a dataset")
@@ -521,7 +522,7 @@ def cmd_join(args: argparse.Namespace) -> int:
         raise UsageError(str(e)) from None
     if config.metrics is not None and not config.metrics.parent.is_dir():
         raise UsageError(f"--metrics: folder {config.metrics.parent} does not exist; create it first")
-    return run_join(config, console(), quiet=args.quiet, install_stop_handlers=install_stop_handlers)
+    return run_join(config, console(), args.quiet, install_stop_handlers, node_class or Node)
 
 
 def node_config(args: argparse.Namespace) -> Any:
@@ -690,7 +691,8 @@ COMMANDS = {
 }
 
 
-def main(argv: Optional[list[str]] = None) -> int:
+def main(argv: Optional[list[str]] = None, node_class: Optional[type] = None) -> int:
+    """The `tapestry` command; `node_class` is the Node subclass `join` runs (a seam for test programs only)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         hivemind_compat.install("main")
@@ -699,6 +701,8 @@ def main(argv: Optional[list[str]] = None) -> int:
             apply_config_file(subparsers[argv[0]], argv)
         args = parser.parse_args(argv)
         setup_logging(args.verbose)
+        if args.command == "join" and node_class is not None:
+            return cmd_join(args, node_class)
         return COMMANDS[args.command](args)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

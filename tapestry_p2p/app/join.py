@@ -15,7 +15,6 @@ from rich.text import Text
 from tapestry_p2p.node.config import NodeConfig
 from tapestry_p2p.node.metrics import RoundMetrics
 from tapestry_p2p.node.node import Node
-from tapestry_p2p.testing import faults
 from tapestry_p2p.training.distributed import launched_ranks
 
 
@@ -34,8 +33,13 @@ def round_line(record: RoundMetrics) -> Text:
 
 
 def run_join(
-    config: NodeConfig, console: Console, quiet: bool, install_stop_handlers: Callable[[threading.Event], Any]
+    config: NodeConfig,
+    console: Console,
+    quiet: bool,
+    install_stop_handlers: Callable[[threading.Event], Any],
+    node_class: type[Node] = Node,
 ) -> int:
+    """Run a node in the terminal until it stops; `node_class` is a seam for test programs (tests/faulty_join.py)."""
     progress = _round_progress(console, disabled=quiet or not console.is_terminal or launched_ranks().rank > 0)
 
     def report(record: RoundMetrics) -> None:
@@ -45,13 +49,7 @@ def run_join(
     def step(done: int, target: int) -> None:
         progress.update(task, completed=min(done, target))
 
-    node = Node(
-        config,
-        on_round=report,
-        on_step=step,
-        fault=faults.from_environment(),
-        update_scale=faults.update_scale_from_environment(),
-    )
+    node = node_class(config, on_round=report, on_step=step)
     task = progress.add_task(f"round {node.shared.round + 1}", total=config.inner_steps)
     install_stop_handlers(node.stop)
     with progress:

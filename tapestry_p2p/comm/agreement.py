@@ -119,7 +119,7 @@ def ordered(proposal: Proposal) -> list[str]:
     return sorted(proposal.members, key=lambda peer: hashlib.sha256(proposal.group_id + peer.encode()).digest())
 
 
-Kind = Literal["pending", "vote", "committed", "out"]
+Kind = Literal["pending", "vote", "echo", "committed", "out"]
 
 
 @dataclass(frozen=True)
@@ -144,7 +144,7 @@ class Status:
             round_no, kind, attempt, gid, members, view, reason = msgpack.unpackb(raw, raw=False)
         except UNPACK_ERRORS:
             return None
-        if not (is_count(round_no) and kind in ("pending", "vote", "committed", "out") and is_count(attempt)):
+        if not (is_count(round_no) and kind in ("pending", "vote", "echo", "committed", "out") and is_count(attempt)):
             return None
         if not (isinstance(gid, bytes) and len(gid) <= 32 and isinstance(reason, str) and len(reason) <= 64):
             return None
@@ -155,12 +155,12 @@ class Status:
         return round_no, cls(kind, attempt, gid, tuple(members), tuple(view), reason)
 
 
+def _peer_id(value: Any) -> bool:
+    return isinstance(value, str) and 0 < len(value) <= MAX_PEER_ID_LENGTH
+
+
 def _peer_list(value: Any) -> bool:
-    return (
-        isinstance(value, list)
-        and len(value) <= MAX_MEMBERS
-        and all(isinstance(m, str) and 0 < len(m) <= MAX_PEER_ID_LENGTH for m in value)
-    )
+    return isinstance(value, list) and len(value) <= MAX_MEMBERS and all(_peer_id(m) for m in value)
 
 
 PENDING = Status("pending")
@@ -180,8 +180,17 @@ class Outcome:
 
 class Agreement:
     """One peer's agreement of one round, as a state machine: feed it the statuses peers send (`receive`) and the
-    vote deadlines (`deadline_passed`); it says what to send (`status`, `peers`, `missing`) and how it ended
-    (`outcome`).
+    vote deadlines (`deadline_passed`); it says what to send (`status`, to `peers`) and how it ended (`outcome`).
+
+    Attempt 1 votes for our view of the DHT (`first`) and commits once every member voted for it. If that fails, an
+    echo step: we read the declarations again (`learn`: a member our first read missed may be one most others saw)
+    and wait until every live member has moved on too (each status carries its sender's view). Attempt 2 then votes,
+    once, for the live members that a strict majority of the live members' views contain (so a single member's claim
+    can drop nobody), and commits once every member of it voted for it. One vote per attempt, none after a commit,
+    and a member that voted for our attempt-1 proposal is never dropped as silent (it may have committed it): two
+    honest peers never commit two groups that share a member. (A member that tells different peers different things
+    can still keep one honest member out of one round; that member then takes the state the round ends on, so no
+    split outlives the round.)
 
     `view` holds every valid declaration this peer read at the cut-off (ours included); `abstain` gives the reason we
     do not vote at all (we declared late), so that we answer "out" to anyone who counts on us."""
@@ -189,15 +198,19 @@ class Agreement:
     def __init__(self, me: str, schema: bytes, view: Mapping[str, Declaration], abstain: str = "") -> None:
         self.me, self.schema = me, schema
         self.view = dict(view)
-        self.attempt = 1
+        self.phase: Literal[1, "echo", 2] = 1
         self.first = propose(schema, self.view)  # our attempt-1 proposal (our view of the DHT)
         self.proposal = self.first  # the one we vote for now
-        self.views: dict[str, tuple[str, ...]] = {}  # peer -> its attempt-1 proposal's members
+        self.candidates = set(self.first.members)  # who may be in the group: first, and declarers learnt at the echo
+        self.learnt = False  # the echo step read the declarations again (`learn`)
+        self.views: dict[str, tuple[str, ...]] = {}  # peer -> its attempt-1 proposal's members, as it told us
         self.votes: dict[str, tuple[int, bytes]] = {}  # peer -> (attempt, group id) of its latest vote
-        self.dropped_us: set[str] = set()  # peers whose attempt-2 vote leaves us out (we were silent or late to them)
-        self.committed: dict[str, bytes] = {}  # peer -> the group it committed
+        self.committed: dict[str, bytes] = {}  # peer -> the group it says it committed
         self.out: dict[str, str] = {}  # peer -> why it said it is out
-        self.silent: set[str] = set()  # members that did not answer by a vote deadline, even when asked again
+        self.silent: set[str] = set()  # members that did not answer by a deadline, even when asked again
+        self.equivocating: set[str] = set()  # members that told us two different views
+        self.moved_on: set[str] = set()  # peers past attempt 1 (an echo, an attempt-2 vote, a commit, out)
+        self.dropped_us: set[str] = set()  # peers whose attempt-2 vote leaves us out (we were silent or late to them)
         self.outcome: Optional[Outcome] = None
         if abstain:
             self._leave(abstain)
@@ -208,25 +221,35 @@ class Agreement:
         else:
             self.views[me] = self.first.members
 
+    @property
+    def attempt(self) -> int:
+        return 1 if self.phase == 1 else 2
+
     # ---- what we say ----
 
     @property
     def status(self) -> Status:
-        if self.outcome is None:
-            return Status("vote", self.attempt, self.proposal.group_id, self.proposal.members, self.first.members)
-        if self.outcome.group is not None:
+        first = self.first.members
+        if self.outcome is not None and self.outcome.group is not None:
             group = self.outcome.group
-            return Status("committed", self.outcome.attempt, group.group_id, group.members, self.first.members)
-        return Status("out", self.attempt, view=self.first.members, reason=self.outcome.reason)
+            return Status("committed", self.outcome.attempt, group.group_id, group.members, first)
+        if self.outcome is not None:
+            return Status("out", self.attempt, view=first, reason=self.outcome.reason)
+        if self.phase == "echo":
+            return Status("echo", 2, view=first)
+        return Status("vote", self.attempt, self.proposal.group_id, self.proposal.members, first)
 
     @property
     def peers(self) -> list[str]:
-        """The members of our current proposal other than us: whom we send our vote."""
-        return [p for p in self.proposal.members if p != self.me]
+        """Whom we send our status: the members of our attempt-1 proposal other than us (in attempt 2 too: every live
+        member's view counts)."""
+        return sorted(p for p in self.candidates if p != self.me)
 
     def missing(self) -> list[str]:
-        """Members of our current proposal we have heard nothing from for this attempt."""
-        return [p for p in self.peers if not self._heard(p)]
+        """Members we still wait for in this step: of our proposal (a vote), or every live member (an echo)."""
+        if self.phase == "echo":
+            return [p for p in self._live() if p != self.me and p not in self.moved_on]
+        return [p for p in self.proposal.members if p != self.me and not self._heard(p)]
 
     def pending_group(self) -> Optional[bytes]:
         """The group id we are still voting for (a reducer waits for our decision before refusing its parts)."""
@@ -235,11 +258,13 @@ class Agreement:
     # ---- what we hear ----
 
     def receive(self, peer: str, status: Status) -> None:
-        """A status from `peer` (the sender libp2p authenticated): its vote, its commit, or that it is out."""
+        """A status from `peer` (the sender libp2p authenticated): its vote, echo, commit, or that it is out."""
         if peer == self.me or peer not in self.view:
             return  # only declarers we saw have a say
         if status.view:
-            self.views[peer] = status.view
+            if peer in self.views and self.views[peer] != status.view:
+                self.equivocating.add(peer)  # it told us two different views
+            self.views.setdefault(peer, status.view)
         if status.kind == "vote":
             self.votes[peer] = (status.attempt, status.group_id)
             if status.attempt > 1 and self.me not in status.members:
@@ -248,13 +273,27 @@ class Agreement:
             self.committed[peer] = status.group_id
         elif status.kind == "out":
             self.out[peer] = status.reason
+        if status.attempt > 1 or status.kind in ("echo", "committed", "out"):
+            self.moved_on.add(peer)
         self.silent.discard(peer)
         self._check()
 
+    def learn(self, declarations: Mapping[str, Declaration]) -> None:
+        """Declarations read again at the echo step (valid and signed): a member a majority saw but our first read
+        missed can then be in attempt 2. Attempt 2 waits for this."""
+        state = self.view[self.me].state if self.me in self.view else None
+        for peer, declaration in declarations.items():
+            if peer not in self.view and declaration.state == state:
+                self.view[peer] = declaration
+                self.candidates.add(peer)
+        self.learnt = True
+        self._check()
+
     def deadline_passed(self, silent: Sequence[str]) -> None:
-        """This attempt's vote deadline passed; `silent` did not answer even when asked again."""
+        """This step's deadline passed; `silent` did not answer even when asked again. A member that voted for our
+        attempt-1 proposal is never taken for silent: it may have committed it, so no group without it may be."""
         if self.outcome is None:
-            self.silent.update(p for p in silent if not self._heard(p))
+            self.silent.update(p for p in silent if self.votes.get(p, (0, b""))[1] != self.first.group_id)
             self._check(force=True)
 
     # ---- deciding ----
@@ -264,57 +303,72 @@ class Agreement:
         return self.committed.get(peer) == gid or self.votes.get(peer, (0, b""))[1] == gid
 
     def _heard(self, peer: str) -> bool:
-        """Whether `peer` said anything that counts for this attempt: a vote of this attempt or later, a commit, out."""
+        """Whether `peer` said anything that counts for this vote: a vote of this attempt or later, moved on, out."""
         voted_now = self.votes.get(peer, (0, b""))[0] >= self.attempt
-        return self._supports(peer) or voted_now or peer in self.committed or peer in self.out
+        return self._supports(peer) or voted_now or peer in self.moved_on
 
     def _against(self, peer: str) -> bool:
         """Whether `peer` said something that rules our current proposal out."""
-        if peer in self.out or (peer in self.committed and not self._supports(peer)):
-            return True
+        if self._supports(peer):
+            return False
         attempt, gid = self.votes.get(peer, (0, b""))
-        return attempt >= self.attempt and gid != self.proposal.group_id
+        return peer in self.moved_on or peer in self.equivocating or (attempt >= self.attempt and gid != b"")
+
+    def _gone(self) -> set[str]:
+        committed_elsewhere = {p for p, g in self.committed.items() if g != self.first.group_id}
+        return set(self.out) | self.silent | self.equivocating | committed_elsewhere
+
+    def _live(self) -> list[str]:
+        gone = self._gone()
+        return sorted(p for p in self.candidates if p not in gone)
 
     def _check(self, force: bool = False) -> None:
         if self.outcome is not None:
             return
-        # A member that committed a group held every member's vote for it. It never votes again, so a proposal of
-        # ours that contains it can never be committed: its group is the one to take, if we voted for it.
-        for peer, gid in self.committed.items():
-            if gid == self.proposal.group_id or (gid == self.first.group_id and peer in self.proposal):
-                self._commit(self.proposal if gid == self.proposal.group_id else self.first)
-                return
-        if all(self._supports(p) for p in self.peers):
-            self._commit(self.proposal)
-            return
-        if force or (not self.missing() and any(self._against(p) for p in self.peers)):
-            self._next_attempt()
-
-    def _commit(self, proposal: Proposal) -> None:
-        attempt = 1 if proposal is self.first else self.attempt
-        declarations = {p: self.view[p] for p in proposal.members}
-        self.outcome = Outcome(proposal, attempt, declarations=declarations)
-
-    def _next_attempt(self) -> None:
-        if self.attempt >= ATTEMPTS:
+        if self._first_committed_by_a_member():
+            self._commit(self.first, attempt=1)
+        elif all(self._supports(p) for p in self.proposal.members if p != self.me) and self.phase != "echo":
+            self._commit(self.proposal, self.attempt)
+        elif self.phase == 1 and (force or (not self.missing() and any(map(self._against, self.proposal.members)))):
+            self.phase = "echo"
+            self._check()
+        elif self.phase == "echo" and self.learnt and (force or not self.missing()):
+            self._second_attempt()
+        elif self.phase == 2 and force:
             self._leave(SILENT if self.dropped_us else NO_AGREEMENT)
-            return
-        gone = set(self.out) | self.silent
-        seen_by_all = set(self.first.members) - gone
-        for peer, view in self.views.items():
-            if peer in seen_by_all:
-                seen_by_all &= set(view)
-        if self.me not in seen_by_all:  # a member's view lacks our declaration
+
+    def _first_committed_by_a_member(self) -> bool:
+        """A member that committed our attempt-1 proposal held every member's vote for it, and never votes again: if
+        every attempt-1 vote we hold is for it too (we only missed some) and we did not vote since (or our attempt-2
+        proposal contains that member, so it can never be committed), it is the group to take."""
+        committers = [p for p, g in self.committed.items() if g == self.first.group_id and p in self.first]
+        if not committers or self.equivocating:
+            return False
+        if any(g != self.first.group_id for a, g in self.votes.values() if a == 1):
+            return False
+        return self.phase != 2 or any(p in self.proposal for p in committers)
+
+    def _second_attempt(self) -> None:
+        """Attempt 2's proposal, computed once: the live members whose declarations a strict majority of the live
+        members' views contain (and we hold)."""
+        live = set(self._live())
+        views = [set(v) for p, v in self.views.items() if p in live]
+        seen_by = {p: sum(p in v for v in views) for p in set().union(*views)}
+        members = {p for p, n in seen_by.items() if 2 * n > len(views) and p in self.view} - self._gone()
+        if self.me not in members:  # most members did not see our declaration
             self._leave(NOT_SEEN)
             return
-        # members that committed another group will not vote again
-        members = seen_by_all - {p for p, g in self.committed.items() if g != self.first.group_id}
         if len(members) == 1:
             self._leave(SILENT if self.dropped_us or self.committed else NO_AGREEMENT)
             return
-        self.attempt += 1
-        self.proposal = Proposal(tuple(sorted(members)), group_id(self.schema, [self.view[p] for p in members]))
+        chosen = tuple(sorted(members))
+        self.phase = 2
+        self.proposal = Proposal(chosen, group_id(self.schema, [self.view[p] for p in chosen]))
         self._check()
+
+    def _commit(self, proposal: Proposal, attempt: int) -> None:
+        declarations = {p: self.view[p] for p in proposal.members}
+        self.outcome = Outcome(proposal, attempt, declarations=declarations)
 
     def _leave(self, reason: str) -> None:
         others = () if reason == ALONE else tuple(p for p in self.first.members if p != self.me)

@@ -88,32 +88,54 @@ async def _counted(stream: AsyncIterator[Any], add: Callable[[int], None]) -> As
         yield message
 
 
-class _CountingStub:
-    """Wraps a peer's RPC stub so that both directions of `rpc_aggregate_part` are counted, and opening the stream
-    is bounded: hivemind 1.1.12 awaits it without a timeout, so a member whose groupmate died before answering would
-    wait for the whole all-reduce timeout (tests/test_churn.py kills a peer mid-round)."""
+async def _received_all(stream: AsyncIterator[Any], expected: int, done: asyncio.Event) -> AsyncIterator[Any]:
+    """A reducer's answers; `done` is set once `expected` averaged parts arrived, or the stream ended."""
+    received = 0
+    try:
+        async for message in stream:
+            received += message.code == averaging_pb2.AVERAGED_PART
+            if received >= expected or message.code != averaging_pb2.AVERAGED_PART:  # all in, or a refusal
+                done.set()
+            yield message
+    finally:
+        done.set()
 
-    def __init__(self, stub: Any, traffic: Traffic, open_timeout: Optional[float]) -> None:
+
+async def _until(inputs: AsyncIterator[Any], done: asyncio.Event) -> AsyncIterator[Any]:
+    """Our parts for a reducer; the stream ends (END_OF_STREAM) only once `done`: we read every answer first."""
+    async for message in inputs:
+        yield message
+    await done.wait()
+
+
+class _CountingStub:
+    """Wraps a peer's RPC stub for `rpc_aggregate_part`: both directions are counted; opening the stream is bounded
+    (hivemind 1.1.12 awaits it without a timeout, so a member whose groupmate died before answering would wait for the
+    whole all-reduce timeout: tests/e2e/test_churn.py kills a peer mid-round); and our input ends only after we read
+    the reducer's last averaged part.
+
+    That last point is the "lost span" fix: a reducer's handler closes its stream when our input ends; p2pd then resets
+    the stream, and go-yamux (inside p2pd) returns the reset to a reader *before* the data it buffered, so a reader
+    that lagged lost the tail of the span ("sent k parts, but we expected n"). The side that reads closes first now.
+    """
+
+    def __init__(self, stub: Any, traffic: Traffic, open_timeout: Optional[float], expected_parts: int) -> None:
         self._stub, self._traffic, self._open_timeout = stub, traffic, open_timeout
+        self._expected = expected_parts
 
     async def rpc_aggregate_part(
         self, inputs: AsyncIterator[averaging_pb2.AveragingData]
     ) -> AsyncIterator[averaging_pb2.AveragingData]:
-        opening = self._stub.rpc_aggregate_part(_counted(inputs, self._traffic.add_sent))
+        done = asyncio.Event()
+        opening = self._stub.rpc_aggregate_part(_counted(_until(inputs, done), self._traffic.add_sent))
         stream = await asyncio.wait_for(opening, self._open_timeout)
-        return _counted(stream, self._traffic.add_received)
+        return _received_all(_counted(stream, self._traffic.add_received), self._expected, done)
 
 
 class ExactAllReduceRunner(AllReduceRunner):
     """An AllReduceRunner whose outputs are the decoded averages, identical on every member of the group."""
 
-    def __init__(
-        self,
-        screen: Screen,
-        after_part_served: Optional[Callable[[], None]] = None,
-        error_sink: Optional[Sequence[torch.Tensor]] = None,
-        **kwargs: Any,
-    ) -> None:
+    def __init__(self, screen: Screen, error_sink: Optional[Sequence[torch.Tensor]] = None, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         container = self.tensor_part_container
         self._codec = container.compression  # what averages are published with
@@ -133,7 +155,6 @@ class ExactAllReduceRunner(AllReduceRunner):
             register_failed(index)
 
         container.register_failed_reducer = register_failed_reducer
-        self._after_part_served = after_part_served or (lambda: None)  # a test hook (tapestry_p2p.testing.faults)
         self.traffic = Traffic()
         self._published: dict[int, asyncio.Future] = {}
         # Senders whose results we still have to stream back. hivemind's runner finishes as soon as its *own*
@@ -145,7 +166,26 @@ class ExactAllReduceRunner(AllReduceRunner):
             self.all_served.set()
 
     def _get_peer_stub(self, peer: PeerID) -> _CountingStub:
-        return _CountingStub(super()._get_peer_stub(peer), self.traffic, open_timeout=self.sender_timeout)
+        parts = self.tensor_part_container.num_parts_by_peer[self.ordered_peer_ids.index(peer)]
+        return _CountingStub(super()._get_peer_stub(peer), self.traffic, self.sender_timeout, parts)
+
+    async def served(self) -> None:
+        """Wait until every groupmate we reduce for has read its averaged parts of our span (or was banned), at most
+        `sender_timeout`: a node that shuts down after its last round must not cut its groupmates' results short."""
+        try:
+            await asyncio.wait_for(self.all_served.wait(), timeout=self.sender_timeout)
+        except TimeoutError:
+            logger.debug("some groupmates were not served their averaged parts in time")
+
+    async def _ban_sender(self, peer_id: PeerID) -> None:
+        """A banned sender gets nothing more from us: nothing to wait for (hivemind bans after sender_timeout)."""
+        await super()._ban_sender(peer_id)
+        self._mark_served(peer_id)
+
+    def _mark_served(self, peer_id: PeerID) -> None:
+        self._unserved.discard(peer_id)
+        if not self._unserved:
+            self.all_served.set()
 
     async def _generate_input_for_peer(self, peer_index: int) -> AsyncIterator[averaging_pb2.AveragingData]:
         try:
@@ -222,11 +262,8 @@ class ExactAllReduceRunner(AllReduceRunner):
             async for message in super().rpc_aggregate_part(stream, context):
                 self.traffic.add_sent(message.ByteSize())
                 yield message
-                self._after_part_served()
         finally:
-            self._unserved.discard(context.remote_id)
-            if not self._unserved:
-                self.all_served.set()
+            self._mark_served(context.remote_id)
 
     async def _accumulate_parts_streaming(
         self, stream: AsyncIterator[averaging_pb2.AveragingData], sender_index: int

@@ -1,17 +1,22 @@
-"""`ExactAverager`: hivemind's DecentralizedAverager running our bit-exact runner, serving our shared state.
+"""`ExactAverager`: hivemind's DecentralizedAverager process, running agreed groups and our bit-exact runner, serving
+our shared state.
 
-It glues three things onto hivemind's averager (matchmaking, timeouts and load balancing stay hivemind's):
-- each all-reduce runs `ExactAllReduceRunner` (`allreduce.py`) and reports an `AllReduceOutcome` (traffic, lost
-  spans, lost senders) instead of hivemind's bare gathered metadata;
+What it adds to hivemind's averager (its process, pipe, p2p servicer, tensor locks and timeouts stay hivemind's):
+- each round is one `agreed_step`: the group comes from the members' signed declarations and votes
+  (`comm.voting`, `comm.agreement`), not from hivemind's leader/follower matchmaking, and the all-reduce runs only
+  among peers that committed the same group;
+- each all-reduce runs `runner_class` (`allreduce.ExactAllReduceRunner`) and reports an `AllReduceOutcome` (the group,
+  traffic, lost spans, lost senders, refusals and clips);
 - the shared state is served and downloaded in slices (`statesync/transport.py`, mixed in);
-- only members take part (`security.membership.Members`; an open swarm admits everyone): a non-member's group join,
-  parts and state requests are refused and logged with its peer id, and a group is cut down to its members;
-- every member's gathered data is validated before use (a malformed entry drops that member from the round instead
-  of aborting it), spans are equal (a member cannot claim a larger share of the reduction through its bandwidth), and
-  the codec, the tensors' shapes and H are part of the schema peers must share to be matched;
+- only members take part (`security.membership.Members`; an open swarm admits everyone): a non-member's votes, parts
+  and state requests are refused and logged with its peer id;
+- a part for a group id we did not commit is refused at its first message (BAD_GROUP_ID), after waiting only while
+  we are still voting for that very group; spans are equal (nobody claims a larger share through its bandwidth); the
+  codec, the tensors' shapes, H and the run spec are part of the schema peers must share to meet;
 - a failure inside our overrides is a bug, not a network event: it is logged here with its traceback and reaches the
-  node as `AveragingBug`, so the round is reported as failed rather than as "no group" (hivemind would wrap it in a
-  MatchmakingException like any network failure).
+  node as `AveragingBug`, so the round is reported as failed rather than as a network failure.
+
+Faults are injected by test subclasses (`testing.faults`), which override `runner_class` or `_allreduce`.
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 # hivemind's servicer recognises streaming RPC handlers by typing.AsyncIterator only (not collections.abc's)
 from typing import Any, AsyncIterator, Optional
@@ -29,53 +34,53 @@ import torch
 from hivemind.averaging import DecentralizedAverager
 from hivemind.averaging.allreduce import AveragingMode
 from hivemind.averaging.group_info import GroupInfo
-from hivemind.averaging.matchmaking import MatchmakingException
 from hivemind.averaging.partition import AllreduceException
 from hivemind.dht.routing import DHTID
-from hivemind.p2p import P2PContext
+from hivemind.p2p import P2PContext, PeerID
 from hivemind.proto import averaging_pb2
-from hivemind.utils.asyncio import as_aiter, azip, enter_asynchronously
+from hivemind.utils.asyncio import achain, as_aiter, azip, enter_asynchronously
 from hivemind.utils.mpfuture import MPFuture
 
+from tapestry_p2p.comm import agreement
+from tapestry_p2p.comm.agreement import Declaration, Outcome
 from tapestry_p2p.comm.allreduce import NETWORK_FAILURES, ExactAllReduceRunner, Traffic, zero_spans
-from tapestry_p2p.comm.screening import RoundMeta, Screen
+from tapestry_p2p.comm.screening import Screen, weight_for
 from tapestry_p2p.comm.statesync.transport import StateTransport
+from tapestry_p2p.comm.voting import GroupVoting, Timing
 from tapestry_p2p.p2p import hivemind_compat
 from tapestry_p2p.p2p.processes import keeping_sigint_handler
 from tapestry_p2p.security.membership import Members
 
 logger = logging.getLogger(__name__)
 
-# `fault(event, allreduce_index)`, called in the averager process at "served" (after serving one averaged part to a
-# groupmate) and "finished" (after our tensors hold the average, before the outcome is accounted); tests arm it
-# (tapestry_p2p.testing.faults), production passes None.
-FaultHook = Callable[[str, int], None]
-
 
 class AveragingBug(hivemind_compat.ReportedFailure, AllreduceException):
-    """An exception inside tapestry's all-reduce overrides; already logged with its traceback in the averager process.
-
-    An AllreduceException, so hivemind ends the step with it (instead of leaving the task's exception unretrieved)."""
+    """An exception inside tapestry's all-reduce code; already logged with its traceback in the averager process."""
 
 
 @dataclass
 class AllReduceOutcome:
-    """What one all-reduce returns to the training process (pickled across the averager's process boundary)."""
+    """What one agreed step returns to the training process (pickled across the averager's process boundary)."""
 
-    gathered: dict[str, Any]  # peer id (base58) -> the metadata that peer passed as `gather` (untrusted)
-    traffic: Traffic
+    traffic: Traffic = field(default_factory=Traffic)
+    group_id: bytes = b""  # the committed group's id (empty: we were out of the round)
+    members: list[str] = field(default_factory=list)  # its members' peer ids, sorted
+    attempt: int = 1  # the agreement attempt that committed it (or that we left at)
+    left_out: str = ""  # why we are not in the round's group (comm.agreement's reasons; empty: we are in it)
+    others: list[str] = field(default_factory=list)  # out of the round: who will hold the state it ends on
+    declarations: dict[str, Declaration] = field(default_factory=dict)  # the members' signed declarations
     failed_fraction: float = 0.0  # share of values whose reducer failed (those values get no update this round)
     failed_spans: list[tuple[int, int]] = field(default_factory=list)  # their [start, end) in the flat layout
-    started: float = 0.0  # time.time() when the group was formed and the all-reduce began (before: matchmaking)
+    started: float = 0.0  # time.time() when the group was committed and the all-reduce began
     senders_lost: int = 0  # groupmates whose parts never reached us as a reducer (our span averages the others')
-    dropped: dict[str, str] = field(default_factory=dict)  # groupmate -> why it was left out before the all-reduce
     refused: dict[str, str] = field(default_factory=dict)  # groupmate -> why we refused its parts as a reducer
     clipped: dict[str, float] = field(default_factory=dict)  # groupmate -> the factor we scaled its parts by
 
 
-class ExactAverager(StateTransport, DecentralizedAverager):
-    """DecentralizedAverager with ExactAllReduceRunner, per-round outcomes and a pluggable shared state.
+class ExactAverager(StateTransport, GroupVoting, DecentralizedAverager):
+    """DecentralizedAverager with agreed groups, ExactAllReduceRunner, per-round outcomes and a pluggable shared state.
 
+    :param owner: our owner-signed DHT subkey (`security.dht_auth.owner_subkey`): declarations are stored under it.
     :param state_fn: called in the host process when a peer downloads our state; returns `(metadata, tensors)`.
       None disables state sharing.
     :param members: who may take part (an open swarm admits everyone).
@@ -83,35 +88,40 @@ class ExactAverager(StateTransport, DecentralizedAverager):
     :param codec: the codec's name; part of the schema (hivemind's own schema hash ignores it).
     :param spec: the run spec's digest; part of the schema.
     :param clip_multiple: see `screening.Screen`.
+    :param timing: the agreed group's deadlines (`voting.Timing`).
     :param error_sink: tensors shaped like the averaged ones (in shared memory) where each round writes what our sent
       parts lost to the codec (see `error_feedback`); None: no error feedback.
-    :param fault: a test hook (see FaultHook); None in production.
     Other arguments are DecentralizedAverager's.
     """
+
+    runner_class: type[ExactAllReduceRunner] = ExactAllReduceRunner
 
     def __init__(
         self,
         *args: Any,
+        owner: bytes,
         members: Members,
         max_steps: int,
         codec: str,
         clip_multiple: float,
         spec: str = "",
+        timing: Optional[Timing] = None,
         state_fn: Optional[Callable[[], tuple[Any, Sequence[torch.Tensor]]]] = None,
-        fault: Optional[FaultHook] = None,
         error_sink: Optional[Sequence[torch.Tensor]] = None,
         start: bool = False,
         **kwargs: Any,
     ) -> None:
+        if not owner:
+            raise ValueError("an averager needs our owner-signed DHT subkey to declare its rounds")
+        self._owner = owner
         self._state_fn = state_fn
         self._error_sink = error_sink
-        self._fault = fault
         self._members, self._max_steps, self._clip_multiple = members, max_steps, clip_multiple
         self._allreduces = 0
-        self._outcome = AllReduceOutcome({}, Traffic())
-        self._bug: Optional[AveragingBug] = None
-        super().__init__(*args, allow_state_sharing=state_fn is not None, start=False, **kwargs)
-        # peers are matched only if they average the same shapes with the same codec and H (A7 in the review), and
+        self._init_voting(timing or Timing())
+        # our state is served once the node advertises its round (StateClient.publish_round), after its first catch-up
+        super().__init__(*args, allow_state_sharing=False, start=False, **kwargs)
+        # peers meet only if they average the same shapes with the same codec and H (A7 in docs/THREAT-MODEL.md), and
         # train the same run spec (node.spec)
         hivemind_hash: bytes = self.schema_hash
         self.schema_hash = DHTID.generate(source=[hivemind_hash.hex(), codec, max_steps, spec]).to_bytes()
@@ -143,9 +153,7 @@ class ExactAverager(StateTransport, DecentralizedAverager):
 
     def replace_members(self, names: Optional[dict[str, str]], version: int) -> None:
         """Install a new member list in the averager process (a consortium update; see security.consortium)."""
-        future: MPFuture = MPFuture()
-        self._outer_pipe.send(("_replace_members", [], dict(names=names, version=version, future=future)))
-        future.result(timeout=30)
+        self._call_in_averager(self._replace_members.__name__, 30, names=names, version=version)
 
     async def _replace_members(self, names: Optional[dict[str, str]], version: int, future: MPFuture) -> None:
         self._members.replace(names, version)
@@ -154,19 +162,29 @@ class ExactAverager(StateTransport, DecentralizedAverager):
     async def rpc_join_group(
         self, request: averaging_pb2.JoinRequest, context: P2PContext
     ) -> AsyncIterator[averaging_pb2.MessageFromLeader]:
-        if not self._admits(context, "a group join"):
-            yield averaging_pb2.MessageFromLeader(code=averaging_pb2.PROTOCOL_VIOLATION)
-            return
-        async for response in super().rpc_join_group(request, context):
-            yield response
+        """hivemind's matchmaking is not used (groups are agreed, `comm.voting`): every join request is refused."""
+        yield averaging_pb2.MessageFromLeader(code=averaging_pb2.NOT_LOOKING_FOR_GROUP)
 
     async def rpc_aggregate_part(
         self, stream: AsyncIterator[averaging_pb2.AveragingData], context: P2PContext
     ) -> AsyncIterator[averaging_pb2.AveragingData]:
+        """A groupmate's parts: only for a group we committed (we wait while we still vote for that very group);
+        anything else is refused at the first message: a sender never waits a timeout for a peer outside its group."""
         if not self._admits(context, "averaging parts"):
             yield averaging_pb2.AveragingData(code=averaging_pb2.PROTOCOL_VIOLATION)
             return
-        async for message in super().rpc_aggregate_part(stream, context):
+        try:
+            request = await asyncio.wait_for(anext(stream), self.timing.ask_timeout * 2)
+        except (TimeoutError, StopAsyncIteration):
+            return
+        if request.group_id not in self._running_groups:
+            await self._decision(request.group_id)
+        future = self._running_groups.get(request.group_id)
+        if future is None:
+            yield averaging_pb2.AveragingData(code=averaging_pb2.BAD_GROUP_ID)
+            return
+        runner = await future
+        async for message in runner.rpc_aggregate_part(achain(as_aiter(request), stream), context):
             yield message
 
     async def rpc_download_state(
@@ -177,136 +195,99 @@ class ExactAverager(StateTransport, DecentralizedAverager):
         return
         yield  # an async generator, like the handler it replaces
 
-    # ---- one all-reduce ----
+    # ---- one round ----
 
-    def _admitted_group(self, group_info: GroupInfo) -> tuple[GroupInfo, dict[str, RoundMeta], dict[str, str]]:
-        """The members of a formed group that may take part, with their round metadata, and why the others may not.
+    def agreed_step(self, declaration: Declaration, meeting: float, timeout: float) -> AllReduceOutcome:
+        """Declare, agree on the round's group at `meeting` and all-reduce with it (called from the node's process;
+        our tensors hold our contribution). Raises what the all-reduce raised: NETWORK_FAILURES, or AveragingBug."""
+        return self._call_in_averager(self._agreed_step.__name__, timeout, declaration=declaration, meeting=meeting)
 
-        Every member receives the same gathered data from the leader and drops the same peers, so the smaller group
-        is the same everywhere."""
-        kept, metas, dropped = [], {}, {}
-        for peer, raw in zip(group_info.peer_ids, group_info.gathered, strict=True):
-            name = peer.to_base58()
-            meta = _parse_gathered(self.serializer, raw)
-            if not self._members.allows(name):
-                dropped[name] = "not a member of the consortium"
-            elif meta is None:
-                dropped[name] = "sent malformed round metadata"
-            else:
-                kept.append((peer, raw))
-                metas[name] = meta
-        for name, reason in dropped.items():
-            logger.warning("left groupmate %s out of this round: %s", name, reason)
-        if self.peer_id not in [peer for peer, _ in kept] or len(kept) < 2:
-            raise AllreduceException(f"no valid groupmate left ({len(dropped)} left out)")
-        peers, gathered = zip(*kept, strict=True)
-        return GroupInfo(group_info.group_id, tuple(peers), tuple(gathered)), metas, dropped
-
-    async def _aggregate_with_group(self, group_info: GroupInfo, min_vector_size: int, **kwargs: Any) -> Any:
-        # forked from hivemind 1.1.12 averaging/averager.py:DecentralizedAverager._aggregate_with_group; changes: the
-        # group is cut down to its admitted members with well-formed metadata, every member is a full node, spans are
-        # equal (hivemind splits by self-declared bandwidth), and each reducer screens its senders' parts.
-        self._bug = None
-        started = time.time()
+    async def _agreed_step(self, declaration: Declaration, meeting: float, future: MPFuture) -> None:
         try:
-            group, metas, dropped = self._admitted_group(group_info)
-            n = len(group.peer_ids)
-            ordered = [metas[peer.to_base58()] for peer in group.peer_ids]
-            screen = Screen(
-                declared_steps=[m.steps for m in ordered],
-                declared_norms=[m.norm for m in ordered],
-                codec=self._codec_type,
-                max_steps=self._max_steps,
-                clip_multiple=self._clip_multiple,
-            )
-            async with enter_asynchronously(self.get_tensors()) as local_tensors:
-                await self._run_allreduce_inplace_(
-                    local_tensors,
-                    group,
+            decided = await self._agree(declaration, meeting)
+            if decided.group is None:
+                result = AllReduceOutcome(attempt=decided.attempt, left_out=decided.reason, others=list(decided.others))
+            else:
+                result = await self._allreduce(decided, weight_for(declaration.steps, self._max_steps))
+        except BaseException as e:
+            if not future.done():
+                future.set_exception(e)
+            if not isinstance(e, Exception):
+                raise
+        else:
+            future.set_result(result)
+
+    async def _allreduce(self, decided: Outcome, weight: float) -> AllReduceOutcome:
+        """Run the all-reduce with a committed group (every member takes an equal span, in `agreement.ordered`)."""
+        assert decided.group is not None
+        order = agreement.ordered(decided.group)
+        peer_ids = tuple(PeerID.from_base58(p) for p in order)
+        group = GroupInfo(decided.group.group_id, peer_ids, gathered=())
+        screen = Screen(
+            declared_steps=[decided.declarations[p].steps for p in order],
+            declared_norms=[decided.declarations[p].norm for p in order],
+            codec=self._codec_type,
+            max_steps=self._max_steps,
+            clip_multiple=self._clip_multiple,
+        )
+        n = len(order)
+        self._allreduces += 1
+        self._running_groups[group.group_id] = asyncio.get_running_loop().create_future()
+        outcome = AllReduceOutcome(
+            group_id=group.group_id,
+            members=sorted(order),
+            attempt=decided.attempt,
+            declarations=dict(decided.declarations),
+            started=time.time(),
+        )
+        try:
+            async with enter_asynchronously(self.get_tensors()) as tensors:
+                runner = self.runner_class(
+                    screen=screen,
+                    error_sink=self._error_sink,
+                    p2p=self._p2p,
+                    servicer_type=type(self),
+                    prefix=self.prefix,
+                    tensors=tensors,
+                    group_id=group.group_id,
+                    ordered_peer_ids=peer_ids,
                     peer_fractions=tuple([1.0 / n] * n),
                     modes=tuple([AveragingMode.NODE] * n),
-                    screen=screen,
-                    **kwargs,
+                    weight=weight,
+                    tensor_infos=self.tensor_infos,
+                    **{k: v for k, v in self.allreduce_kwargs.items() if k != "min_vector_size"},
                 )
-        except BaseException as e:
-            if self._bug is not None:  # hivemind wraps failures like a network failure: report ours as a bug
-                raise self._bug from None
-            raise MatchmakingException(f"Unable to run All-Reduce: {e}") from e
-        self._outcome.gathered = {name: asdict(meta) for name, meta in metas.items()}
-        self._outcome.dropped = dropped
-        self._outcome.started = started
-        return self._outcome
+                outcome.traffic, outcome.refused, outcome.clipped = runner.traffic, runner.refused, runner.clipped
+                self._running_groups[group.group_id].set_result(runner)
+                await asyncio.wait_for(self._reduce(runner, tensors, outcome), self._allreduce_timeout)
+        except NETWORK_FAILURES:
+            raise
+        except Exception as e:
+            logger.exception("all-reduce #%d failed inside tapestry's code (a bug, not the network)", self._allreduces)
+            raise AveragingBug(f"internal error in the all-reduce: {type(e).__name__}: {e}") from e
+        finally:
+            pending = self._running_groups.pop(group.group_id, None)
+            if pending is not None and pending.done() and not pending.cancelled():
+                pending.result().finalize(cancel=True)
+        return outcome
+
+    async def _reduce(
+        self, runner: ExactAllReduceRunner, tensors: Sequence[torch.Tensor], outcome: AllReduceOutcome
+    ) -> None:
+        async for tensor, averaged in azip(as_aiter(*tensors), runner):
+            tensor.copy_(averaged)
+        await runner.served()
+        # A reducer that failed may have sent part of its span to some members and not to others; nobody uses any of
+        # it, so all survivors end the round with the same values.
+        outcome.failed_spans = runner.failed_spans()
+        zeroed = zero_spans(tensors, outcome.failed_spans)
+        outcome.failed_fraction = zeroed / max(runner.tensor_part_container.total_size, 1)
+        failed_after = runner.tensor_part_reducer.sender_failed_after
+        outcome.senders_lost = sum(after != float("inf") for after in failed_after)
 
     @property
     def _codec_type(self) -> int:
         return int(self.allreduce_kwargs["compression"].compression_type)
-
-    async def _run_allreduce_inplace_(
-        self, tensors: Sequence[torch.Tensor], group_info: GroupInfo, group_id: Optional[bytes] = None, **kwargs: Any
-    ) -> None:
-        self._allreduces += 1
-        try:
-            await self._exact_allreduce(tensors, group_info, group_id, **kwargs)
-        except NETWORK_FAILURES:
-            raise
-        except Exception as e:
-            logger.exception(
-                "all-reduce #%d failed inside tapestry's overrides (a bug, not the network)", self._allreduces
-            )
-            self._bug = AveragingBug(f"internal error in the all-reduce: {type(e).__name__}: {e}")
-            raise self._bug from e
-
-    async def _exact_allreduce(
-        self, tensors: Sequence[torch.Tensor], group_info: GroupInfo, group_id: Optional[bytes], **kwargs: Any
-    ) -> None:
-        index, fault = self._allreduces, self._fault
-        group_id = group_info.group_id if group_id is None else group_id
-        runner = ExactAllReduceRunner(
-            after_part_served=None if fault is None else lambda: fault("served", index),
-            error_sink=self._error_sink,
-            p2p=self._p2p,
-            servicer_type=type(self),
-            prefix=self.prefix,
-            tensors=tensors,
-            group_id=group_id,
-            ordered_peer_ids=group_info.peer_ids,
-            **kwargs,
-        )
-        self._outcome = AllReduceOutcome({}, runner.traffic, refused=runner.refused, clipped=runner.clipped)
-        self._running_groups[group_id].set_result(runner)
-        if runner.modes[group_info.peer_ids.index(self.peer_id)] == AveragingMode.AUX:
-            raise ValueError("tapestry peers always contribute to the average; auxiliary mode is not supported")
-        async for tensor, averaged in azip(as_aiter(*tensors), runner):
-            tensor.copy_(averaged)
-        try:  # senders that never show up are banned by hivemind after sender_timeout; don't wait longer than that
-            await asyncio.wait_for(runner.all_served.wait(), timeout=runner.sender_timeout)
-        except TimeoutError:
-            logger.debug("some groupmates were not served their averaged parts in time")
-        if fault is not None:
-            fault("finished", index)
-        # A reducer that failed may have sent part of its span to some members and not to others; nobody uses any of
-        # it, so all survivors end the round with the same values.
-        self._outcome.failed_spans = runner.failed_spans()
-        zeroed = zero_spans(tensors, self._outcome.failed_spans)
-        self._outcome.failed_fraction = zeroed / max(runner.tensor_part_container.total_size, 1)
-        failed_after = runner.tensor_part_reducer.sender_failed_after
-        self._outcome.senders_lost = sum(after != float("inf") for after in failed_after)
-
-
-def _parse_gathered(serializer: Any, raw: bytes) -> Optional[RoundMeta]:
-    """A groupmate's gathered entry (untrusted): hivemind's `[bandwidth, mode, user data]`, where the user data is our
-    RoundMeta; None if anything is malformed or the member is not a full node."""
-    try:
-        entry = serializer.loads(raw)
-        bandwidth, mode, user = entry
-        meta = serializer.loads(user)
-    except Exception:  # noqa: BLE001 (msgpack and unpacking raise many types on hostile bytes; all mean malformed)
-        return None
-    if bandwidth is not None and not isinstance(bandwidth, (int, float)):
-        return None
-    if type(mode) is not int or mode != AveragingMode.NODE.value:
-        return None
-    return RoundMeta.parse(meta)
 
 
 def renew_torch_thread_pool() -> None:

@@ -1,29 +1,28 @@
-"""One outer round's communication: all-reduce a pseudo-gradient with whoever meets, or keep it when alone.
+"""One outer round's communication: all-reduce a pseudo-gradient with the round's agreed group, keep it when alone, or
+hand it back when the group went on without us.
 
-`Averaging` is the interface the node sees; `SwarmAveraging` implements it with the bit-exact `ExactAverager`
-(hivemind matchmaking + butterfly all-reduce) around a fixed set of flat delta buffers, and `SoloAveraging` with no
-network (the trained-alone baseline). Neither knows what the tensors are: the node hands in a list of tensors and
-gets a list back. `average` is the round's one blocking call; overlapped rounds (node.overlap) run it in a thread.
+`Averaging` is the interface the node sees; `SwarmAveraging` implements it with `ExactAverager` (agreed groups and the
+bit-exact butterfly all-reduce) around a fixed set of flat delta buffers, and `SoloAveraging` with no network (the
+trained-alone baseline). Neither knows what the tensors are: the node hands in a list of tensors and gets a list back.
+`average` is the round's one blocking call; the node runs it in a background thread (node.rounds).
 
-The average is weighted by each member's inner steps this round (see `SwarmAveraging.average`).
+Agreement (comm.agreement): every member declares its shared model (round and hash), inner steps and update norm, signed
+by itself; the group is the declarers holding the state a majority holds, and runs only once every member voted for
+exactly it. A round's result is one of:
+- averaged: the group's weighted mean (weights: each member's declared inner steps, at most H), bit-identical on every
+  member, with `group_id` and `members`;
+- alone: nobody else declared the round; our own pseudo-gradient is the average;
+- left out (`left_out` says why: declared late, state differs, not seen by a member, silent, no agreement, or the
+  all-reduce failed after the group formed): nothing of ours was applied anywhere, `averaged` is empty and `others`
+  names who will hold the state the round ends on; the node keeps its update as progress and takes that state.
 
-Agreement: only peers whose shared model is at one round meet (the round is part of hivemind's group key, so a peer
-that missed a round goes alone and catches up, instead of mixing an update computed against an older model into the
-next round). Every peer gathers its groupmates' `RoundMeta` (round, hash, steps, norm). If the group's members
-disagree on the shared model (a round that split them, a peer that crashed and came back), the elected state is the
-one a majority of them hold (see `statesync.policy.elected_state`: a claim to be ahead wins nothing); `needs_resync`
-tells the other members to download it afterwards.
-
-Influence: the weight is the member's inner steps, at most H; before encoding, a pseudo-gradient that is not finite is
-replaced by zeros at a negligible weight (the codec would turn NaN into finite values); each reducer screens and clips
-its senders (`screening.py`), and the round's result says whom we refused or clipped.
+Influence: the weight is the member's declared steps; before encoding, a pseudo-gradient that is not finite is replaced
+by zeros at a negligible weight (the codec would turn NaN into finite values); each reducer screens and clips its
+senders against their own signed declarations (`screening.py`), and the round's result says whom we refused or clipped.
 
 A round that lost a part (a groupmate died mid-stream) ends with a second comparison, `agreed_state`, among the
-members that finished it.
-
-Failures: "no group" and network failures end the round with our own update and a `failure` reason; an exception
-inside our own code (here or in the averager's overrides) is logged with its traceback and reported the same way, as
-`internal error ...`, so it shows in the metrics and the peer table instead of hiding as a round alone.
+members that finished it. An exception inside our own code (here or in the averager's overrides) is logged with its
+traceback and reported as `internal error ...`, so it shows in the metrics and the peer table.
 """
 
 from __future__ import annotations
@@ -32,7 +31,7 @@ import logging
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any, Optional, Protocol
 
 import torch
@@ -40,53 +39,74 @@ from hivemind.compression import CompressionInfo
 from hivemind.dht import DHT
 from hivemind.utils import get_dht_time
 
+from tapestry_p2p.comm.agreement import ALONE, Declaration
 from tapestry_p2p.comm.allreduce import NETWORK_FAILURES
-from tapestry_p2p.comm.averager import AllReduceOutcome, AveragingBug, ExactAverager, FaultHook
+from tapestry_p2p.comm.averager import AllReduceOutcome, AveragingBug, ExactAverager
 from tapestry_p2p.comm.codec import compression_for
 from tapestry_p2p.comm.error_feedback import ErrorFeedback
-from tapestry_p2p.comm.matchmaking import MATCHMAKING_LEAD
-from tapestry_p2p.comm.screening import DEFAULT_CLIP_MULTIPLE, RoundMeta, weight_for
+from tapestry_p2p.comm.screening import DEFAULT_CLIP_MULTIPLE
 from tapestry_p2p.comm.statesync.client import Download, StateClient
-from tapestry_p2p.comm.statesync.policy import elected_state
 from tapestry_p2p.comm.statesync.wire import PeerState, StateId
+from tapestry_p2p.comm.voting import Timing
 from tapestry_p2p.security.membership import Members
 
-__all__ = ["AveragingResult", "RoundMeta", "SoloAveraging", "SwarmAveraging", "alone"]
+__all__ = ["AveragingConfig", "AveragingResult", "RoundMeta", "SoloAveraging", "SwarmAveraging", "alone"]
 
 logger = logging.getLogger(__name__)
 
-MATCHMAKING_TIME = MATCHMAKING_LEAD - 0.5  # hivemind's min_matchmaking_time: how long a leader waits for followers
-REQUEST_TIMEOUT = 1.0  # hivemind's request_timeout for one matchmaking request
-MEETING_GRACE = 2.0  # after the meeting time, how long a peer keeps looking for its group before going alone
 # The longest an all-reduce may take once the group is formed: this many seconds, plus the time our payload takes at
 # SLOWEST_LINK (a 25M-parameter model in float32 needs ~55 s at 20 Mbit/s; a fixed 60 s made every such round fail).
-# A groupmate that dies is dropped long before, after NEXT_CHUNK_TIMEOUT of silence.
 ALLREDUCE_TIMEOUT = 60.0
 SLOWEST_LINK = 250_000  # bytes per second (2 Mbit/s)
-NEXT_CHUNK_TIMEOUT = 10.0  # a groupmate silent for this long is dropped from the round
+# A groupmate silent for this long (per part) is dropped from the round: a few seconds plus one part at SLOWEST_LINK.
+NEXT_CHUNK_TIMEOUT = 5.0
 # Smaller parts balance the reducers' load better on small models (hivemind splits each span into parts this big).
 PART_SIZE_BYTES = 64 * 1024
 DECLARE_STATE_PERIOD = 10.0  # seconds between hivemind's re-declarations that we serve our state
+STEP_GRACE = 30.0  # beyond the longest a round can take, how long the node waits for the averager process to answer
+
+
+@dataclass(frozen=True)
+class RoundMeta:
+    """What the node hands in with its pseudo-gradient: the shared model it was computed against, and its steps."""
+
+    round: int  # the shared model's round going in
+    hash: str  # its hash
+    steps: int  # inner steps this round (its weight is `screening.weight_for(steps, H)`)
+
+
+@dataclass
+class AveragingConfig:
+    """What a node's averaging needs: the tensors' shapes, the run's codec and H, the run spec's digest (peers of
+    another spec never meet), the clipping bound and the agreed group's deadlines."""
+
+    shapes: Sequence[torch.Size]
+    compression: str
+    max_steps: int
+    spec: str = ""
+    clip_multiple: float = DEFAULT_CLIP_MULTIPLE
+    timing: Timing = field(default_factory=Timing)
 
 
 @dataclass
 class AveragingResult:
-    averaged: list[torch.Tensor]
+    averaged: list[torch.Tensor]  # the average to apply (empty when we were left out of the round)
     group_size: int
     bytes_sent: int = 0
     bytes_received: int = 0
-    peers: list[str] = field(default_factory=list)
-    failure: Optional[str] = None  # why the round fell back to a solo step or lost values, if it did
-    needs_resync: bool = False
-    group_round: int = 0  # the round the group's elected state reaches with this round (0 if unknown)
+    group_id: str = ""  # hex of the agreed group's id ("" when alone or left out)
+    members: list[str] = field(default_factory=list)  # the agreed group's peer ids, sorted ([us] when alone)
+    attempt: int = 1  # the agreement attempt that formed the group (or that we left at)
+    left_out: Optional[str] = None  # why we are not in the round's group (then `averaged` is empty)
+    others: list[str] = field(default_factory=list)  # left out: the peers that will hold the state the round ends on
+    failure: Optional[str] = None  # what went wrong in the round, if anything (the reason we were left out, too)
+    group_round: int = 0  # the round the group reaches with this round
     clean: bool = True  # we received every averaged part (no span zeroed for a lost reducer)
-    dropped: dict[str, str] = field(default_factory=dict)  # groupmate -> why it was left out of the round
     refused: dict[str, str] = field(default_factory=dict)  # groupmate -> why we refused its parts as a reducer
     clipped: dict[str, float] = field(default_factory=dict)  # groupmate -> the factor we scaled its parts by
-    norm: float = 0.0  # the L2 norm of our pseudo-gradient, as we declared it to the group
-    # seconds: "norm" (our update's norm), "copy_in"/"copy_out" (into and out of the averager's shared buffers),
-    # "wait" (for the meeting and matchmaking, or until the round gave up), "allreduce" (from the group's forming to
-    # our last averaged part: codec and wire, in the averager process)
+    norm: float = 0.0  # the L2 norm of our pseudo-gradient, as we declared it
+    # seconds: "copy_in"/"copy_out" (into and out of the averager's shared buffers), "norm", "wait" (declaring and
+    # agreeing on the group), "allreduce" (from the group's commit to our last averaged part)
     seconds: dict[str, float] = field(default_factory=dict)
 
 
@@ -98,7 +118,8 @@ def alone(delta: Sequence[torch.Tensor], failure: Optional[str] = None) -> Avera
 class Averaging(Protocol):
     """What a node needs from the network for its rounds and its state (SwarmAveraging, or SoloAveraging)."""
 
-    longest_round: float  # the most seconds a round can take from our launch to its end (its all-reduce included)
+    peer_id: str
+    longest_round: float  # the most seconds a round can take from our call to its end (its all-reduce included)
 
     def average(self, delta: Sequence[torch.Tensor], meeting: float, meta: RoundMeta) -> AveragingResult: ...
 
@@ -116,6 +137,8 @@ class Averaging(Protocol):
         have: Optional[StateId] = None,
     ) -> Optional[Download]: ...
 
+    def may_hold(self, round_no: int, peers: Sequence[str]) -> bool: ...
+
     def agreed_state(self, me: str, mine: PeerState, others: Sequence[str], group_round: int) -> Optional[StateId]: ...
 
     def shutdown(self) -> None: ...
@@ -124,6 +147,7 @@ class Averaging(Protocol):
 class SoloAveraging:
     """No network: the peer's own pseudo-gradient is the average (a peer alone, or the trained-alone baseline)."""
 
+    peer_id = "solo"
     longest_round = 0.0
 
     def average(self, delta: Sequence[torch.Tensor], meeting: float, meta: RoundMeta) -> AveragingResult:
@@ -147,6 +171,9 @@ class SoloAveraging:
     ) -> Optional[Download]:
         return None
 
+    def may_hold(self, round_no: int, peers: Sequence[str]) -> bool:
+        return False
+
     def agreed_state(self, me: str, mine: PeerState, others: Sequence[str], group_round: int) -> Optional[StateId]:
         return mine.id
 
@@ -155,59 +182,83 @@ class SoloAveraging:
 
 
 class SwarmAveraging:
-    """All-reduce through hivemind with the peers that meet at the agreed time."""
+    """All-reduce through the agreed group of each round (see the module docstring)."""
+
+    averager_class: type[ExactAverager] = ExactAverager  # test subclasses inject faults here (testing.faults)
 
     def __init__(
         self,
         dht: DHT,
         run_id: str,
-        shapes: Sequence[torch.Size],
-        compression: str,
+        owner: bytes,
+        config: AveragingConfig,
         state_fn: Callable[[], tuple[dict[str, Any], list[torch.Tensor]]],
-        max_steps: int,
         members: Optional[Members] = None,
-        clip_multiple: float = DEFAULT_CLIP_MULTIPLE,
-        fault: Optional[FaultHook] = None,
-        spec: str = "",
         feedback: Optional[ErrorFeedback] = None,
     ) -> None:
-        self._buffers = [torch.zeros(shape) for shape in shapes]
-        self._max_steps = max_steps
+        """`owner`: our owner-signed DHT subkey (declarations are stored under it); `state_fn`: what a peer downloads
+        from us (called in a helper thread)."""
+        self._buffers = [torch.zeros(shape) for shape in config.shapes]
+        self._max_steps = config.max_steps
         self.feedback = feedback
-        timeout = allreduce_timeout(shapes, compression)
-        self.longest_round = MATCHMAKING_LEAD + MEETING_GRACE + timeout
-        self._averager = ExactAverager(
+        timeout = allreduce_timeout(config.shapes, config.compression)
+        self.longest_round = config.timing.longest + timeout
+        self._averager = self.averager_class(
             self._buffers,
             dht,
             prefix=f"{run_id}_avg",
             start=True,
-            min_group_size=2,
-            min_matchmaking_time=MATCHMAKING_TIME,
-            request_timeout=REQUEST_TIMEOUT,
+            owner=owner,
             allreduce_timeout=timeout,
             next_chunk_timeout=NEXT_CHUNK_TIMEOUT,
             part_size_bytes=PART_SIZE_BYTES,
-            compression=compression_for(compression),
+            compression=compression_for(config.compression),
             state_fn=state_fn,
             declare_state_period=DECLARE_STATE_PERIOD,
             members=members or Members.open(),
-            max_steps=max_steps,
-            codec=compression,
-            clip_multiple=clip_multiple,
-            fault=fault,
-            spec=spec,
+            max_steps=config.max_steps,
+            codec=config.compression,
+            clip_multiple=config.clip_multiple,
+            spec=config.spec,
+            timing=config.timing,
             error_sink=None if feedback is None else feedback.pending,
         )
-        self.replace_members = self._averager.replace_members
         self.peer_id = self._averager.peer_id.to_base58()
         self._states = StateClient(dht, self._averager)
-        self.publish_round = self._states.publish_round
-        self.highest_round_online = self._states.highest_round_online
-        self.positions = self._states.positions
-        self.download_state = self._states.download_state
-        self.agreed_state = self._states.agreed_state
+
+    # ---- the state the swarm sees (statesync.client) ----
+
+    def replace_members(self, names: Optional[dict[str, str]], version: int) -> None:
+        self._averager.replace_members(names, version)
+
+    def publish_round(self, round_no: int) -> None:
+        self._states.publish_round(round_no)
+
+    def highest_round_online(self) -> int:
+        return self._states.highest_round_online()
+
+    def positions(self) -> dict[str, int]:
+        return self._states.positions()
+
+    def download_state(
+        self,
+        min_round: int,
+        peers: Optional[Sequence[str]] = None,
+        want: Optional[StateId] = None,
+        have: Optional[StateId] = None,
+    ) -> Optional[Download]:
+        return self._states.download_state(min_round, peers, want, have)
+
+    def may_hold(self, round_no: int, peers: Sequence[str]) -> bool:
+        return self._states.may_hold(round_no, peers)
+
+    def agreed_state(self, me: str, mine: PeerState, others: Sequence[str], group_round: int) -> Optional[StateId]:
+        return self._states.agreed_state(me, mine, others, group_round)
+
+    # ---- one round ----
 
     def average(self, delta: Sequence[torch.Tensor], meeting: float, meta: RoundMeta) -> AveragingResult:
+        """Declare our contribution for the round `meeting` is for, agree on the group, all-reduce with it."""
         clock = [time.perf_counter()]
         seconds: dict[str, float] = {}
 
@@ -228,7 +279,49 @@ class SwarmAveraging:
         lap: Callable[[str], None],
         seconds: dict[str, float],
     ) -> AveragingResult:
-        with self._averager.get_tensors() as buffers:  # our contribution: delta, plus the residual it owes
+        declaration, finite = self._copy_in(delta, meta, lap)
+        try:
+            try:
+                timeout = max(meeting - get_dht_time(), 0.0) + self.longest_round + STEP_GRACE
+                outcome = self._averager.agreed_step(declaration, meeting, timeout)
+            finally:
+                lap("wait")  # split below into agreeing on the group and the all-reduce itself
+        except AveragingBug as e:  # logged with its traceback in the averager process
+            logger.error("round %d failed: %s (traceback above)", meta.round + 1, e)
+            return self._left_out(f"{e}", [], declaration)
+        except NETWORK_FAILURES as e:
+            reason = str(e).splitlines()[0].rstrip(": ") if str(e).strip() else type(e).__name__
+            logger.info("round %d failed after its group formed (%s)", meta.round + 1, reason)
+            return self._left_out(f"all-reduce failed: {reason}", [], declaration)
+        except Exception as e:
+            logger.exception("averaging failed inside tapestry (a bug, not the network)")
+            return self._left_out(f"internal error in averaging: {type(e).__name__}: {e}", [], declaration)
+        if outcome.left_out == ALONE:
+            return self._alone(delta)
+        if outcome.left_out:
+            return self._left_out(outcome.left_out, outcome.others, declaration, outcome.attempt)
+        if outcome.started:
+            seconds["allreduce"] = round(min(seconds["wait"], max(time.time() - outcome.started, 0.0)), 4)
+            seconds["wait"] = round(seconds["wait"] - seconds["allreduce"], 4)
+        with self._averager.get_tensors() as buffers:
+            averaged = [b.clone() for b in buffers]
+        lap("copy_out")
+        if not all(torch.isfinite(a).all() for a in averaged):
+            others = [p for p in outcome.members if p != self.peer_id]
+            return self._left_out("the group's average is not finite", others, declaration, outcome.attempt)
+        if self.feedback is not None:
+            if not finite:  # we contributed nothing, and owe nothing
+                self.feedback.reset()
+            elif meta.steps > 0:
+                self.feedback.sent(delta, outcome.failed_spans)
+            # (no inner steps: our weight was 0, nothing of ours was averaged; we still owe the residual)
+        return _result(averaged, outcome, declaration)
+
+    def _copy_in(
+        self, delta: Sequence[torch.Tensor], meta: RoundMeta, lap: Callable[[str], None]
+    ) -> tuple[Declaration, bool]:
+        """Our contribution into the averager's buffers (delta plus the residual it owes); our declaration of it."""
+        with self._averager.get_tensors() as buffers:
             for buffer, d in zip(buffers, delta, strict=True):
                 buffer.copy_(d)
             if self.feedback is not None:
@@ -238,78 +331,46 @@ class SwarmAveraging:
             # cost 8 GB; reducers check declared norms with a 10% tolerance)
             norm = math.sqrt(sum(float(torch.linalg.vector_norm(b)) ** 2 for b in buffers))
             lap("norm")
-            finite = math.isfinite(norm)
-            if not finite:  # a lossy codec would turn NaN into finite values: contribute nothing
-                logger.error("our pseudo-gradient is not finite: contributing nothing to round %d", meta.round + 1)
-                meta = RoundMeta(meta.round, meta.hash, steps=0, norm=0.0)
-                for buffer in buffers:
-                    buffer.zero_()
-            else:
-                meta = RoundMeta(meta.round, meta.hash, meta.steps, norm)
-        # Only members whose shared model is at one round meet: the round is part of the group key, so a partner
-        # one round behind (it missed a round) is never matched with the swarm's next round, where its update,
-        # computed against an older model, would be mixed into theirs; it goes alone and catches up instead.
-        # (Set every round: hivemind reshuffles the bits after each group it assembles.)
-        try:
-            try:
-                self._averager.set_group_bits(group_bits(meta.round))
-                outcome = self._step(meeting, meta)
-            finally:
-                lap("wait")  # split below into waiting for the group and the all-reduce itself
-        except AveragingBug as e:  # logged with its traceback in the averager process
-            logger.error("round %d failed: %s (traceback above)", meta.round + 1, e)
-            return self._alone(delta, failure=str(e))
-        except NETWORK_FAILURES as e:
-            reason = str(e).splitlines()[0].rstrip(": ") if str(e).strip() else type(e).__name__
-            if "could not find a group" in reason:
-                reason = "no other peer came to the meeting"
-            logger.info("round without a group (%s): applying our own update", reason)
-            return self._alone(delta, failure=reason)
-        except Exception as e:
-            logger.exception("averaging failed inside tapestry (a bug, not the network)")
-            return self._alone(delta, failure=f"internal error in averaging: {type(e).__name__}: {e}")
-        if outcome.started:
-            seconds["allreduce"] = round(min(seconds["wait"], max(time.time() - outcome.started, 0.0)), 4)
-            seconds["wait"] = round(seconds["wait"] - seconds["allreduce"], 4)
-        with self._averager.get_tensors() as buffers:
-            averaged = [b.clone() for b in buffers]
-        lap("copy_out")
-        if not all(torch.isfinite(a).all() for a in averaged):
-            return self._alone(delta, failure="non-finite average; kept our own update")
-        if self.feedback is not None:
-            if not finite:  # we contributed nothing, and owe nothing
-                self.feedback.reset()
-            elif meta.steps > 0:
-                self.feedback.sent(delta, outcome.failed_spans)
-            # (no inner steps: our weight was 0, nothing of ours was averaged; we still owe the residual)
-        return replace(_result(averaged, outcome, meta), norm=meta.norm)
+            if math.isfinite(norm):
+                return Declaration(self.peer_id, meta.round, meta.hash, meta.steps, norm), True
+            logger.error("our pseudo-gradient is not finite: contributing nothing to round %d", meta.round + 1)
+            for buffer in buffers:  # a lossy codec would turn NaN into finite values
+                buffer.zero_()
+            return Declaration(self.peer_id, meta.round, meta.hash, 0, 0.0), False
 
-    def _alone(self, delta: Sequence[torch.Tensor], failure: str) -> AveragingResult:
-        """A round that went alone applies our whole contribution (delta plus what we owed): we owe nothing after."""
+    def _alone(self, delta: Sequence[torch.Tensor]) -> AveragingResult:
+        """A round nobody else declared applies our whole contribution (delta plus what we owed): we owe nothing."""
         if self.feedback is None:
-            return alone(delta, failure)
-        result = AveragingResult(self.feedback.contribution(delta), group_size=1, failure=failure, clean=False)
-        self.feedback.reset()
+            result = alone(delta)
+        else:
+            result = AveragingResult(self.feedback.contribution(delta), group_size=1)
+            self.feedback.reset()
+        result.members = [self.peer_id]
         return result
 
-    def _step(self, meeting: float, meta: RoundMeta) -> AllReduceOutcome:
-        # Weighted by inner steps (at most H): a partner that came to the meeting with fewer steps moves it less.
-        timeout = max(meeting - get_dht_time(), 0.0) + MEETING_GRACE
-        weight = weight_for(meta.steps, self._max_steps)
-        return self._averager.step(
-            gather=asdict(meta), scheduled_time=meeting, weight=weight, timeout=timeout, allow_retries=False
+    def _left_out(
+        self, reason: str, others: Sequence[str], declaration: Declaration, attempt: int = 1
+    ) -> AveragingResult:
+        """A round the group (if any) averaged without us: nothing of ours was applied; we still owe the residual."""
+        return AveragingResult(
+            [],
+            group_size=1,
+            members=[self.peer_id],
+            attempt=attempt,
+            left_out=reason,
+            others=sorted(others),
+            failure=f"left out of the round's group: {reason}",
+            group_round=declaration.round + 1,
+            clean=False,
+            norm=declaration.norm,
         )
 
     def shutdown(self) -> None:
+        self._states.close()
         self._averager.shutdown()
         self._averager.join(timeout=10)
         if self._averager.is_alive():
             self._averager.kill()
-
-
-def group_bits(round_no: int) -> str:
-    """The bits of hivemind's group key for a round: the round of the shared model going in, in binary."""
-    return format(round_no, "b")
 
 
 def allreduce_timeout(shapes: Sequence[torch.Size], compression: str) -> float:
@@ -321,10 +382,8 @@ def allreduce_timeout(shapes: Sequence[torch.Size], compression: str) -> float:
     return ALLREDUCE_TIMEOUT + 2 * coded / SLOWEST_LINK
 
 
-def _result(averaged: list[torch.Tensor], outcome: AllReduceOutcome, meta: RoundMeta) -> AveragingResult:
-    """What a completed all-reduce means for the node: the average, and whether it left us out of step."""
-    states = {peer: parsed.state for peer, data in outcome.gathered.items() if (parsed := RoundMeta.parse(data))}
-    elected = elected_state(states)
+def _result(averaged: list[torch.Tensor], outcome: AllReduceOutcome, declaration: Declaration) -> AveragingResult:
+    """What a completed all-reduce means for the node: the average, the group, and what it lost."""
     failure = None
     if outcome.failed_fraction > 0:
         failure = f"{outcome.failed_fraction:.1%} of values lost their reducer (no update for them this round)"
@@ -332,15 +391,16 @@ def _result(averaged: list[torch.Tensor], outcome: AllReduceOutcome, meta: Round
         failure = f"{outcome.senders_lost} groupmates' parts never reached us"
     return AveragingResult(
         averaged=averaged,
-        group_size=len(outcome.gathered),
+        group_size=len(outcome.members),
         bytes_sent=outcome.traffic.sent,
         bytes_received=outcome.traffic.received,
-        peers=sorted(outcome.gathered),
+        group_id=outcome.group_id.hex(),
+        members=list(outcome.members),
+        attempt=outcome.attempt,
         failure=failure,
-        needs_resync=elected is not None and elected != meta.state.id,
-        group_round=elected.round + 1 if elected is not None else 0,
+        group_round=declaration.round + 1,
         clean=outcome.failed_fraction == 0,
-        dropped=outcome.dropped,
         refused=outcome.refused,
         clipped=outcome.clipped,
+        norm=declaration.norm,
     )

@@ -1,29 +1,30 @@
-"""When a round's all-reduce starts: a meeting time agreed through the DHT, instead of spinning in matchmaking.
-
-(hivemind's own matchmaking then forms the group in the last MATCHMAKING_LEAD seconds; its leader queue is
-rate-limited by `p2p.hivemind_compat`.)
+"""When a round's agreement starts: a meeting time agreed through the DHT, read in the background.
 
 The first peer of round r to finish its H inner steps proposes `now + window` under the round's key (one subkey per
-peer); the meeting time is the earliest proposal. Peers still training poll the key about once a second and stop
-their inner loop `lead` seconds before the meeting, so a slower partner contributes fewer inner steps rather than
-holding everybody up, and a faster one waits at most `window` seconds. Since a later proposal is always later in
-time, every peer that reads after the first proposal landed agrees on the same minimum.
+peer); the meeting time is the earliest proposal. Peers still training learn it from a background thread that reads
+the key about once a second, and stop their inner loop `DECLARE_LEAD` seconds before the meeting, so a slower partner
+contributes fewer inner steps rather than holding everybody up, and a faster one keeps training until then: its extra
+steps are progress like any other. Since a later proposal is always later in time, every peer that reads after the
+first proposal landed agrees on the same minimum. The training loop never waits for the DHT: it reads `meeting`, a
+number the thread keeps up to date (on links with a high latency a DHT read takes a second or more).
+
+At the meeting each peer reads the round's declarations (`comm.voting`): the meeting is the declarations' cut-off.
 
 Proposals are untrusted: each is stored under its proposer's owner-signed subkey (in a consortium, members only, see
-`security.dht_auth`), and a proposal is used only if it lies between `lead / 2` and `window + PROPOSAL_SLACK` seconds
-ahead of now. A proposal far in the future cannot freeze the swarm, and one in the past cannot break agreement
+`security.dht_auth`), and a proposal is used only if it lies between `DECLARE_LEAD / 2` and `window + PROPOSAL_SLACK`
+seconds ahead of now. A proposal far in the future cannot freeze the swarm, and one in the past cannot break agreement
 (R1/R2 in the security review): at worst a member delays one round by one window.
 
-Tuning: `window` must cover one inner step, one poll interval and `lead` (hivemind needs about `lead` seconds of
-matchmaking before the all-reduce starts; a peer stops training one step early so that its last step ends in time,
-and the node warns when a step is longer than the window allows); raise it on links with high DHT latency.
+Tuning: `window` must cover one inner step, one poll interval and `DECLARE_LEAD` (a peer stops training one step
+early so that its last step ends in time, and the node warns when a step is longer than the window allows); raise it
+on links with high DHT latency.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-import time
+import threading
 from dataclasses import dataclass
 from typing import Optional
 
@@ -32,9 +33,10 @@ from hivemind.utils import get_dht_time
 
 logger = logging.getLogger(__name__)
 
-POLL_INTERVAL = 1.0  # seconds between DHT reads while training
-MATCHMAKING_LEAD = 2.0  # seconds before the meeting at which peers enter hivemind's matchmaking
+POLL_INTERVAL = 1.0  # seconds between DHT reads of the round's proposals
+DECLARE_LEAD = 2.0  # seconds before the meeting at which peers stop training and declare their round
 PROPOSAL_SLACK = 5.0  # seconds beyond `window` a proposal may lie ahead (clock skew, DHT latency)
+DHT_ERRORS = (OSError, EOFError, RuntimeError, TimeoutError)  # the DHT process is gone, slow or shutting down
 
 
 @dataclass
@@ -42,12 +44,12 @@ class RoundSchedule:
     window: float = 4.0  # how long the first finisher waits for the others, in seconds
 
     def __post_init__(self) -> None:
-        if not self.window > MATCHMAKING_LEAD + 0.5:
-            raise ValueError(f"round window must be more than {MATCHMAKING_LEAD + 0.5}s, got {self.window}")
+        if not self.window > DECLARE_LEAD + 0.5:
+            raise ValueError(f"round window must be more than {DECLARE_LEAD + 0.5}s, got {self.window}")
 
 
 class MeetingClock:
-    """The agreed start time of one round's all-reduce, as seen by one peer."""
+    """The agreed start time of one round's agreement, as one peer sees it; a background thread reads the DHT."""
 
     def __init__(self, dht: DHT, prefix: str, round_no: int, schedule: RoundSchedule, subkey: bytes) -> None:
         """`prefix`: the run id and run spec digest (only peers that can average together share meeting times);
@@ -55,46 +57,72 @@ class MeetingClock:
         self.dht, self.schedule = dht, schedule
         self.key = f"{prefix}.meet.{round_no}"
         self._subkey = subkey
-        self._meeting: Optional[float] = None
-        self._last_poll = -math.inf
+        self._lock = threading.Lock()
+        self._seen: Optional[float] = None  # the earliest proposal read so far
+        self._proposal: Optional[float] = None  # ours, if we called the meeting
+        self._stored = False
+        self._closed = threading.Event()
+        self._wake = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name=f"meeting-{round_no}", daemon=True)
+        self._thread.start()
+
+    @property
+    def meeting(self) -> Optional[float]:
+        """The meeting time as far as we know: the earliest proposal we can still catch (ours included), or None."""
+        now = get_dht_time()
+        with self._lock:
+            known = [m for m in (self._seen, self._proposal) if m is not None and m - DECLARE_LEAD / 2 > now]
+        return min(known) if known else None
+
+    def propose(self) -> None:
+        """We finished our H steps and know of no meeting we can catch: call it for `now + window` (stored in the
+        background; the earliest proposal wins wherever peers read)."""
+        with self._lock:
+            self._proposal, self._stored = get_dht_time() + self.schedule.window, False
+        self._wake.set()
+
+    def should_stop_training(self, step_seconds: float = 0.0) -> bool:
+        """True from shortly before a catchable meeting, or earlier by one inner step (`step_seconds`) so that a step
+        started now ends in time."""
+        meeting = self.meeting
+        return meeting is not None and meeting - DECLARE_LEAD - 0.25 <= get_dht_time() + step_seconds
+
+    def close(self) -> None:
+        self._closed.set()
+        self._wake.set()
+
+    # ---- the background thread ----
+
+    def _loop(self) -> None:
+        while not self._closed.is_set():
+            try:
+                self._store_proposal()
+                seen = self._read()
+            except DHT_ERRORS as e:
+                logger.debug("meeting clock: DHT unavailable (%r)", e)
+                seen = None
+            if seen is not None:
+                with self._lock:
+                    self._seen = seen if self._seen is None else min(self._seen, seen)
+            self._wake.wait(POLL_INTERVAL)
+            self._wake.clear()
+
+    def _store_proposal(self) -> None:
+        with self._lock:
+            proposal = None if self._stored else self._proposal
+            self._stored = True
+        if proposal is not None:
+            self.dht.store(self.key, proposal, expiration_time=proposal + 600, subkey=self._subkey)
 
     def _read(self) -> Optional[float]:
         found = self.dht.get(self.key, latest=True)
         if found is None or not isinstance(found.value, dict):
             return None
         now = get_dht_time()
-        earliest, latest = now + MATCHMAKING_LEAD / 2, now + self.schedule.window + PROPOSAL_SLACK
+        earliest, latest = now + DECLARE_LEAD / 2, now + self.schedule.window + PROPOSAL_SLACK
         times = [
             v.value
             for v in found.value.values()
             if type(v.value) in (int, float) and math.isfinite(v.value) and earliest <= v.value <= latest
         ]  # untrusted: only finite numbers in the catchable window count
         return min(times) if times else None
-
-    def poll(self) -> Optional[float]:
-        """The meeting time if someone proposed one (reads the DHT at most once per POLL_INTERVAL)."""
-        if self._meeting is None and time.monotonic() - self._last_poll >= POLL_INTERVAL:
-            self._last_poll = time.monotonic()
-            self._meeting = self._read()
-        return self._meeting
-
-    def should_stop_training(self, step_seconds: float = 0.0) -> bool:
-        """True from shortly before a catchable meeting, or earlier by one inner step (`step_seconds`) so that a step
-        started now ends in time; a meeting we can no longer catch is ignored."""
-        meeting = self.poll()
-        if meeting is None:
-            return False
-        now = get_dht_time()
-        return meeting - MATCHMAKING_LEAD - 0.25 <= now + step_seconds and now < meeting - MATCHMAKING_LEAD / 2
-
-    def agree(self) -> float:
-        """The meeting time: an existing proposal still far enough ahead, or our own `now + window`."""
-        meeting = self._read()
-        if meeting is not None and meeting - get_dht_time() >= MATCHMAKING_LEAD / 2:
-            return meeting
-        proposal = get_dht_time() + self.schedule.window
-        self.dht.store(self.key, proposal, expiration_time=proposal + 600, subkey=self._subkey)
-        meeting = self._read()
-        if meeting is None or meeting - get_dht_time() < MATCHMAKING_LEAD / 2:
-            return proposal  # only stale proposals: the others have moved on, meet whoever comes at ours
-        return meeting

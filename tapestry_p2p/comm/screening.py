@@ -1,8 +1,8 @@
 """What a reducer accepts from each sender of a round, and how far each sender can move the average.
 
 Every member of a group is a reducer for its span of the flattened tensors, and sees each sender's copy of that span.
-Before the all-reduce, each sender tells the group (in hivemind's `gather`, see `averaging.RoundMeta`) its inner steps
-and the L2 norm of its whole pseudo-gradient. Each reducer then, for every sender:
+Before the all-reduce, each sender declares its inner steps and the L2 norm of its whole pseudo-gradient, signed by
+itself (`agreement.Declaration`: nobody relays anybody's metadata). Each reducer then, for every sender:
 
 - accepts a part only with the exact expected number of values, float32 after decoding, the round's codec, finite
   values, and a weight equal to the weight the sender's declared steps give (`weight_for`, at most H);
@@ -24,11 +24,9 @@ import math
 import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Optional
 
 import torch
-
-from tapestry_p2p.comm.statesync.wire import MAX_HASH_LENGTH, PeerState, is_count
 
 DEFAULT_CLIP_MULTIPLE = 3.0  # tau = this x the lower median of the group's declared norms (docs/THREAT-MODEL.md)
 # What a span may exceed its sender's declared norm by: a codec's error adds to the norm (errors of 1.2% for 8-bit and
@@ -36,34 +34,6 @@ DEFAULT_CLIP_MULTIPLE = 3.0  # tau = this x the lower median of the group's decl
 NORM_TOLERANCE = 1.1
 ZERO_STEP_WEIGHT = 1e-6  # a member with no inner steps still takes part, at this negligible weight
 MAX_NORM = 1e30  # a declared norm above this is malformed
-
-
-@dataclass(frozen=True)
-class RoundMeta:
-    """What each member tells its group about the round it averages (hivemind's `gather`)."""
-
-    round: int  # the shared model's round going in
-    hash: str  # its hash
-    steps: int  # inner steps this round (its weight is `weight_for(steps, H)`)
-    norm: float = 0.0  # L2 norm of its whole pseudo-gradient this round, before encoding
-
-    @classmethod
-    def parse(cls, data: Any) -> Optional[RoundMeta]:
-        """A groupmate's metadata (untrusted); None if it is malformed."""
-        if not isinstance(data, dict) or set(data) != {"round", "hash", "steps", "norm"}:
-            return None
-        round_no, digest, steps, norm = data["round"], data["hash"], data["steps"], data["norm"]
-        if not (is_count(round_no) and is_count(steps)):
-            return None
-        if not (isinstance(digest, str) and len(digest) <= MAX_HASH_LENGTH):
-            return None
-        if type(norm) is not float or not 0.0 <= norm <= MAX_NORM:
-            return None
-        return cls(round_no, digest, steps, norm)
-
-    @property
-    def state(self) -> PeerState:
-        return PeerState(self.round, self.hash)
 
 
 def weight_for(steps: int, max_steps: int) -> float:

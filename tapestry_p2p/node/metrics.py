@@ -42,7 +42,13 @@ class RoundMetrics:
     compression: str
     failure: Optional[str]
     resynced: bool
-    refused: dict[str, str] = field(default_factory=dict)  # groupmate -> why we refused (or left out) its contribution
+    # the round's agreed group (comm.agreement): its id (hex), its members' peer ids, sorted ([us] when alone or left
+    # out), the attempt that formed it, and why we are not in it when we were left out
+    group_id: str = ""
+    members: list[str] = field(default_factory=list)
+    attempt: int = 1
+    left_out: Optional[str] = None
+    refused: dict[str, str] = field(default_factory=dict)  # groupmate -> why we refused its contribution
     clipped: dict[str, float] = field(default_factory=dict)  # groupmate -> the factor we scaled its contribution by
     update_norm: float = 0.0  # L2 norm of our pseudo-gradient this round (what we declared; 0 when not averaged)
     seconds: dict[str, float] = field(default_factory=dict)  # where the round's time went (see `Phases`)
@@ -51,6 +57,9 @@ class RoundMetrics:
     compute_seconds: float = 0.0
     allreduce_seconds: float = 0.0
     wait_seconds: float = 0.0
+    # since the previous record: the round of the swarm's state we caught up to, and from how many peers
+    caught_up_round: Optional[int] = None
+    caught_up_from: int = 0
 
     def to_json(self) -> str:
         record = asdict(self)

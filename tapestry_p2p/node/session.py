@@ -13,7 +13,7 @@ import contextlib
 import functools
 import logging
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -21,14 +21,13 @@ from typing import Any, Optional
 
 import torch
 
-from tapestry_p2p.comm.averager import FaultHook
-from tapestry_p2p.comm.averaging import SwarmAveraging
+from tapestry_p2p.comm.averaging import AveragingConfig, SwarmAveraging
 from tapestry_p2p.comm.error_feedback import ErrorFeedback
-from tapestry_p2p.node.consortium_watch import ConsortiumWatch
 from tapestry_p2p.node.spec import decode, digest_of
 from tapestry_p2p.p2p.addresses import DEFAULT_PEER_LISTEN
 from tapestry_p2p.p2p.dht import DHT, DHTOptions, dht_time, start_dht, stop_dht, visible_maddrs
 from tapestry_p2p.security.consortium import Consortium, ConsortiumError, names_of
+from tapestry_p2p.security.consortium_watch import ConsortiumWatch
 from tapestry_p2p.security.dht_auth import MemberAuthorizer, owner_subkey
 from tapestry_p2p.security.identity import ephemeral_identity, load_or_create_identity, signing_key
 from tapestry_p2p.security.membership import Members
@@ -66,6 +65,8 @@ class SessionOptions:
 
 class SwarmSession:
     """A context manager: `with SwarmSession(options) as session:` is a running DHT node of the run."""
+
+    averaging_class: type[SwarmAveraging] = SwarmAveraging
 
     def __init__(self, options: SessionOptions) -> None:
         self.options = options
@@ -117,7 +118,9 @@ class SwarmSession:
                 options.run_id,
             )
         if self.consortium is not None:
-            watch = ConsortiumWatch(self, self.consortium, options.consortium_file)
+            watch = ConsortiumWatch(
+                self.dht, options.run_id, self.consortium, options.consortium_file, self.install_consortium
+            )
             watch.start()
             self._stack.callback(watch.stop)
 
@@ -139,29 +142,14 @@ class SwarmSession:
 
     def averaging(
         self,
-        shapes: Sequence[torch.Size],
-        compression: str,
+        config: AveragingConfig,
         state_fn: Callable[[], tuple[dict[str, Any], list[torch.Tensor]]],
-        max_steps: int,
-        clip_multiple: float,
-        spec: str,
-        fault: Optional[FaultHook] = None,
         feedback: Optional[ErrorFeedback] = None,
     ) -> SwarmAveraging:
-        """Start the run's averager (a child process), stopped before the status and DHT when the session ends.
-        Only peers of the same run spec digest (`spec`) are matched."""
-        averaging = SwarmAveraging(
-            self.dht,
-            self.options.run_id,
-            shapes,
-            compression,
-            state_fn,
-            max_steps,
-            self.members,
-            clip_multiple,
-            fault,
-            spec=spec,
-            feedback=feedback,
+        """Start the run's averager (a child process), stopped before the status and DHT when the session ends. Only
+        peers of the same run spec digest (`config.spec`) meet."""
+        averaging = self.averaging_class(
+            self.dht, self.options.run_id, self.owner, config, state_fn, self.members, feedback
         )
         self._stack.callback(averaging.shutdown)
         self._averaging = averaging

@@ -5,12 +5,13 @@ The transport and the choice of the elected state are in `comm.statesync`; this 
 - on joining (`first_catch_up`): if the swarm is ahead, wait for its state rather than train from our own (a joiner
   that trains alone would only be overwritten later), unless told to start fresh;
 - at every round start (`catch_up`): if peers advertise a later position (the round they reach once their round in
-  flight settles, see node.overlap) and outnumber those in step with us, download the state a majority of them hold
-  (an advertised round is a hint, never a reason; `peers_ahead`); if they served it with their next round under way,
-  the node takes that round's outcome as the state it ends on (`await_round`) instead of meeting alone for a round
-  the swarm already averaged;
-- after a round (`after_round`): if we disagreed with the group going in, or values lost their reducer, compare
-  states with the group and download the agreed one if ours differs;
+  flight settles, see node.rounds) and outnumber those in step with us, download the state a majority of them hold
+  (an advertised round is a hint, never a reason; `peers_to_follow`); if they served it with their next round under
+  way, the node takes that round's outcome as the state it ends on (`await_round`) instead of meeting alone for a
+  round the swarm already averaged. A peer ahead only by rounds it averaged alone (`solo_rounds`) defers to a strict
+  majority of the swarm behind it, so a split never lasts: the lone peer's rounds were its own;
+- after a round (`after_round`): if values lost their reducer, compare states with the group and download the agreed
+  one if ours differs; a round we were left out of is followed by awaiting its outcome (node.rounds);
 - `adopt`: well-formed, not older than asked, and hashing to what its servers announced, or it is ignored.
 """
 
@@ -38,18 +39,18 @@ AWAIT_POLL_SECONDS = 0.5  # how often a node waiting for the swarm's round in fl
 class StateSync:
     """The node's shared state as the swarm sees it. `lock` guards theta against the thread that serves it."""
 
-    def __init__(
-        self,
-        shared: SharedModel,
-        working: torch.nn.Module,
-        lock: threading.Lock,
-        on_adopt: Callable[[], None],
-    ) -> None:
-        self.shared, self.working, self.lock, self.on_adopt = shared, working, lock, on_adopt
+    def __init__(self, shared: SharedModel, working: torch.nn.Module, lock: threading.Lock) -> None:
+        self.shared, self.working, self.lock = shared, working, lock
+        # called after adopting a state that replaces our progress: the round under way belongs to the model we left
+        self.on_adopt: Callable[[], None] = lambda: None
         self.averaging: Averaging = SoloAveraging()
-        self.peer_id = "solo"
         self.clean = True  # our last round received every averaged part (peers comparing states ask for it)
-        self.in_flight = False  # our next round's all-reduce is under way: we serve the state before it (node.overlap)
+        self.in_flight = False  # our next round's all-reduce is under way: we serve the state before it (node.rounds)
+        self.solo_rounds = 0  # rounds applied alone since we last averaged in a group or adopted a state
+
+    @property
+    def peer_id(self) -> str:
+        return self.averaging.peer_id
 
     def share_state(self) -> tuple[dict[str, Any], list[torch.Tensor]]:
         """What a peer downloads from us: theta and the outer momentum (runs in hivemind's helper thread)."""
@@ -95,6 +96,7 @@ class StateSync:
                 self.shared.move_working(self.working, progress)
             self.clean = True  # we now hold a state the group agreed on
             self.in_flight = False
+            self.solo_rounds = 0
         if not keep_progress:
             self.on_adopt()
         return True
@@ -104,17 +106,23 @@ class StateSync:
         flight): the state a majority serves, if it is past ours, or at our round with another hash. Returns it (None
         if nothing changed); if its servers had their next round in flight (`Download.in_flight`), the caller awaits
         that round's outcome (`await_round`), also when the state they serve is the one we hold (`Download.held`)."""
-        ahead = self.peers_ahead(position)
-        if not ahead:
+        peers, min_round = self.peers_to_follow(position)
+        if not peers:
             return None
         mine = StateId(self.shared.round, self.shared.hash())
-        download = self.averaging.download_state(min_round=self.shared.round, peers=ahead, have=mine)
+        download = self.averaging.download_state(min_round=min_round, peers=peers, have=mine)
         if download is None or (download.held and not download.in_flight):
             return None
         if download.held:
             logger.info("we hold the swarm's state of round %d (model %s)", mine.round, mine.hash)
             return download
-        if not self.adopt(download, self.shared.round):
+        if download.state_id.round < self.shared.round:
+            logger.warning(
+                "we are ahead of the swarm only by %d rounds alone: taking the state the majority holds (round %d)",
+                self.solo_rounds,
+                download.state_id.round,
+            )
+        if not self.adopt(download, min_round):
             return None
         logger.info(
             "caught up with the swarm at round %d (model %s), downloaded %.1f MB from %d peers in %.2fs (%.1f MB/s)",
@@ -127,19 +135,28 @@ class StateSync:
         )
         return download
 
-    def swarm_ahead(self, position: int) -> bool:
-        """Whether some peer advertises a later position than ours (a hint: what we adopt is what a majority holds)."""
-        return self.averaging.highest_round_online() > position
-
     def peers_ahead(self, position: int) -> list[str]:
-        """The peers to catch up from: those advertising a later position than ours, if they outnumber the peers
-        level with us (else none). Peers behind us have no say (a partner resuming from an old checkpoint must not
-        keep two others that split apart from agreeing), and a minority claiming to be ahead of peers in step with us
-        wins nothing; among those ahead, the state a majority of them holds is the one taken (`download_state`)."""
+        """The peers ahead of us to catch up from (see `peers_to_follow`)."""
+        peers, min_round = self.peers_to_follow(position)
+        return peers if min_round >= self.shared.round else []
+
+    def peers_to_follow(self, position: int) -> tuple[list[str], int]:
+        """The peers whose state to take, and the oldest round we accept from them; ([], 0) if we stay as we are.
+
+        Peers advertising a later position than ours, if they outnumber the peers level with us: a minority claiming
+        to be ahead of peers in step with us wins nothing, and peers behind us have no say (a partner resuming from an
+        old checkpoint must not keep two others that split apart from agreeing). Or, if we are ahead only by rounds we
+        applied alone (`solo_rounds`), the peers behind us within that lead, if they are a strict majority of the
+        swarm (us included). Among the peers chosen, the state a majority of them holds is taken (`download_state`)."""
         positions = self.averaging.positions()
         ahead = sorted(peer for peer, theirs in positions.items() if theirs > position)
         level = sum(theirs == position for theirs in positions.values())
-        return ahead if len(ahead) > level else []
+        if len(ahead) > level:
+            return ahead, self.shared.round
+        behind = {p: theirs for p, theirs in positions.items() if position - self.solo_rounds <= theirs < position}
+        if self.solo_rounds and 2 * len(behind) > len(positions) + 1:
+            return sorted(behind), min(behind.values()) - 1  # (a peer with a round in flight serves the one before)
+        return [], 0
 
     def first_catch_up(self, stop: threading.Event, start_fresh: bool) -> tuple[str, Optional[Download]]:
         """On joining: catch up with the swarm if it is ahead, waiting for a server if there is none yet. Returns
@@ -165,30 +182,32 @@ class StateSync:
         return "stopped", None
 
     def await_round(self, round_no: int, peers: list[str], stop: threading.Event) -> Optional[Download]:
-        """The state the swarm's round `round_no` ends on (it was in flight for `peers` when we caught up), once a
-        majority of them hold it; None if it does not come within the longest a round can take, or they moved past
-        it. (Only the peers that average it are asked: another node awaiting it holds the state before it.)"""
+        """The state the swarm's round `round_no` ends on, from `peers` (who average it), once a majority of them hold
+        it; None if it does not come within the longest a round can take, they moved past it, or none of them holds
+        it or still has a round in flight that could (the group failed too: nobody will hold it)."""
         deadline = time.monotonic() + self.averaging.longest_round
-        # (a peer's advertised position outlives it by at most hivemind's declaration period: once no peer
-        # advertises the round, nobody is left to settle it)
-        while not stop.is_set() and time.monotonic() < deadline and self.swarm_ahead(round_no - 1):
+        while not stop.is_set() and time.monotonic() < deadline:
             download = self.averaging.download_state(min_round=round_no, peers=peers)
             if download is not None:
                 return download if download.state_id.round == round_no else None
+            if not self.averaging.may_hold(round_no, peers):
+                return None
             stop.wait(AWAIT_POLL_SECONDS)
         return None
 
     @staticmethod
     def out_of_step(result: AveragingResult) -> bool:
-        """Whether a round may have left us out of step with our group: we disagreed with it going in, or it failed."""
-        return result.group_size > 1 and (result.needs_resync or result.failure is not None)
+        """Whether a round may have left us out of step with our group: it lost parts."""
+        return result.group_size > 1 and result.failure is not None
 
     def after_round(self, result: AveragingResult) -> bool:
         """Re-sync if the round may have left us out of step with our group; returns whether we downloaded."""
         self.clean = result.clean
+        if result.left_out is None:
+            self.solo_rounds = self.solo_rounds + 1 if result.group_size == 1 else 0
         if not self.out_of_step(result):
             return False
-        others = [p for p in result.peers if p != self.peer_id]
+        others = [p for p in result.members if p != self.peer_id]
         mine = PeerState(self.shared.round, self.shared.hash(), self.clean)
         agreed = self.averaging.agreed_state(self.peer_id, mine, others, result.group_round)
         if agreed is None or agreed == mine.id:

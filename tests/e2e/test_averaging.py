@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import threading
 
 import pytest
 import torch
+from helpers import start_signed_dht
 from hivemind.utils import get_dht_time
 
-from tapestry_p2p.comm.averaging import RoundMeta, SwarmAveraging
+from tapestry_p2p.comm.agreement import STATE_DIFFERS
+from tapestry_p2p.comm.averaging import AveragingConfig, RoundMeta, SwarmAveraging
 from tapestry_p2p.comm.codec import max_relative_error
 from tapestry_p2p.comm.error_feedback import ErrorFeedback
 from tapestry_p2p.p2p.dht import DHTOptions, start_dht, stop_dht, visible_maddrs
@@ -23,27 +26,23 @@ def _no_state():
 
 @pytest.fixture
 def swarm():
-    """A bootstrap DHT plus a factory of peers; everything is shut down afterwards."""
-    started = []
-    boot = start_dht(DHTOptions(listen=LOOPBACK))
-    started.append(boot)
+    """A bootstrap DHT plus a factory of peers (each on a DHT node that signs its records); everything is shut down
+    afterwards."""
+    with contextlib.ExitStack() as stack:
+        boot = start_dht(DHTOptions(listen=LOOPBACK))
+        stack.callback(stop_dht, boot)
 
-    def make_peers(n: int, compression: str, run_id: str) -> list[SwarmAveraging]:
-        peers = []
-        for _ in range(n):
-            dht = start_dht(DHTOptions(initial_peers=visible_maddrs(boot), listen=LOOPBACK))
-            started.append(dht)
-            feedback = None if compression == "none" else ErrorFeedback(SHAPES)
-            peers.append(SwarmAveraging(dht, run_id, SHAPES, compression, _no_state, max_steps=100, feedback=feedback))
-            started.append(peers[-1])
-        return peers
+        def make_peers(n: int, compression: str, run_id: str) -> list[SwarmAveraging]:
+            peers = []
+            for _ in range(n):
+                dht, owner = start_signed_dht(stack, visible_maddrs(boot))
+                feedback = None if compression == "none" else ErrorFeedback(SHAPES)
+                config = AveragingConfig(SHAPES, compression, max_steps=100)
+                peers.append(SwarmAveraging(dht, run_id, owner, config, _no_state, feedback=feedback))
+                stack.callback(peers[-1].shutdown)
+            return peers
 
-    yield make_peers
-    for item in reversed(started):
-        if isinstance(item, SwarmAveraging):
-            item.shutdown()
-        else:
-            stop_dht(item)
+        yield make_peers
 
 
 def average_together(peers: list[SwarmAveraging], deltas, steps=None, rounds=None) -> list:
@@ -76,6 +75,9 @@ def test_peers_get_the_mean_and_identical_values(swarm, n_peers, compression):
     assert all(r.group_size == n_peers and r.failure is None for r in results), [
         (r.group_size, r.failure) for r in results
     ]
+    # one group, the same for all: its id and its members, sorted
+    assert len({r.group_id for r in results}) == 1 and results[0].group_id
+    assert all(r.members == sorted(p.peer_id for p in peers) for r in results)
     if compression != "none":  # every peer sent parts through the codec, and owes what they lost
         assert all(any(r.abs().max() > 0 for r in p.feedback.residual) for p in peers)
     for k in range(len(SHAPES)):
@@ -107,16 +109,40 @@ def test_the_average_is_weighted_by_inner_steps(swarm):
 
 
 def test_a_peer_one_round_behind_is_not_averaged_with_the_next_round(swarm):
-    """The round is part of the group key: a peer whose shared model is a round behind (it missed one) meeting at the
-    same time as the others goes alone, and its update, computed against the older model, is absent from theirs."""
+    """The round is part of the declarations' key: a peer whose shared model is a round behind (it missed one) meeting
+    at the same time as the others goes alone, and its update, computed against the older model, is absent from
+    theirs."""
     peers = swarm(3, "none", "rounds")
     deltas = [[torch.full(s, float(i + 1)) for s in SHAPES] for i in range(3)]  # 1, 2, and 3 from the late peer
     results = average_together(peers, deltas, rounds=[4, 4, 3])
     assert [r.group_size for r in results] == [2, 2, 1], [(r.group_size, r.failure) for r in results]
     for r in results[:2]:
         assert r.failure is None and all(torch.equal(a, torch.full_like(a, 1.5)) for a in r.averaged)
-    assert results[2].failure == "no other peer came to the meeting"
+    assert results[2].left_out is None and results[2].members == [peers[2].peer_id]  # alone in its own round
     assert all(torch.equal(a, d) for a, d in zip(results[2].averaged, deltas[2], strict=True))
+
+
+def test_a_peer_on_another_model_is_left_out_and_told_whom_to_follow(swarm):
+    """Declarers of one round whose shared models differ: the majority's averages, the other applies nothing and
+    learns who will hold the state the round ends on."""
+    peers = swarm(3, "none", "states")
+    deltas = [[torch.full(s, float(i + 1)) for s in SHAPES] for i in range(3)]
+    meeting = get_dht_time() + 3.0
+    metas = [RoundMeta(4, "ours", 10), RoundMeta(4, "ours", 10), RoundMeta(4, "a split", 10)]
+    results: list = [None] * 3
+
+    def run(i):
+        results[i] = peers[i].average(deltas[i], meeting, metas[i])
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert [r.group_size for r in results] == [2, 2, 1]
+    assert results[0].members == results[1].members == sorted(p.peer_id for p in peers[:2])
+    assert results[2].left_out == STATE_DIFFERS and results[2].averaged == []
+    assert results[2].others == sorted(p.peer_id for p in peers[:2])
 
 
 def test_eight_bit_traffic_is_a_quarter_of_float32(swarm):
@@ -137,6 +163,6 @@ def test_peer_alone_keeps_its_own_update(swarm):
     (peer,) = swarm(1, "8bit", "alone")
     delta = [torch.randn(s) for s in SHAPES]
     (result,) = average_together([peer], [delta])
-    assert result.group_size == 1
-    assert result.failure == "no other peer came to the meeting"
+    assert result.group_size == 1 and result.members == [peer.peer_id]
+    assert result.left_out is None and result.failure is None  # alone: nobody else declared the round
     assert all(torch.equal(a, d) for a, d in zip(result.averaged, delta, strict=True))

@@ -19,9 +19,9 @@ import time
 
 import pytest
 from helpers import join_args, metrics
+from tapestry_p2p.testing.faults import CRASH_ENV
 
 from tapestry_p2p.comm.averaging import ALLREDUCE_TIMEOUT
-from tapestry_p2p.testing.faults import CRASH_ENV
 from tapestry_p2p.testing.local_swarm import wait_gone
 
 CRASH_ROUND = 3

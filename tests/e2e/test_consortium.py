@@ -32,6 +32,7 @@ from hivemind.proto import averaging_pb2, runtime_pb2
 from hivemind.utils import get_dht_time
 from hivemind.utils.asyncio import as_aiter
 from hivemind.utils.serializer import MSGPackSerializer
+from tapestry_p2p.testing.faults import SCALE_ENV
 
 from tapestry_p2p.comm.averager import ExactAverager
 from tapestry_p2p.comm.statesync.wire import pack_request
@@ -39,7 +40,6 @@ from tapestry_p2p.security.consortium import Consortium, save
 from tapestry_p2p.security.dht_auth import MemberAuthorizer
 from tapestry_p2p.security.identity import load_or_create_identity, public_key_line, signing_key
 from tapestry_p2p.security.membership import Members
-from tapestry_p2p.testing.faults import SCALE_ENV
 from tapestry_p2p.testing.local_swarm import LOOPBACK, LocalSwarm
 
 RUN = "members"

@@ -12,7 +12,6 @@ import time
 
 import pytest
 from helpers import join_args, metrics
-
 from tapestry_p2p.testing.faults import INJECTED, RAISE_ENV
 
 

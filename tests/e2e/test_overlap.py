@@ -13,7 +13,6 @@ import re
 import signal
 
 from helpers import join_args, metrics, run_to_completion
-
 from tapestry_p2p.testing.faults import CRASH_ENV
 
 ROUNDS = 25  # rounds of a and b: long enough (rounds take ~2 s) for c to die, restart, catch up and average again

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import math
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -30,6 +31,8 @@ logger = logging.getLogger(__name__)
 STATE_TIMEOUT = 10.0  # a serving peer silent for this long (per message) is dropped from a state download
 AGREEMENT_WAIT = 5.0  # after a failed round, how long to wait for groupmates to finish it before comparing states
 AGREEMENT_POLL = 0.5  # seconds between two comparisons while waiting
+POSITIONS_PERIOD = 2.0  # seconds between two background reads of the positions peers advertise
+DHT_ERRORS = (OSError, EOFError, RuntimeError, TimeoutError)  # the DHT process is gone, slow or shutting down
 
 
 @dataclass
@@ -51,14 +54,37 @@ class Download:
 
 
 class StateClient:
-    """Finds and downloads the swarm's shared state through one ExactAverager (see comm.averager)."""
+    """Finds and downloads the swarm's shared state through one ExactAverager (see comm.averager). The positions peers
+    advertise are read by a background thread (a DHT read can take a second on a slow link; a node reads them at every
+    round start)."""
 
     def __init__(self, dht: DHT, averager: Any) -> None:
         self._dht, self._averager = dht, averager
+        self._positions: dict[str, float] = {}
+        self._read_once = threading.Event()
+        self._closed = threading.Event()
+        self._thread = threading.Thread(target=self._watch_positions, name="positions", daemon=True)
+        self._thread.start()
+
+    def _watch_positions(self) -> None:
+        while not self._closed.is_set():
+            try:
+                self._positions = self._advertised()
+            except DHT_ERRORS as e:
+                logger.debug("positions: DHT unavailable (%r)", e)
+            self._read_once.set()
+            self._closed.wait(POSITIONS_PERIOD)
+
+    def close(self) -> None:
+        self._closed.set()
+        self._thread.join(timeout=POSITIONS_PERIOD + 10)
 
     def publish_round(self, round_no: int) -> None:
         """Peers download state from whoever is furthest along: advertise our round as the priority (with --overlap,
-        the round we reach once our round in flight settles: the node's position, see node.overlap)."""
+        the round we reach once our round in flight settles: the node's position, see node.rounds). Our state is served
+        from the first call on (a node first catches up with the swarm, and then advertises what it holds)."""
+        if not self._averager.allow_state_sharing:
+            self._averager.allow_state_sharing = True
         self._averager.state_sharing_priority = float(round_no)
 
     def _advertised(self) -> dict[str, float]:
@@ -75,12 +101,14 @@ class StateClient:
         return rounds
 
     def positions(self) -> dict[str, int]:
-        """Peer id -> the round it advertises, for every other peer of our schema serving its state."""
-        return {peer: int(value) for peer, value in self._advertised().items()}
+        """Peer id -> the round it advertises, for every other peer of our schema serving its state (as read at most
+        POSITIONS_PERIOD seconds ago)."""
+        self._read_once.wait(timeout=30)
+        return {peer: int(value) for peer, value in self._positions.items()}
 
     def highest_round_online(self) -> int:
         """The highest round another peer of the run advertises for state sharing (-1 if none does)."""
-        return int(max(self._advertised().values(), default=-1))
+        return max(self.positions().values(), default=-1)
 
     def download_state(
         self,
@@ -121,6 +149,16 @@ class StateClient:
         if fetched is None:
             return None
         return Download(target, fetched[0], fetched[1], time.perf_counter() - started, in_flight)
+
+    def may_hold(self, round_no: int, peers: Sequence[str]) -> bool:
+        """Whether any of `peers` holds round `round_no` or later, or has a round of its own in flight that may reach
+        it (a peer awaiting another's outcome has none: it will not hold the round by itself)."""
+        try:
+            infos = self._averager.state_infos(peers, STATE_TIMEOUT)
+        except Exception as e:  # noqa: BLE001 (a remote peer must not stop the node: whatever it caused, log it)
+            logger.warning("asking peers for their state failed (%s: %s)", type(e).__name__, e)
+            return False
+        return any(info.round >= round_no or info.in_flight for info in infos.values())
 
     def agreed_state(self, me: str, mine: PeerState, others: Sequence[str], group_round: int) -> Optional[StateId]:
         """The state our group converged on after the round we just finished (`mine`; `group_round` is the round the

@@ -7,8 +7,9 @@ Every WATCH_PERIOD seconds the watch:
   walks forward version by version;
 - re-publishes the newest version it holds every PUBLISH_PERIOD seconds, so a version spreads from any one node to all.
 
-A valid successor is installed in every process of the node (`SwarmSession.install_consortium`); anything else is
-refused with one log line naming the version and why, and changes nothing.
+A valid successor is installed in every process of the node (`install`, which the session gives:
+`node.session.SwarmSession.install_consortium`); anything else is refused with one log line naming the version and
+why, and changes nothing. The watch knows the DHT, the run and the install step, nothing of the session itself.
 """
 
 from __future__ import annotations
@@ -16,15 +17,13 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Optional
+from typing import Any, Optional
 
-from tapestry_p2p.p2p.dht import dht_time
+from tapestry_p2p.p2p.dht import DHT, dht_time
 from tapestry_p2p.security.consortium import MAX_FILE_BYTES, Consortium, ConsortiumError, check_successor
 from tapestry_p2p.security.dht_auth import MAX_RECORD_LIFETIME
-
-if TYPE_CHECKING:
-    from tapestry_p2p.node.session import SwarmSession
 
 logger = logging.getLogger(__name__)
 
@@ -38,10 +37,19 @@ def consortium_key(run_id: str) -> str:
 
 
 class ConsortiumWatch:
-    """A background thread that keeps `session`'s consortium at the newest valid version it can find."""
+    """A background thread that keeps a node's consortium at the newest valid version it can find."""
 
-    def __init__(self, session: SwarmSession, current: Consortium, path: Optional[Path]) -> None:
-        self.session, self.current, self.path = session, current, path
+    def __init__(
+        self,
+        dht: DHT,
+        run_id: str,
+        current: Consortium,
+        path: Optional[Path],
+        install: Callable[[Consortium], None],
+    ) -> None:
+        """`path`: the node's consortium file (watched for a newer version); `install`: admits a new version's members
+        in every process of the node."""
+        self.dht, self.run_id, self.current, self.path, self.install = dht, run_id, current, path, install
         self._file_seen = self._file_signature()
         self._refused: set[str] = set()  # digests already refused (logged once)
         self._published = -float("inf")
@@ -89,7 +97,7 @@ class ConsortiumWatch:
         self.offer(text, f"file {self.path}")
 
     def _check_dht(self) -> None:
-        found = self.session.dht.get(consortium_key(self.session.options.run_id), latest=True)
+        found = self.dht.get(consortium_key(self.run_id), latest=True)
         if found is None or not isinstance(found.value, dict):
             return
         by_version = {}
@@ -104,8 +112,8 @@ class ConsortiumWatch:
     def _publish(self) -> None:
         self._published = time.monotonic()
         now = dht_time()
-        self.session.dht.store(
-            consortium_key(self.session.options.run_id),
+        self.dht.store(
+            consortium_key(self.run_id),
             self.current.to_toml(),
             expiration_time=now + MAX_RECORD_LIFETIME - 60,
             subkey=self.current.version,
@@ -127,7 +135,7 @@ class ConsortiumWatch:
         except ConsortiumError as e:
             self._refuse(new.digest(), f"refused consortium version {new.version} from {source}: {e}")
             return False
-        self.session.install_consortium(new)
+        self.install(new)
         self.current = new
         self._published = -float("inf")  # spread it now
         logger.warning(
