@@ -24,6 +24,12 @@ from tapestry_p2p.testing.corpus import write_text
 from tapestry_p2p.testing.local_swarm import LOOPBACK, TINY_MODEL, LocalSwarm
 
 ROUNDS = 3
+FAULTY_JOIN = Path(__file__).resolve().parent / "faulty_join.py"
+
+
+def faulty(*flags: str) -> tuple[str, ...]:
+    """The `program` of a LocalSwarm process that runs `tapestry join` with a fault (tests/faulty_join.py flags)."""
+    return (str(FAULTY_JOIN), *flags)
 
 
 def join_args(tmp_path: Path, name: str, seed: int, bootstrap: Optional[str], rounds: int = ROUNDS, *extra: str):

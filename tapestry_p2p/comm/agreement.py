@@ -54,6 +54,7 @@ NOT_SEEN = "not seen by all members"  # some member's view lacked our declaratio
 STATE_DIFFERS = "state differs"  # our shared model is not the one the majority of declarers holds
 SILENT = "silent at the vote"  # we did not answer in time (attempt 2 of the others dropped us)
 NO_AGREEMENT = "no agreement"  # two attempts, still no group every member voted for
+MET_EARLIER = "the others met earlier"  # nobody at our meeting, but others declared the round at an earlier one
 ALONE = "nobody else declared"  # no group to be in: a round alone
 
 
@@ -63,26 +64,31 @@ class Declaration:
 
     peer: str  # its peer id (base58); must be the peer the signing key derives
     round: int
+    meeting: float  # the meeting it declares for (a round that failed is met again, at another time)
     hash: str  # its shared model's hash
     steps: int  # its inner steps this round (its weight is screening.weight_for(steps, H))
     norm: float  # L2 norm of its whole pseudo-gradient this round, before encoding
 
+    FIELDS = ("peer", "round", "meeting", "hash", "steps", "norm")
+
     def pack(self) -> dict[str, Any]:
-        return {"peer": self.peer, "round": self.round, "hash": self.hash, "steps": self.steps, "norm": self.norm}
+        return {name: getattr(self, name) for name in self.FIELDS}
 
     @classmethod
     def parse(cls, signer: Optional[str], value: Any, round_no: int) -> Optional[Declaration]:
         """A declaration read from the DHT (untrusted): None if malformed, of another round, or not its signer's."""
-        if not isinstance(value, dict) or set(value) != {"peer", "round", "hash", "steps", "norm"}:
+        if not isinstance(value, dict) or set(value) != set(cls.FIELDS):
             return None
-        peer, declared_round, digest, steps, norm = (value[k] for k in ("peer", "round", "hash", "steps", "norm"))
+        peer, declared_round, meeting, digest, steps, norm = (value[k] for k in cls.FIELDS)
         if signer is None or peer != signer or declared_round != round_no:
+            return None
+        if type(meeting) is not float or not math.isfinite(meeting):
             return None
         if not (is_count(steps) and isinstance(digest, str) and len(digest) <= MAX_HASH_LENGTH):
             return None
         if type(norm) is not float or not (math.isfinite(norm) and 0.0 <= norm <= MAX_NORM):
             return None
-        return cls(peer, declared_round, digest, steps, norm)
+        return cls(peer, declared_round, meeting, digest, steps, norm)
 
     @property
     def state(self) -> PeerState:
@@ -102,7 +108,7 @@ class Proposal:
 
 def group_id(schema: bytes, declarations: Iterable[Declaration]) -> bytes:
     """The id of a group: a hash of the schema and every member's declared entry, sorted by peer id."""
-    entries = sorted((d.peer, d.round, d.hash, d.steps, d.norm) for d in declarations)
+    entries = sorted((d.peer, d.round, d.meeting, d.hash, d.steps, d.norm) for d in declarations)
     return hashlib.sha256(msgpack.packb([schema, entries], use_bin_type=True)).digest()[:20]
 
 
@@ -120,6 +126,7 @@ def ordered(proposal: Proposal) -> list[str]:
 
 
 Kind = Literal["pending", "vote", "echo", "committed", "out"]
+Slot = tuple[int, float]  # (round, meeting): one agreement (a round that failed is met again at another time)
 
 
 @dataclass(frozen=True)
@@ -133,18 +140,20 @@ class Status:
     view: tuple[str, ...] = ()  # the members of its attempt-1 proposal (what it read from the DHT)
     reason: str = ""  # for "out": why (one of the reasons above)
 
-    def pack(self, round_no: int) -> bytes:
-        fields = [round_no, self.kind, self.attempt, self.group_id, list(self.members), list(self.view), self.reason]
+    def pack(self, slot: Slot) -> bytes:
+        fields = [*slot, self.kind, self.attempt, self.group_id, list(self.members), list(self.view), self.reason]
         return msgpack.packb(fields, use_bin_type=True)
 
     @classmethod
-    def unpack(cls, raw: bytes) -> Optional[tuple[int, Status]]:
-        """(round, status) from untrusted bytes; None if malformed."""
+    def unpack(cls, raw: bytes) -> Optional[tuple[Slot, Status]]:
+        """(slot, status) from untrusted bytes; None if malformed."""
         try:
-            round_no, kind, attempt, gid, members, view, reason = msgpack.unpackb(raw, raw=False)
+            round_no, meeting, kind, attempt, gid, members, view, reason = msgpack.unpackb(raw, raw=False)
         except UNPACK_ERRORS:
             return None
-        if not (is_count(round_no) and kind in ("pending", "vote", "echo", "committed", "out") and is_count(attempt)):
+        if not (is_count(round_no) and type(meeting) is float and math.isfinite(meeting)):
+            return None
+        if not (kind in ("pending", "vote", "echo", "committed", "out") and is_count(attempt)):
             return None
         if not (isinstance(gid, bytes) and len(gid) <= 32 and isinstance(reason, str) and len(reason) <= 64):
             return None
@@ -152,7 +161,7 @@ class Status:
             return None
         if attempt > ATTEMPTS or (kind in ("vote", "committed") and not (gid and members)):
             return None
-        return round_no, cls(kind, attempt, gid, tuple(members), tuple(view), reason)
+        return (round_no, meeting), cls(kind, attempt, gid, tuple(members), tuple(view), reason)
 
 
 def _peer_id(value: Any) -> bool:

@@ -34,7 +34,6 @@ import torch
 from hivemind.averaging import DecentralizedAverager
 from hivemind.averaging.allreduce import AveragingMode
 from hivemind.averaging.group_info import GroupInfo
-from hivemind.averaging.partition import AllreduceException
 from hivemind.dht.routing import DHTID
 from hivemind.p2p import P2PContext, PeerID
 from hivemind.proto import averaging_pb2
@@ -54,7 +53,7 @@ from tapestry_p2p.security.membership import Members
 logger = logging.getLogger(__name__)
 
 
-class AveragingBug(hivemind_compat.ReportedFailure, AllreduceException):
+class AveragingBug(RuntimeError):
     """An exception inside tapestry's all-reduce code; already logged with its traceback in the averager process."""
 
 
@@ -67,6 +66,7 @@ class AllReduceOutcome:
     members: list[str] = field(default_factory=list)  # its members' peer ids, sorted
     attempt: int = 1  # the agreement attempt that committed it (or that we left at)
     left_out: str = ""  # why we are not in the round's group (comm.agreement's reasons; empty: we are in it)
+    failure: str = ""  # the all-reduce with our committed group failed: why (then `left_out` says so too)
     others: list[str] = field(default_factory=list)  # out of the round: who will hold the state it ends on
     declarations: dict[str, Declaration] = field(default_factory=dict)  # the members' signed declarations
     failed_fraction: float = 0.0  # share of values whose reducer failed (those values get no update this round)
@@ -127,6 +127,13 @@ class ExactAverager(StateTransport, GroupVoting, DecentralizedAverager):
         self.schema_hash = DHTID.generate(source=[hivemind_hash.hex(), codec, max_steps, spec]).to_bytes()
         if start:
             self.run_in_background(await_ready=True)
+
+    @classmethod
+    def _get_handle_name(cls, namespace: Optional[str], method_name: str) -> str:
+        """Our RPCs are named after the protocol, not the class (hivemind uses the class name): a subclass, such as a
+        test's faulty peer, serves and calls the same handlers."""
+        name: str = DecentralizedAverager._get_handle_name.__func__(ExactAverager, namespace, method_name)
+        return name
 
     def run_in_background(self, await_ready: bool = True, timeout: Optional[float] = None) -> None:
         keeping_sigint_handler(lambda: super(ExactAverager, self).run_in_background(await_ready, timeout))
@@ -199,7 +206,7 @@ class ExactAverager(StateTransport, GroupVoting, DecentralizedAverager):
 
     def agreed_step(self, declaration: Declaration, meeting: float, timeout: float) -> AllReduceOutcome:
         """Declare, agree on the round's group at `meeting` and all-reduce with it (called from the node's process;
-        our tensors hold our contribution). Raises what the all-reduce raised: NETWORK_FAILURES, or AveragingBug."""
+        our tensors hold our contribution). A failed all-reduce is an outcome (`failure`), not an exception."""
         return self._call_in_averager(self._agreed_step.__name__, timeout, declaration=declaration, meeting=meeting)
 
     async def _agreed_step(self, declaration: Declaration, meeting: float, future: MPFuture) -> None:

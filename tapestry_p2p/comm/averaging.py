@@ -40,8 +40,7 @@ from hivemind.dht import DHT
 from hivemind.utils import get_dht_time
 
 from tapestry_p2p.comm.agreement import ALONE, Declaration
-from tapestry_p2p.comm.allreduce import NETWORK_FAILURES
-from tapestry_p2p.comm.averager import AllReduceOutcome, AveragingBug, ExactAverager
+from tapestry_p2p.comm.averager import AllReduceOutcome, ExactAverager
 from tapestry_p2p.comm.codec import compression_for
 from tapestry_p2p.comm.error_feedback import ErrorFeedback
 from tapestry_p2p.comm.screening import DEFAULT_CLIP_MULTIPLE
@@ -279,23 +278,20 @@ class SwarmAveraging:
         lap: Callable[[str], None],
         seconds: dict[str, float],
     ) -> AveragingResult:
-        declaration, finite = self._copy_in(delta, meta, lap)
+        declaration, finite = self._copy_in(delta, float(meeting), meta, lap)
         try:
             try:
                 timeout = max(meeting - get_dht_time(), 0.0) + self.longest_round + STEP_GRACE
                 outcome = self._averager.agreed_step(declaration, meeting, timeout)
             finally:
                 lap("wait")  # split below into agreeing on the group and the all-reduce itself
-        except AveragingBug as e:  # logged with its traceback in the averager process
-            logger.error("round %d failed: %s (traceback above)", meta.round + 1, e)
-            return self._left_out(f"{e}", [], declaration)
-        except NETWORK_FAILURES as e:
-            reason = str(e).splitlines()[0].rstrip(": ") if str(e).strip() else type(e).__name__
-            logger.info("round %d failed after its group formed (%s)", meta.round + 1, reason)
-            return self._left_out(f"all-reduce failed: {reason}", [], declaration)
-        except Exception as e:
+        except Exception as e:  # noqa: BLE001 (the averager process answers with outcomes: this is ours, or a pipe)
             logger.exception("averaging failed inside tapestry (a bug, not the network)")
-            return self._left_out(f"internal error in averaging: {type(e).__name__}: {e}", [], declaration)
+            failure = f"internal error in averaging: {type(e).__name__}: {e}"
+            return self._left_out(failure, [], declaration, failure=failure)
+        if outcome.failure:
+            logger.warning("round %d: %s; following the group's outcome", meta.round + 1, outcome.failure)
+            return self._left_out(outcome.failure, outcome.others, declaration, outcome.attempt, outcome.failure)
         if outcome.left_out == ALONE:
             return self._alone(delta)
         if outcome.left_out:
@@ -318,7 +314,7 @@ class SwarmAveraging:
         return _result(averaged, outcome, declaration)
 
     def _copy_in(
-        self, delta: Sequence[torch.Tensor], meta: RoundMeta, lap: Callable[[str], None]
+        self, delta: Sequence[torch.Tensor], meeting: float, meta: RoundMeta, lap: Callable[[str], None]
     ) -> tuple[Declaration, bool]:
         """Our contribution into the averager's buffers (delta plus the residual it owes); our declaration of it."""
         with self._averager.get_tensors() as buffers:
@@ -332,11 +328,11 @@ class SwarmAveraging:
             norm = math.sqrt(sum(float(torch.linalg.vector_norm(b)) ** 2 for b in buffers))
             lap("norm")
             if math.isfinite(norm):
-                return Declaration(self.peer_id, meta.round, meta.hash, meta.steps, norm), True
+                return Declaration(self.peer_id, meta.round, meeting, meta.hash, meta.steps, norm), True
             logger.error("our pseudo-gradient is not finite: contributing nothing to round %d", meta.round + 1)
             for buffer in buffers:  # a lossy codec would turn NaN into finite values
                 buffer.zero_()
-            return Declaration(self.peer_id, meta.round, meta.hash, 0, 0.0), False
+            return Declaration(self.peer_id, meta.round, meeting, meta.hash, 0, 0.0), False
 
     def _alone(self, delta: Sequence[torch.Tensor]) -> AveragingResult:
         """A round nobody else declared applies our whole contribution (delta plus what we owed): we owe nothing."""
@@ -349,7 +345,12 @@ class SwarmAveraging:
         return result
 
     def _left_out(
-        self, reason: str, others: Sequence[str], declaration: Declaration, attempt: int = 1
+        self,
+        reason: str,
+        others: Sequence[str],
+        declaration: Declaration,
+        attempt: int = 1,
+        failure: Optional[str] = None,
     ) -> AveragingResult:
         """A round the group (if any) averaged without us: nothing of ours was applied; we still owe the residual."""
         return AveragingResult(
@@ -359,7 +360,7 @@ class SwarmAveraging:
             attempt=attempt,
             left_out=reason,
             others=sorted(others),
-            failure=f"left out of the round's group: {reason}",
+            failure=failure or f"left out of the round's group: {reason}",
             group_round=declaration.round + 1,
             clean=False,
             norm=declaration.norm,

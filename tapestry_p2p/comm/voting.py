@@ -31,14 +31,25 @@ from hivemind.p2p import P2PContext, PeerID
 from hivemind.proto import runtime_pb2
 from hivemind.utils import get_dht_time
 
-from tapestry_p2p.comm.agreement import DECLARED_LATE, PENDING, Agreement, Declaration, Outcome, Status
+from tapestry_p2p.comm.agreement import (
+    DECLARED_LATE,
+    MET_EARLIER,
+    PENDING,
+    Agreement,
+    Declaration,
+    Outcome,
+    Slot,
+    Status,
+)
 from tapestry_p2p.security.identity import peer_id_of
 
 logger = logging.getLogger(__name__)
 
 KEPT_ROUNDS = 4  # agreements kept to answer late askers (a peer resuming from a stall asks what we decided)
 INBOX_ROUNDS = 2  # statuses for rounds we have not read yet are kept for our next rounds only
+INBOX_SLOTS = 8  # ... and for at most this many (round, meeting) slots
 DECLARATION_LIFETIME = 120.0  # seconds after the meeting a declaration stays in the DHT
+MEETING_TOLERANCE = 1e-3  # seconds: declarations for one meeting carry the same time (the proposal peers read)
 
 
 @dataclass(frozen=True)
@@ -75,8 +86,8 @@ class GroupVoting:
         schema_hash: bytes
         peer_id: PeerID
 
-    _rounds: OrderedDict[int, _Round]
-    _inbox: dict[int, dict[str, Status]]
+    _rounds: OrderedDict[Slot, _Round]
+    _inbox: dict[Slot, dict[str, Status]]
 
     def _init_voting(self, timing: Timing) -> None:
         self.timing = timing
@@ -91,25 +102,30 @@ class GroupVoting:
 
     async def _agree(self, declaration: Declaration, meeting: float) -> Outcome:
         """Declare, read at the cut-off, vote until the group is committed or we are out of it."""
+        slot = (declaration.round, declaration.meeting)
         abstain = "" if await self._declare(declaration, meeting) else DECLARED_LATE
         await asyncio.sleep(max(0.0, meeting - get_dht_time()))
-        view = await self._read_declarations(declaration.round)
+        declared = await self._read_declarations(declaration.round)
+        view = {p: d for p, d in declared.items() if abs(d.meeting - declaration.meeting) < MEETING_TOLERANCE}
         if not abstain:
             view[declaration.peer] = declaration  # (our own store may not have reached every replica we read)
         else:
             view.pop(declaration.peer, None)
+        earlier = sorted(p for p, d in declared.items() if d.meeting < declaration.meeting - MEETING_TOLERANCE)
+        if set(view) == {declaration.peer} and earlier and not abstain:
+            # nobody at our meeting, but others met for this round before (we missed their meeting): we follow them
+            return Outcome(None, reason=MET_EARLIER, others=tuple(earlier))
         state = _Round(Agreement(declaration.peer, self.schema_hash, view, abstain))
-        self._rounds[declaration.round] = state
+        self._rounds[slot] = state
         while len(self._rounds) > KEPT_ROUNDS:
             self._rounds.popitem(last=False)
-        for peer, status in self._inbox.pop(declaration.round, {}).items():
+        for peer, status in self._inbox.pop(slot, {}).items():
             state.agreement.receive(peer, status)
-        self._inbox = {r: box for r, box in self._inbox.items() if declaration.round < r <= declaration.round + 2}
-        await self._vote(declaration.round, state)
+        await self._vote(slot, state)
         outcome = state.agreement.outcome
         assert outcome is not None
         if outcome.group is not None:  # tell the members (one that missed a vote learns from it that all voted)
-            self._announce(declaration.round, state, outcome.group.members)
+            self._announce(slot, state, outcome.group.members)
         return outcome
 
     async def _declare(self, declaration: Declaration, meeting: float) -> bool:
@@ -147,7 +163,7 @@ class GroupVoting:
                 view[parsed.peer] = parsed
         return view
 
-    async def _vote(self, round_no: int, state: _Round) -> None:
+    async def _vote(self, slot: Slot, state: _Round) -> None:
         """Exchange statuses until the agreement is decided: at every change, and at each attempt's deadline."""
         agreement = state.agreement
         phase: Any = None
@@ -157,42 +173,48 @@ class GroupVoting:
             if agreement.phase != phase:
                 phase, deadline = agreement.phase, get_dht_time() + self.timing.window
             if phase == "echo" and not agreement.learnt:  # a declaration our first read missed may be in by now
-                agreement.learn(await self._read_declarations(round_no))
+                declared = await self._read_declarations(slot[0])
+                agreement.learn({p: d for p, d in declared.items() if abs(d.meeting - slot[1]) < MEETING_TOLERANCE})
                 continue
             for peer in agreement.peers:
                 if (phase, peer) not in asked:
                     asked.add((phase, peer))
-                    asyncio.create_task(self._ask(round_no, state, peer))
+                    asyncio.create_task(self._ask(slot, state, peer))
             state.changed.clear()
             try:
                 await asyncio.wait_for(state.changed.wait(), timeout=max(0.0, deadline - get_dht_time()))
                 continue
             except TimeoutError:
                 pass
-            missing = agreement.missing()  # deadline: ask once more; who still does not answer is silent
-            answers = await asyncio.gather(*(self._ask(round_no, state, p) for p in missing))
+            # deadline: ask once more; who still says nothing that counts for this step (no answer, "pending", or
+            # still voting in attempt 1 when everyone echoes) is silent
+            await asyncio.gather(*(self._ask(slot, state, p) for p in agreement.missing()))
             if agreement.phase == phase and agreement.outcome is None:
-                agreement.deadline_passed([p for p, answered in zip(missing, answers, strict=True) if not answered])
+                agreement.deadline_passed(agreement.missing())
 
-    async def _ask(self, round_no: int, state: _Round, peer: str) -> bool:
+    def _status_for(self, state: _Round, peer: str) -> Status:
+        """What we tell `peer` about our agreement: our status (the same for every peer; a test's liar overrides it)."""
+        return state.agreement.status
+
+    async def _ask(self, slot: Slot, state: _Round, peer: str) -> bool:
         """Send our status to `peer`; its answer is its own status. Returns whether it answered."""
-        request = runtime_pb2.ExpertRequest(metadata=state.agreement.status.pack(round_no))
+        request = runtime_pb2.ExpertRequest(metadata=self._status_for(state, peer).pack(slot))
         try:
             stub = type(self).get_stub(self._p2p, PeerID.from_base58(peer), namespace=self.prefix)  # type: ignore[attr-defined]
             response = await asyncio.wait_for(stub.rpc_agree(request), self.timing.ask_timeout)
         except Exception as e:  # noqa: BLE001 (a peer that does not answer, whatever the cause, is a silent peer)
-            logger.debug("no answer from %s to our vote for round %d: %r", peer, round_no + 1, e)
+            logger.debug("no answer from %s to our vote for round %d: %r", peer, slot[0] + 1, e)
             return False
         answer = Status.unpack(response.metadata)
-        if answer is None or answer[0] != round_no:
+        if answer is None or answer[0] != slot:
             return False
         self._receive(state, peer, answer[1])
         return True
 
-    def _announce(self, round_no: int, state: _Round, members: Sequence[str]) -> None:
+    def _announce(self, slot: Slot, state: _Round, members: Sequence[str]) -> None:
         for peer in members:
             if peer != self.peer_id.to_base58():
-                asyncio.create_task(self._ask(round_no, state, peer))
+                asyncio.create_task(self._ask(slot, state, peer))
 
     def _receive(self, state: _Round, peer: str, status: Status) -> None:
         before = state.agreement.status
@@ -225,14 +247,21 @@ class GroupVoting:
         if parsed is None or not self._members.allows(peer):
             logger.debug("ignored a malformed vote, or one from a non-member (%s)", peer)
             return runtime_pb2.ExpertResponse()
-        round_no, status = parsed
-        state = self._rounds.get(round_no)
+        slot, status = parsed
+        state = self._rounds.get(slot)
         if state is not None:
             self._receive(state, peer, status)
-            return runtime_pb2.ExpertResponse(metadata=state.agreement.status.pack(round_no))
-        newest = max(self._rounds, default=-1)
-        if newest < round_no <= newest + INBOX_ROUNDS or not self._rounds:
-            box = self._inbox.setdefault(round_no, {})
-            if peer in box or len(box) < 256:  # (one entry per member: a peer can only replace its own)
-                box[peer] = status
-        return runtime_pb2.ExpertResponse(metadata=PENDING.pack(round_no))
+            return runtime_pb2.ExpertResponse(metadata=self._status_for(state, peer).pack(slot))
+        self._keep_early(slot, peer, status)
+        return runtime_pb2.ExpertResponse(metadata=PENDING.pack(slot))
+
+    def _keep_early(self, slot: Slot, peer: str, status: Status) -> None:
+        """A status for a slot we have not read yet (a faster peer): kept for when we do, within bounds."""
+        newest = max((r for r, _ in self._rounds), default=-1)
+        if self._rounds and not newest <= slot[0] <= newest + INBOX_ROUNDS:
+            return
+        if slot not in self._inbox and len(self._inbox) >= INBOX_SLOTS:
+            self._inbox.pop(min(self._inbox))
+        box = self._inbox.setdefault(slot, {})
+        if peer in box or len(box) < 256:  # (one entry per member: a peer can only replace its own)
+            box[peer] = status

@@ -174,8 +174,10 @@ class Node:
                 if len(self.round_losses) >= self.config.inner_steps:
                     if clock is None:
                         return 0.0
-                    if clock.meeting is None:
-                        clock.propose()  # we are the first (or alone): call the meeting, train until it nears
+                    # we are the first (or alone): call the meeting, train until it nears; not while our previous
+                    # round is in flight (nobody could declare this one before holding that one's state)
+                    if clock.meeting is None and self.rounds.entry is None:
+                        clock.propose()
                 self.rounds.settle_if_done()
                 self._inner_step()
             return None

@@ -25,14 +25,14 @@ The patches, and the hivemind 1.1.12 behaviour each one guards against:
   unpickled by fetching it from the sender; if the sender exited in between (the averager at shutdown), unpickling
   raises EOFError, which hivemind's request loop does not catch, and the DHT process dies (then every later call of
   the node waits for ever). Ours turns that into the ConnectionError the loop already skips.
-- `_PoliteLeaders` (averager process): hivemind's leader queue re-reads the DHT in a tight loop while a peer waits for
-  groupmates (about 1.2 MB/s of DHT requests on loopback); ours reads at most twice a second.
 - `register_compression`: hivemind picks a codec by a fixed protobuf enum, so a codec of ours replaces the instance
   registered for an existing enum value (see `comm/codec.py`).
 - log filters, each dropping one known record and nothing else from its logger: bitsandbytes' import-time warning
   about its optional `kernels` package on CPUs with AVX512-BF16; the DHT process's traceback when a sender exits
-  with a command in flight; the averager's traceback for "could not find a group" (a normal outcome the node reports
-  itself) and for failures that tapestry already logged with their traceback (`ReportedFailure`).
+  with a command in flight.
+
+hivemind's leader/follower matchmaking is not used: groups are agreed (`comm.voting`), and `rpc_join_group` refuses
+every request.
 """
 
 from __future__ import annotations
@@ -64,10 +64,6 @@ class HivemindChanged(UserError):
     """The installed hivemind is not the one tapestry's overrides were written against."""
 
 
-class ReportedFailure(Exception):
-    """Mixin for exceptions tapestry has already logged with their traceback; hivemind's copy of the log is dropped."""
-
-
 @dataclass(frozen=True)
 class Name:
     """One private name we rely on: `attribute` of `owner` (module:qualname, or a dict). `instance` names exist only
@@ -79,14 +75,14 @@ class Name:
 
 
 SURFACE: tuple[Name, ...] = (
-    Name("hivemind.averaging.averager:DecentralizedAverager", "_aggregate_with_group"),
-    Name("hivemind.averaging.averager:DecentralizedAverager", "_run_allreduce_inplace_"),
+    Name("hivemind.p2p.servicer:ServicerBase", "_get_handle_name"),
     Name("hivemind.averaging.averager:DecentralizedAverager", "_get_current_state_from_host_process"),
     Name("hivemind.averaging.averager:DecentralizedAverager", "get_current_state"),
     Name("hivemind.averaging.averager:DecentralizedAverager", "state_sharing_priority"),
     Name("hivemind.averaging.averager:DecentralizedAverager", "_declare_for_download_periodically"),
     Name("hivemind.averaging.averager:DecentralizedAverager", "_state_updated", instance=True),
     Name("hivemind.averaging.averager:DecentralizedAverager", "_matchmaking", instance=True),
+    Name("hivemind.averaging.averager:DecentralizedAverager", "_allreduce_timeout", instance=True),
     Name("hivemind.averaging.averager:DecentralizedAverager", "_running_groups", instance=True),
     Name("hivemind.averaging.averager:DecentralizedAverager", "_p2p", instance=True),
     Name("hivemind.averaging.averager:DecentralizedAverager", "_outer_pipe", instance=True),
@@ -100,7 +96,6 @@ SURFACE: tuple[Name, ...] = (
     Name("hivemind.averaging.partition:TensorPartContainer", "_input_parts_by_peer", instance=True),
     Name("hivemind.averaging.partition:TensorPartContainer", "return_deltas", instance=True),
     Name("hivemind.averaging.partition:TensorPartReducer", "sender_failed_after", instance=True),
-    Name("hivemind.averaging.matchmaking:PotentialLeaders", "_update_queue_periodically"),
     Name("hivemind.compression.serialization:_BASE_COMPRESSION_TYPES", "BLOCKWISE_8BIT"),
     Name("hivemind.dht.dht:DHT", "_get_visible_maddrs"),
     Name("hivemind.dht.dht:DHT", "_inner_pipe", instance=True),
@@ -147,7 +142,6 @@ def check(surface: tuple[Name, ...] = SURFACE, expected_version: str = EXPECTED_
 def install(process: Process) -> None:
     """Apply what this process needs (see the module docstring); call it first thing in each process."""
     _filter("bitsandbytes.backends.cpu.ops", _KernelsPackageMissing())
-    _filter("hivemind.averaging.averager", _AveragerNoise())
     if process == "main":
         os.environ.setdefault("HIVEMIND_LOGLEVEL", "ERROR")  # read when hivemind is first imported
         problems = check()
@@ -165,9 +159,6 @@ def install(process: Process) -> None:
         die_with_parent()
         keep_tasks_alive()
         cap_stream_messages()
-        from hivemind.averaging import matchmaking
-
-        matchmaking.PotentialLeaders = _polite_leaders()
 
 
 # ---- log filters: each drops one known record ----
@@ -192,15 +183,6 @@ class _SenderGone(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         return not (record.exc_info and isinstance(record.exc_info[1], ConnectionError))
-
-
-class _AveragerNoise(logging.Filter):
-    """hivemind's averager logs every failed `step()` with a traceback. Drop "could not find a group" (the node reports
-    a round without a group itself), and failures tapestry already logged with their traceback."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        error = record.exc_info[1] if record.exc_info else record.msg
-        return not isinstance(error, ReportedFailure) and "could not find a group" not in str(error)
 
 
 # ---- global patches ----
@@ -265,36 +247,6 @@ def spawn_children_that_die_with_us() -> None:
 
     create_subprocess_exec._tapestry_patched = True  # type: ignore[attr-defined]
     asyncio.subprocess.create_subprocess_exec = create_subprocess_exec
-
-
-class _RateLimitedKeys:
-    """A GroupKeyManager proxy that answers `get_averagers` at most once per `interval` seconds."""
-
-    def __init__(self, key_manager: Any, interval: float) -> None:
-        self._key_manager, self._interval, self._last = key_manager, interval, 0.0
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._key_manager, name)
-
-    async def get_averagers(self, *args: Any, **kwargs: Any) -> Any:
-        loop = asyncio.get_running_loop()
-        await asyncio.sleep(max(0.0, self._last + self._interval - loop.time()))
-        self._last = loop.time()
-        return await self._key_manager.get_averagers(*args, **kwargs)
-
-
-@functools.cache
-def _polite_leaders() -> type:
-    """hivemind's PotentialLeaders, refreshing its leader queue from the DHT at most twice a second."""
-    from hivemind.averaging.matchmaking import PotentialLeaders
-
-    class PoliteLeaders(PotentialLeaders):
-        REFRESH_INTERVAL = 0.5
-
-        async def _update_queue_periodically(self, key_manager: Any) -> None:
-            await super()._update_queue_periodically(_RateLimitedKeys(key_manager, self.REFRESH_INTERVAL))
-
-    return PoliteLeaders
 
 
 class _DepartedSenders:

@@ -1,26 +1,32 @@
 """A faulty or malicious groupmate, as a real peer: three averagers on real DHT nodes and p2pd daemons, one of which
-sends a 1000x update, NaN, a false weight or malformed metadata, and serves a state that claims round 1,000,000; and
-a real libp2p peer that serves its state one small message every 8 seconds, for ever.
+sends a 1000x update, NaN, a false weight or a malformed declaration, declares and then stays silent, tells each peer
+another view, forges a groupmate's declaration, and serves a state that claims round 1,000,000; and a real libp2p
+peer that serves its state one small message every 8 seconds, for ever.
 
 Each round asserts on values: what the honest members end with, against the honest average. The uncompressed codec
-makes the expected values exact (up to float32 summation).
+makes the expected values exact (up to float32 summation). The lies run in the liar's own averager process, chosen
+through shared memory (`Liar.LIE`) before each round.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import multiprocessing
 import threading
 import time
-from dataclasses import asdict
 from typing import Any
 
 import pytest
 import torch
+from helpers import start_signed_dht
 from hivemind.p2p import P2P, P2PContext
 from hivemind.proto import averaging_pb2, runtime_pb2
 from hivemind.utils import get_dht_time
 
-from tapestry_p2p.comm.averaging import MEETING_GRACE, RoundMeta, SwarmAveraging
+from tapestry_p2p.comm.agreement import Declaration, Outcome, Status, propose
+from tapestry_p2p.comm.averager import AllReduceOutcome, ExactAverager
+from tapestry_p2p.comm.averaging import AveragingConfig, RoundMeta, SwarmAveraging
 from tapestry_p2p.comm.screening import DEFAULT_CLIP_MULTIPLE
 from tapestry_p2p.comm.statesync.client import STATE_TIMEOUT
 from tapestry_p2p.comm.statesync.wire import StateId, StateInfo, unpack_request
@@ -31,24 +37,66 @@ SHAPES = [torch.Size([300, 400]), torch.Size([1000])]  # ~8 parts of 16k values:
 H = 10
 
 
+class Liar(ExactAverager):
+    """Our averager, with one thing changed (the lie in `LIE`, shared with the forked averager process)."""
+
+    LIE = multiprocessing.Array("c", 32)
+
+    @property
+    def lie(self) -> str:
+        return self.LIE.value.decode()
+
+    async def _allreduce(self, decided: Outcome, weight: float) -> AllReduceOutcome:
+        return await super()._allreduce(decided, 1e9 if self.lie == "weight" else weight)
+
+    async def _declare(self, declaration: Declaration, meeting: float) -> bool:
+        key = self.declarations_key(declaration.round)
+        if self.lie == "metadata":  # a declaration that is not one: the norm is text
+            value = {**declaration.pack(), "norm": "[/] not a number"}
+            await self.dht.store(key, value, meeting + 120, subkey=self._owner, return_future=True)
+            return True
+        in_time = await super()._declare(declaration, meeting)
+        if self.lie == "forge":  # then each groupmate's declaration with a norm of 1e29: under its subkey, and ours
+            await asyncio.sleep(max(0.0, meeting - self.timing.margin - get_dht_time() - 0.3))  # (theirs are in)
+            found = await self.dht.get(key, latest=True, return_future=True)
+            for subkey in found.value if found else {}:
+                if subkey != self._owner:
+                    victim = {**declaration.pack(), "peer": "someone else", "norm": 1e29}
+                    await self.dht.store(key, victim, meeting + 120, subkey=subkey, return_future=True)
+            for peer in self._members_seen(found):
+                forged = {**declaration.pack(), "peer": peer, "norm": 1e29}
+                await self.dht.store(key, forged, meeting + 120, subkey=self._owner, return_future=True)
+            await super()._declare(declaration, meeting)  # (its own entry again, with the latest expiration)
+        return in_time
+
+    @staticmethod
+    def _members_seen(found: Any) -> list[str]:
+        return [entry.value["peer"] for entry in (found.value if found else {}).values() if "peer" in entry.value]
+
+    async def _agree(self, declaration: Declaration, meeting: float) -> Outcome:
+        if self.lie == "silent":  # declare, then never vote nor answer
+            await self._declare(declaration, meeting)
+            await asyncio.sleep(max(0.0, meeting - get_dht_time()) + self.timing.longest)
+            return Outcome(None, reason="lied")
+        return await super()._agree(declaration, meeting)
+
+    async def rpc_agree(self, request: runtime_pb2.ExpertRequest, context: P2PContext) -> runtime_pb2.ExpertResponse:
+        if self.lie == "silent":
+            await asyncio.sleep(3600)
+        return await super().rpc_agree(request, context)
+
+    def _status_for(self, state: Any, peer: str) -> Status:
+        if self.lie != "views":
+            return super()._status_for(state, peer)
+        # to each peer: "I saw only you and me", and a vote for that group
+        me = self.peer_id.to_base58()
+        members = {p: d for p, d in state.agreement.view.items() if p in (me, peer)}
+        proposal = propose(self.schema_hash, members)
+        return Status("vote", 1, proposal.group_id, proposal.members, proposal.members)
+
+
 class Misbehaving(SwarmAveraging):
-    """A peer running our code, with one thing changed per round (`lie`): its weight or its round metadata."""
-
-    lie: str = ""
-
-    def _step(self, meeting: float, meta: RoundMeta) -> Any:
-        if not self.lie:
-            return super()._step(meeting, meta)
-        gather: dict[str, Any] = asdict(meta)
-        weight = float(min(meta.steps, H))
-        if self.lie == "weight":
-            weight = 1e9
-        elif self.lie == "metadata":
-            gather["norm"] = "[/] not a number"
-        timeout = max(meeting - get_dht_time(), 0.0) + MEETING_GRACE
-        return self._averager.step(
-            gather=gather, scheduled_time=meeting, weight=weight, timeout=timeout, allow_retries=False
-        )
+    averager_class = Liar
 
 
 def _honest_state() -> tuple[dict[str, Any], list[torch.Tensor]]:
@@ -61,26 +109,29 @@ def _claims_round_a_million() -> tuple[dict[str, Any], list[torch.Tensor]]:
 
 @pytest.fixture(scope="module")
 def group():
-    started: list[Any] = []
-    boot = start_dht(DHTOptions(listen=LOOPBACK))
-    started.append(boot)
-    peers = []
-    for i in range(3):
-        dht = start_dht(DHTOptions(initial_peers=visible_maddrs(boot), listen=LOOPBACK))
-        started.append(dht)
-        cls, state = (Misbehaving, _claims_round_a_million) if i == 2 else (SwarmAveraging, _honest_state)
-        peers.append(cls(dht, "byzantine", SHAPES, "none", state, max_steps=H))
-        peers[-1].addresses = visible_maddrs(dht)  # for a test's own peer to dial it
-        started.append(peers[-1])
-    peers[2].publish_round(1_000_000)
-    for peer in peers[:2]:
-        peer.publish_round(0)
-    yield peers
-    for item in reversed(started):
-        if isinstance(item, SwarmAveraging):
-            item.shutdown()
-        else:
-            stop_dht(item)
+    with contextlib.ExitStack() as stack:
+        boot = start_dht(DHTOptions(listen=LOOPBACK))
+        stack.callback(stop_dht, boot)
+        peers = []
+        for i in range(3):
+            dht, owner = start_signed_dht(stack, visible_maddrs(boot))
+            cls, state = (Misbehaving, _claims_round_a_million) if i == 2 else (SwarmAveraging, _honest_state)
+            peers.append(cls(dht, "byzantine", owner, AveragingConfig(SHAPES, "none", H), state))
+            peers[-1].addresses = visible_maddrs(dht)  # for a test's own peer to dial it
+            stack.callback(peers[-1].shutdown)
+        peers[2].publish_round(1_000_000)
+        for peer in peers[:2]:
+            peer.publish_round(0)
+        yield peers
+
+
+@contextlib.contextmanager
+def lying(lie: str):
+    Liar.LIE.value = lie.encode()
+    try:
+        yield
+    finally:
+        Liar.LIE.value = b""
 
 
 def average_together(peers, deltas) -> list:
@@ -110,8 +161,17 @@ def norm(tensors) -> float:
 
 def assert_honest_agree(results) -> None:
     assert results[0].group_size == results[1].group_size
+    assert results[0].members == results[1].members and results[0].group_id == results[1].group_id
     for a, b in zip(results[0].averaged, results[1].averaged, strict=True):
         assert torch.equal(a, b) and torch.isfinite(a).all()
+
+
+def assert_honest_mean_without_the_liar(group, results, deltas) -> None:
+    """The honest two averaged together, without the liar, in the round's agreement (attempt 2 at worst)."""
+    assert_honest_agree(results)
+    assert results[0].members == sorted(p.peer_id for p in group[:2])
+    for k in range(len(SHAPES)):
+        assert torch.allclose(results[0].averaged[k], (deltas[0][k] + deltas[1][k]) / 2, atol=1e-6)
 
 
 def test_a_1000x_update_is_clipped_to_the_bound(group):
@@ -144,12 +204,9 @@ def test_a_nan_update_contributes_nothing(group):
 
 
 def test_a_false_weight_is_refused_by_every_honest_reducer(group):
-    group[2].lie = "weight"
-    try:
+    with lying("weight"):
         deltas = deltas_with([torch.full(s, 0.5) for s in SHAPES])
         results = average_together(group, deltas)
-    finally:
-        group[2].lie = ""
     assert results[0].group_size == results[1].group_size == 3
     attacker = group[2].peer_id
     assert "sent weight 1e+09" in results[0].refused[attacker] and attacker in results[1].refused
@@ -169,18 +226,45 @@ def test_a_false_weight_is_refused_by_every_honest_reducer(group):
     assert 0.4 < on_honest_spans.float().mean() < 0.9  # the two honest reducers' spans (hivemind cuts at parts)
 
 
-def test_malformed_metadata_drops_the_sender_from_the_round(group):
-    group[2].lie = "metadata"
-    try:
+def test_a_malformed_declaration_leaves_its_sender_out_of_the_round(group):
+    with lying("metadata"):
         deltas = deltas_with([torch.full(s, 0.5) for s in SHAPES])
         results = average_together(group, deltas)
-    finally:
-        group[2].lie = ""
     assert results[0].group_size == results[1].group_size == 2  # the honest two averaged without it
+    assert_honest_mean_without_the_liar(group, results, deltas)
+    assert results[2].left_out is not None and results[2].averaged == []  # (its own view had itself in it)
+
+
+def test_a_member_that_declares_and_then_stays_silent_costs_one_round_of_agreement(group):
+    deltas = deltas_with([torch.full(s, 0.5) for s in SHAPES])
+    with lying("silent"):
+        results = average_together(group, deltas)
+    assert_honest_mean_without_the_liar(group, results, deltas)
+    assert results[0].attempt == results[1].attempt == 2
+
+
+def test_a_member_telling_each_peer_another_view_never_splits_the_honest_ones(group):
+    deltas = deltas_with([torch.full(s, 0.5) for s in SHAPES])
+    with lying("views"):
+        results = average_together(group, deltas)
+    # each honest peer sees the liar vote for another group: attempt 1 fails, and the liar, which never echoes, is
+    # dropped at the echo's deadline (its view is one of three: it could not have dropped anybody)
+    assert_honest_mean_without_the_liar(group, results, deltas)
+    assert results[0].attempt == results[1].attempt == 2
+
+
+def test_a_forged_declaration_of_a_groupmate_changes_nothing(group):
+    deltas = deltas_with([torch.randn(s) * 0.01 for s in SHAPES])
+    with lying("forge"):
+        results = average_together(group, deltas)
+    assert [r.group_size for r in results] == [3, 3, 3], [r.failure for r in results]
     assert_honest_agree(results)
-    assert results[0].dropped == {group[2].peer_id: "sent malformed round metadata"}
+    assert results[2].group_id == results[0].group_id
+    norms = [norm(d) for d in deltas]  # every member's own declared norm: nobody was clipped
+    assert max(norms) <= DEFAULT_CLIP_MULTIPLE * sorted(norms)[1] and results[0].clipped == {}
     for k in range(len(SHAPES)):
-        assert torch.allclose(results[0].averaged[k], (deltas[0][k] + deltas[1][k]) / 2, atol=1e-6)
+        expected = (deltas[0][k] + deltas[1][k] + deltas[2][k]) / 3
+        assert torch.allclose(results[0].averaged[k], expected, atol=1e-6)
 
 
 def test_a_peer_claiming_a_later_round_takes_nobody_over(group):

@@ -18,8 +18,8 @@ import signal
 import time
 
 import pytest
-from helpers import join_args, metrics
-from tapestry_p2p.testing.faults import CRASH_ENV
+from faulty_join import KILLED
+from helpers import faulty, join_args, metrics
 
 from tapestry_p2p.comm.averaging import ALLREDUCE_TIMEOUT
 from tapestry_p2p.testing.local_swarm import wait_gone
@@ -48,8 +48,8 @@ def test_swarm_survives_bootstrap_loss_a_crash_mid_allreduce_and_a_late_joiner(p
     popens = {}
     for i, name in enumerate(["a", "b", "c"]):
         args = join_args(tmp_path, name, i, None, 100, "--min-peers", "3", "--initial-peers", *bootstraps)
-        env = {CRASH_ENV: str(CRASH_ROUND)} if name == "c" else None
-        popens[name] = procs.start(name, *args, env=env)
+        program = faulty("--crash-in-allreduce", str(CRASH_ROUND)) if name == "c" else ("-m", "tapestry_p2p")
+        popens[name] = procs.start(name, *args, program=program)
 
     # 1. every bootstrap node goes down after round 2
     for name in ("a", "b"):
@@ -64,7 +64,7 @@ def test_swarm_survives_bootstrap_loss_a_crash_mid_allreduce_and_a_late_joiner(p
     # 2. c dies in the middle of round 3's all-reduce; nothing of it survives; a and b go on, and average together
     popens["c"].wait(timeout=120)
     assert popens["c"].returncode == -signal.SIGKILL
-    assert "killing this node in the middle of an all-reduce" in procs.log("c")
+    assert KILLED in procs.log("c")
     assert wait_gone(c_children, 10) == [], "a process of the killed peer outlived it"
     survivors = {name: by_round(wait_for_round(tmp_path, name, CRASH_ROUND, procs)) for name in ("a", "b")}
     crash_round = [survivors[name][CRASH_ROUND] for name in ("a", "b")]

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import join_args, metrics, run_to_completion
+from helpers import faulty, join_args, metrics, run_to_completion
 from hivemind.dht import DHT
 from hivemind.dht.routing import DHTID
 from hivemind.p2p import P2P, PeerID
@@ -32,7 +32,6 @@ from hivemind.proto import averaging_pb2, runtime_pb2
 from hivemind.utils import get_dht_time
 from hivemind.utils.asyncio import as_aiter
 from hivemind.utils.serializer import MSGPackSerializer
-from tapestry_p2p.testing.faults import SCALE_ENV
 
 from tapestry_p2p.comm.averager import ExactAverager
 from tapestry_p2p.comm.statesync.wire import pack_request
@@ -114,7 +113,7 @@ def observed(tmp_path_factory) -> Observed:
             tmp, "east", 3, boot, UNTIL_STOPPED, "--run-id", RUN, "--identity", str(seen.keys["east"])
         )
         east_args += ["--consortium", str(files["east"]), "--partner", "impostor-of-north"]
-        procs["east"] = swarm.start("east", *east_args, env={SCALE_ENV: "100"})
+        procs["east"] = swarm.start("east", *east_args, program=faulty("--scale-update", "100"))
         east_id = seen.ids["east"]
         _wait_for(lambda: any(east_id in r["clipped"] for r in metrics(tmp, "north")), TIMEOUT, "a clip", swarm, "east")
         save(v2, files["monitor"])

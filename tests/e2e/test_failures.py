@@ -11,8 +11,8 @@ import sys
 import time
 
 import pytest
-from helpers import join_args, metrics
-from tapestry_p2p.testing.faults import INJECTED, RAISE_ENV
+from faulty_join import INJECTED
+from helpers import faulty, join_args, metrics
 
 
 def wait_for_records(tmp_path, name: str, procs, timeout: float = 150) -> list:
@@ -52,16 +52,16 @@ def test_an_exception_in_our_allreduce_override_is_a_failed_round_with_its_trace
         name: procs.start(
             name,
             *join_args(tmp_path, name, i, bootstrap_addr, 100, "--min-peers", "2"),
-            env={RAISE_ENV: "all"} if name == "buggy" else None,
+            program=faulty("--raise-in-allreduce", "all") if name == "buggy" else ("-m", "tapestry_p2p"),
         )
         for i, name in enumerate(["healthy", "buggy"])
     }
     record = wait_for_records(tmp_path, "buggy", procs)[-1]
     expected = f"internal error in the all-reduce: RuntimeError: {INJECTED}"
     assert record["failure"].startswith(expected), record
-    assert record["group_size"] == 1  # the round went on with our own update (the failure is in the metrics)
+    assert record["group_size"] == 1 and record["left_out"] == record["failure"]  # (it follows the group's outcome)
     log = procs.log("buggy")
-    assert "failed inside tapestry's overrides (a bug, not the network)" in log
+    assert "failed inside tapestry's code (a bug, not the network)" in log
     assert "Traceback (most recent call last)" in log and f"RuntimeError: {INJECTED}" in log
     assert "round without a group" not in log and "no other peer came to the meeting" not in log
 

@@ -12,8 +12,8 @@ import math
 import re
 import signal
 
-from helpers import join_args, metrics, run_to_completion
-from tapestry_p2p.testing.faults import CRASH_ENV
+from faulty_join import KILLED
+from helpers import faulty, join_args, metrics, run_to_completion
 
 ROUNDS = 25  # rounds of a and b: long enough (rounds take ~2 s) for c to die, restart, catch up and average again
 
@@ -25,9 +25,9 @@ def test_overlapped_rounds_keep_one_model_through_a_crash_and_a_resume(procs, tm
         for i, name in enumerate("abc")
     }
     popens = {name: procs.start(name, *args[name]) for name in "ab"}
-    popens["c"] = procs.start("c", *args["c"], env={CRASH_ENV: "2"})
+    popens["c"] = procs.start("c", *args["c"], program=faulty("--crash-in-allreduce", "2"))
     assert popens["c"].wait(timeout=150) == -signal.SIGKILL, procs.log("c")[-2000:]
-    assert "killing this node in the middle of an all-reduce" in procs.log("c")
+    assert KILLED in procs.log("c")
     before_crash = metrics(tmp_path, "c")
 
     popens["c again"] = procs.start("c again", *args["c"], "--max-rounds", "6")

@@ -4,6 +4,7 @@ a test holds back or drops."""
 
 from __future__ import annotations
 
+import msgpack
 import pytest
 
 from tapestry_p2p.comm.agreement import (
@@ -25,7 +26,7 @@ SCHEMA = b"schema"
 
 
 def decl(peer: str, digest: str = "h", steps: int = 10, norm: float = 1.0, round_no: int = 4) -> Declaration:
-    return Declaration(peer, round_no, digest, steps, norm)
+    return Declaration(peer, round_no, 1000.0, digest, steps, norm)
 
 
 class Net:
@@ -253,13 +254,15 @@ def test_statuses_from_peers_we_did_not_see_or_about_other_groups_are_ignored():
     [
         b"",
         b"\xc1",
-        Status("vote", 1, b"g", ("a",)).pack(1)[:-1],
-        __import__("msgpack").packb([1, "vote", 3, b"g", ["a"], [], ""]),  # attempt beyond the last
-        __import__("msgpack").packb([1, "vote", 1, b"", ["a"], [], ""]),  # a vote for no group
-        __import__("msgpack").packb([1, "shout", 1, b"g", ["a"], [], ""]),
-        __import__("msgpack").packb([1, "vote", 1, b"g", ["a" * 500], [], ""]),
-        __import__("msgpack").packb([1, "vote", 1, b"g", ["a"] * 1000, [], ""]),
-        __import__("msgpack").packb([True, "vote", 1, b"g", ["a"], [], ""]),
+        Status("vote", 1, b"g", ("a",)).pack((1, 2.0))[:-1],
+        msgpack.packb([1, 2.0, "vote", 3, b"g", ["a"], [], ""]),  # attempt beyond the last
+        msgpack.packb([1, 2.0, "vote", 1, b"", ["a"], [], ""]),  # a vote for no group
+        msgpack.packb([1, 2.0, "shout", 1, b"g", ["a"], [], ""]),
+        msgpack.packb([1, 2.0, "vote", 1, b"g", ["a" * 500], [], ""]),
+        msgpack.packb([1, 2.0, "vote", 1, b"g", ["a"] * 1000, [], ""]),
+        msgpack.packb([True, 2.0, "vote", 1, b"g", ["a"], [], ""]),
+        msgpack.packb([1, float("nan"), "vote", 1, b"g", ["a"], [], ""]),
+        msgpack.packb([1, 2, "vote", 1, b"g", ["a"], [], ""]),  # the meeting as an int
     ],
 )
 def test_malformed_statuses_are_refused(raw):
@@ -268,20 +271,25 @@ def test_malformed_statuses_are_refused(raw):
 
 def test_a_status_round_trips():
     status = Status("vote", 2, b"g" * 20, ("a", "b"), ("a", "b", "c"))
-    assert Status.unpack(status.pack(7)) == (7, status)
+    assert Status.unpack(status.pack((7, 1000.5))) == ((7, 1000.5), status)
+
+
+GOOD = {"peer": "a", "round": 4, "meeting": 1000.0, "hash": "h", "steps": 1, "norm": 1.0}
 
 
 @pytest.mark.parametrize(
     "value",
     [
-        {"peer": "b", "round": 4, "hash": "h", "steps": 1, "norm": 1.0},  # speaks for another peer
-        {"peer": "a", "round": 5, "hash": "h", "steps": 1, "norm": 1.0},  # another round
-        {"peer": "a", "round": 4, "hash": "h", "steps": -1, "norm": 1.0},
-        {"peer": "a", "round": 4, "hash": "h", "steps": 1, "norm": float("nan")},
-        {"peer": "a", "round": 4, "hash": "h", "steps": 1, "norm": 1e31},
-        {"peer": "a", "round": 4, "hash": "h", "steps": 1, "norm": 1},  # an int, not a float
-        {"peer": "a", "round": 4, "hash": "h" * 65, "steps": 1, "norm": 1.0},
-        {"peer": "a", "round": 4, "hash": "h", "steps": 1, "norm": 1.0, "extra": 0},
+        {**GOOD, "peer": "b"},  # speaks for another peer than its signer
+        {**GOOD, "round": 5},  # another round
+        {**GOOD, "steps": -1},
+        {**GOOD, "norm": float("nan")},
+        {**GOOD, "norm": 1e31},
+        {**GOOD, "norm": 1},  # an int, not a float
+        {**GOOD, "meeting": float("inf")},
+        {**GOOD, "hash": "h" * 65},
+        {**GOOD, "extra": 0},
+        {k: v for k, v in GOOD.items() if k != "meeting"},
         "not a dict",
     ],
 )

@@ -3,7 +3,6 @@ an upgrade that changes any of them is one readable error at start-up."""
 
 from __future__ import annotations
 
-import logging
 from typing import get_type_hints
 
 import pytest
@@ -38,24 +37,17 @@ def test_install_refuses_to_start_on_a_changed_hivemind(monkeypatch):
         hivemind_compat.install("main")
 
 
-def test_the_averager_filter_drops_only_no_group_and_already_reported_failures(caplog):
-    hivemind_compat.install("main")
-    averager = logging.getLogger("hivemind.averaging.averager")
+def test_a_subclass_of_our_averager_speaks_the_same_protocol():
+    """hivemind names handlers after the servicer's class; ours are named after the protocol, so a test's faulty peer
+    (a subclass) and an honest peer reach each other's handlers."""
+    from tapestry_p2p.comm.averager import ExactAverager
 
-    class Reported(hivemind_compat.ReportedFailure, RuntimeError):
+    class Faulty(ExactAverager):
         pass
 
-    with caplog.at_level(logging.ERROR, logger="hivemind.averaging.averager"):
-        for error in (
-            RuntimeError("Averaging step failed: could not find a group"),
-            Reported("logged"),
-            RuntimeError("a real failure"),
-        ):
-            try:
-                raise error
-            except RuntimeError:
-                averager.exception("step failed")
-    assert [str(r.exc_info[1]) for r in caplog.records] == ["a real failure"]
+    for method in ("rpc_agree", "rpc_aggregate_part", "rpc_state_slice"):
+        assert Faulty._get_handle_name("run_avg", method) == ExactAverager._get_handle_name("run_avg", method)
+    assert ExactAverager._get_handle_name("run_avg", "rpc_agree") == "run_avg::ExactAverager.rpc_agree"
 
 
 def test_our_rpc_handlers_are_streams_to_hiveminds_servicer():

@@ -47,7 +47,7 @@ def test_shared_state_can_be_adopted_exactly():
 
 
 def test_overlapped_rounds_apply_each_average_one_round_late_and_keep_local_progress():
-    """node/overlap.py's rule on numbers exactly representable in float32 (outer SGD, lr 0.5, no momentum)."""
+    """node/rounds.py's rule on numbers exactly representable in float32 (outer SGD, lr 0.5, no momentum)."""
     shared = SharedModel(torch.nn.Linear(2, 1, bias=False), OuterConfig(lr=0.5, momentum=0.0))
     working = torch.nn.Linear(2, 1, bias=False)
     with torch.no_grad():

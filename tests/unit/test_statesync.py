@@ -6,7 +6,6 @@ from __future__ import annotations
 import msgpack
 import pytest
 
-from tapestry_p2p.comm.averaging import RoundMeta
 from tapestry_p2p.comm.statesync.policy import agreed_after_failure, assign, elected_state
 from tapestry_p2p.comm.statesync.wire import PeerState, StateId, StateInfo, pack_request, unpack_request
 
@@ -19,25 +18,6 @@ def test_the_state_a_majority_holds_is_elected_never_the_highest_round():
     assert elected_state({"b": PeerState(3, "x"), "a": PeerState(3, "y")}) == StateId(3, "y")  # one round: smallest id
     assert elected_state({"b": PeerState(3, "x")}) == StateId(3, "x")
     assert elected_state({}) is None
-
-
-def test_a_groupmates_round_metadata_is_validated():
-    good = {"round": 3, "hash": "x", "steps": 10, "norm": 1.5}
-    assert RoundMeta.parse(good) == RoundMeta(3, "x", 10, 1.5)
-    for bad in (
-        {"round": "3", "hash": 5, "steps": 1, "norm": 1.0},
-        {"round": -1, "hash": "x", "steps": 1, "norm": 1.0},
-        [3, "x", 1],
-        {"round": 1, "hash": "x" * 65, "steps": 1, "norm": 1.0},
-        {"round": 1, "hash": "x", "steps": 1.5, "norm": 1.0},
-        {"round": True, "hash": "x", "steps": 1, "norm": 1.0},
-        {**good, "norm": float("nan")},
-        {**good, "norm": -1.0},
-        {**good, "norm": 1},  # an int: the sender's code is not ours
-        {**good, "extra": 1},
-        {"round": 3, "hash": "x", "steps": 10},
-    ):
-        assert RoundMeta.parse(bad) is None, bad
 
 
 def test_after_a_failed_round_members_that_lost_nothing_win():

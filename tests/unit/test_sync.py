@@ -49,6 +49,9 @@ class Served(SoloAveraging):
     def positions(self) -> dict[str, int]:
         return {"server": self.position}
 
+    def may_hold(self, round_no: int, peers) -> bool:
+        return self.position >= round_no  # (a server advertises the round it reaches once its round in flight settles)
+
     def download_state(self, min_round: int, peers=None, want=None, have=None) -> Optional[Download]:
         answer = self.answers[min(self.asked, len(self.answers) - 1)]
         self.asked += 1
@@ -61,7 +64,9 @@ def node_state(theta: list[float], working: list[float]) -> tuple[StateSync, tor
     shared = SharedModel(linear(theta), OuterConfig(lr=0.5, momentum=0.0))
     model = linear(working)
     adopted: list[str] = []
-    return StateSync(shared, model, threading.Lock(), on_adopt=lambda: adopted.append("adopted")), model, adopted
+    sync = StateSync(shared, model, threading.Lock())
+    sync.on_adopt = lambda: adopted.append("adopted")
+    return sync, model, adopted
 
 
 def test_catching_up_while_the_swarm_averages_awaits_its_round_and_keeps_our_progress():
@@ -114,9 +119,9 @@ def test_an_awaited_round_is_taken_only_as_the_round_we_wait_for():
     # nobody settles it within the longest a round can take: we give up (and train on from our state)
     sync.averaging = Served([None], longest_round=0.6, position=6)
     assert sync.await_round(6, ["server"], threading.Event()) is None and sync.averaging.asked >= 2
-    # nobody advertises the round any more (its peers left): we give up without asking
+    # none of its peers holds it or has a round in flight that could reach it (the group failed too): we give up
     sync.averaging = Served([None], position=5)
-    assert sync.await_round(6, ["server"], threading.Event()) is None and sync.averaging.asked == 0
+    assert sync.await_round(6, ["server"], threading.Event()) is None and sync.averaging.asked == 1
     # told to stop: we stop asking at once
     stop = threading.Event()
     stop.set()
@@ -156,3 +161,19 @@ def test_the_peers_to_catch_up_from_outnumber_those_in_step_with_us():
     assert sync.peers_ahead(5) == ["claims", "x", "y"]  # (then the state a majority of these holds is taken)
     sync.averaging = Advertised({"x": 5, "y": 4})
     assert sync.peers_ahead(5) == []
+
+
+def test_a_peer_ahead_only_by_rounds_alone_defers_to_the_majority_behind_it():
+    sync, _, _ = node_state([0.0, 0.0], [0.0, 0.0])
+    sync.shared.round = 7  # we ran ahead alone for two rounds while two partners stayed at round 5
+    sync.averaging = Advertised({"x": 5, "y": 5})
+    assert sync.peers_to_follow(7) == ([], 0)  # rounds we averaged with others are ours to keep
+    sync.solo_rounds = 2
+    assert sync.peers_to_follow(7) == (["x", "y"], 4)  # (one of them may serve round 4 with round 5 in flight)
+    assert sync.peers_ahead(7) == []  # they are not ahead of us
+    sync.averaging = Advertised({"x": 5})  # one peer behind is no majority of the swarm: we keep our state
+    assert sync.peers_to_follow(7) == ([], 0)
+    sync.averaging = Advertised({"x": 5, "y": 5, "z": 7, "w": 7})  # two behind, one level: no strict majority
+    assert sync.peers_to_follow(7) == ([], 0)
+    sync.averaging = Advertised({"x": 2, "y": 2})  # further behind than our rounds alone: not ours to undo
+    assert sync.peers_to_follow(7) == ([], 0)
