@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import re
 import signal
 import subprocess
 import sys
@@ -68,6 +69,57 @@ def start_signed_dht(stack: contextlib.ExitStack, initial_peers: list[str]) -> t
     dht = start_dht(options)
     stack.callback(stop_dht, dht)
     return dht, owner_subkey(key)
+
+
+# Makes bitsandbytes believe the CPU has AVX512-BF16 (as some machines of our kind do): on import, it then tries its
+# optional `kernels` package and logs a warning when that is missing. As a sitecustomize.py on PYTHONPATH, it applies
+# to every Python process of a tree (spawned workers included).
+AVX512_BF16 = """
+import importlib.abc, importlib.util, sys
+class _Avx512Bf16(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name != "bitsandbytes.cextension":
+            return None
+        sys.meta_path.remove(self)
+        spec = importlib.util.find_spec(name)
+        run = spec.loader.exec_module
+        def exec_module(module):
+            run(module)
+            module.lib.has_avx512bf16_cpu = lambda: True
+        spec.loader.exec_module = exec_module
+        return spec
+sys.meta_path.insert(0, _Avx512Bf16())
+"""
+
+
+def avx512_bf16_everywhere(folder: Path) -> dict[str, str]:
+    """The environment under which every Python process started from it runs on a (simulated) AVX512-BF16 CPU."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "sitecustomize.py").write_text(AVX512_BF16)
+    return {"PYTHONPATH": str(folder)}
+
+
+# What our own terminal output looks like: log records of our loggers (cli.setup_logging's format), and the lines
+# our commands print. Anything else that looks like a dependency talking fails `foreign_lines`.
+_OUR_LOG = re.compile(r"^\d\d:\d\d:\d\d (DEBUG|INFO|WARNING|ERROR|CRITICAL) tapestry_p2p[.\w]*: ")
+_ANY_LOG = re.compile(r"^\d\d:\d\d:\d\d (DEBUG|INFO|WARNING|ERROR|CRITICAL) \S+: ")
+_FOREIGN = (
+    re.compile(r"^[A-Z][a-z]{2} \d\d \d\d:\d\d:\d\d\.\d+ \[(DEBUG|INFO|WARN|ERROR|CRITICAL)\]"),  # hivemind's format
+    re.compile(r"\b\w*Warning: "),  # Python's warnings
+    re.compile(r"^Traceback \(most recent call last\)"),
+    re.compile(r"kernels-community|bitsandbytes"),
+)
+
+
+def foreign_lines(text: str) -> list[str]:
+    """The lines of a process's terminal output that are not ours: a dependency's log record or warning."""
+    foreign = []
+    for line in text.splitlines():
+        if _OUR_LOG.match(line):
+            continue
+        if _ANY_LOG.match(line) or any(p.search(line) for p in _FOREIGN):
+            foreign.append(line)
+    return foreign
 
 
 def metrics(tmp_path: Path, name: str) -> list:

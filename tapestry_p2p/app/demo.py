@@ -26,6 +26,7 @@ from tapestry_p2p.app.monitor import monitor_session, render
 from tapestry_p2p.app.plot import plot
 from tapestry_p2p.errors import UserError
 from tapestry_p2p.node.metrics import read_jsonl
+from tapestry_p2p.p2p import hivemind_compat
 from tapestry_p2p.p2p.dht import dht_time
 from tapestry_p2p.testing.local_swarm import LOOPBACK, LocalSwarm, LocalSwarmError, last_line
 
@@ -136,9 +137,6 @@ def train_alone(partner: DemoPartner, folder: Path, steps_per_round: int, rounds
     Runs in a worker process of its own."""
     from tapestry_p2p.node.config import NodeConfig
     from tapestry_p2p.node.node import Node
-    from tapestry_p2p.p2p import hivemind_compat
-
-    hivemind_compat.install("main")
 
     out = folder / "alone"
     config = NodeConfig(
@@ -161,7 +159,11 @@ def compare(run: DemoRun) -> Results:
     steps = {p.name: read_jsonl(run.partner_dir(p) / "metrics.jsonl")[-1]["step"] for p in partners}
     rounds = run.config.rounds
     context = multiprocessing.get_context("spawn")
-    with concurrent.futures.ProcessPoolExecutor(max_workers=2, mp_context=context) as pool:
+    # the log filters go in before the worker imports anything that imports bitsandbytes (unpickling `train_alone`
+    # imports this module): the initializer runs first
+    with concurrent.futures.ProcessPoolExecutor(
+        max_workers=2, mp_context=context, initializer=hivemind_compat.install, initargs=("main",)
+    ) as pool:
         jobs = {
             p.name: pool.submit(train_alone, p, run.partner_dir(p), math.ceil(steps[p.name] / rounds), rounds)
             for p in partners

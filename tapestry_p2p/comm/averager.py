@@ -71,6 +71,7 @@ class AllReduceOutcome:
     declarations: dict[str, Declaration] = field(default_factory=dict)  # the members' signed declarations
     failed_fraction: float = 0.0  # share of values whose reducer failed (those values get no update this round)
     failed_spans: list[tuple[int, int]] = field(default_factory=list)  # their [start, end) in the flat layout
+    lost_reducers: list[str] = field(default_factory=list)  # whose spans those were
     started: float = 0.0  # time.time() when the group was committed and the all-reduce began
     senders_lost: int = 0  # groupmates whose parts never reached us as a reducer (our span averages the others')
     refused: dict[str, str] = field(default_factory=dict)  # groupmate -> why we refused its parts as a reducer
@@ -169,8 +170,11 @@ class ExactAverager(StateTransport, GroupVoting, DecentralizedAverager):
     async def rpc_join_group(
         self, request: averaging_pb2.JoinRequest, context: P2PContext
     ) -> AsyncIterator[averaging_pb2.MessageFromLeader]:
-        """hivemind's matchmaking is not used (groups are agreed, `comm.voting`): every join request is refused."""
-        yield averaging_pb2.MessageFromLeader(code=averaging_pb2.NOT_LOOKING_FOR_GROUP)
+        """hivemind's matchmaking is not used (groups are agreed, `comm.voting`): every join request is refused (a
+        non-member's as such, and logged)."""
+        admitted = self._admits(context, "a group join")
+        code = averaging_pb2.NOT_LOOKING_FOR_GROUP if admitted else averaging_pb2.PROTOCOL_VIOLATION
+        yield averaging_pb2.MessageFromLeader(code=code)
 
     async def rpc_aggregate_part(
         self, stream: AsyncIterator[averaging_pb2.AveragingData], context: P2PContext
@@ -211,18 +215,34 @@ class ExactAverager(StateTransport, GroupVoting, DecentralizedAverager):
 
     async def _agreed_step(self, declaration: Declaration, meeting: float, future: MPFuture) -> None:
         try:
-            decided = await self._agree(declaration, meeting)
-            if decided.group is None:
-                result = AllReduceOutcome(attempt=decided.attempt, left_out=decided.reason, others=list(decided.others))
-            else:
-                result = await self._allreduce(decided, weight_for(declaration.steps, self._max_steps))
+            future.set_result(await self._agreed_round(declaration, meeting))
         except BaseException as e:
             if not future.done():
                 future.set_exception(e)
             if not isinstance(e, Exception):
                 raise
-        else:
-            future.set_result(result)
+
+    async def _agreed_round(self, declaration: Declaration, meeting: float) -> AllReduceOutcome:
+        decided = await self._agree(declaration, meeting)
+        if decided.group is None:
+            return AllReduceOutcome(attempt=decided.attempt, left_out=decided.reason, others=list(decided.others))
+        try:
+            return await self._allreduce(decided, weight_for(declaration.steps, self._max_steps))
+        except (*NETWORK_FAILURES, AveragingBug) as e:
+            # our group's members may have finished the round without us: we follow them (the node takes the state
+            # the round ends on) rather than apply anything of our own
+            if isinstance(e, AveragingBug):
+                failure = str(e)
+            else:
+                failure = "all-reduce failed: " + (str(e).splitlines()[0] if str(e).strip() else type(e).__name__)
+            me = self.peer_id.to_base58()
+            return AllReduceOutcome(
+                group_id=decided.group.group_id,
+                attempt=decided.attempt,
+                left_out=failure,
+                failure=failure,
+                others=[p for p in decided.group.members if p != me],
+            )
 
     async def _allreduce(self, decided: Outcome, weight: float) -> AllReduceOutcome:
         """Run the all-reduce with a committed group (every member takes an equal span, in `agreement.ordered`)."""
@@ -287,6 +307,7 @@ class ExactAverager(StateTransport, GroupVoting, DecentralizedAverager):
         # A reducer that failed may have sent part of its span to some members and not to others; nobody uses any of
         # it, so all survivors end the round with the same values.
         outcome.failed_spans = runner.failed_spans()
+        outcome.lost_reducers = sorted(runner.ordered_peer_ids[i].to_base58() for i in runner.failed_reducers)
         zeroed = zero_spans(tensors, outcome.failed_spans)
         outcome.failed_fraction = zeroed / max(runner.tensor_part_container.total_size, 1)
         failed_after = runner.tensor_part_reducer.sender_failed_after

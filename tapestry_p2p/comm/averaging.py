@@ -101,6 +101,8 @@ class AveragingResult:
     failure: Optional[str] = None  # what went wrong in the round, if anything (the reason we were left out, too)
     group_round: int = 0  # the round the group reaches with this round
     clean: bool = True  # we received every averaged part (no span zeroed for a lost reducer)
+    lost_reducers: list[str] = field(default_factory=list)  # groupmates whose averaged spans we did not receive
+    meeting: float = 0.0  # the meeting the round was agreed at (with the round: which agreement it was)
     refused: dict[str, str] = field(default_factory=dict)  # groupmate -> why we refused its parts as a reducer
     clipped: dict[str, float] = field(default_factory=dict)  # groupmate -> the factor we scaled its parts by
     norm: float = 0.0  # the L2 norm of our pseudo-gradient, as we declared it
@@ -267,7 +269,7 @@ class SwarmAveraging:
             clock[0] = now
 
         result = self._average(delta, meeting, meta, lap, seconds)
-        result.seconds = seconds
+        result.seconds, result.meeting = seconds, float(meeting)
         return result
 
     def _average(
@@ -401,6 +403,7 @@ def _result(averaged: list[torch.Tensor], outcome: AllReduceOutcome, declaration
         failure=failure,
         group_round=declaration.round + 1,
         clean=outcome.failed_fraction == 0,
+        lost_reducers=list(outcome.lost_reducers),
         refused=outcome.refused,
         clipped=outcome.clipped,
         norm=declaration.norm,

@@ -48,6 +48,8 @@ class RoundMetrics:
     members: list[str] = field(default_factory=list)
     attempt: int = 1
     left_out: Optional[str] = None
+    meeting: float = 0.0  # the meeting (DHT time) the round was agreed at: with `round`, which agreement it was
+    lost_reducers: list[str] = field(default_factory=list)  # groupmates whose averaged spans we did not receive
     refused: dict[str, str] = field(default_factory=dict)  # groupmate -> why we refused its contribution
     clipped: dict[str, float] = field(default_factory=dict)  # groupmate -> the factor we scaled its contribution by
     update_norm: float = 0.0  # L2 norm of our pseudo-gradient this round (what we declared; 0 when not averaged)

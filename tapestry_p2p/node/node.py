@@ -296,6 +296,8 @@ class Node:
             members=list(result.members),
             attempt=result.attempt,
             left_out=result.left_out,
+            meeting=result.meeting,
+            lost_reducers=list(result.lost_reducers),
             refused=dict(result.refused),
             clipped=result.clipped,
             update_norm=result.norm,

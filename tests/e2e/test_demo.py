@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
 import time
 
 import psutil
+from helpers import avx512_bf16_everywhere, foreign_lines
 
 from tapestry_p2p.testing.local_swarm import wait_gone
 
 
-def test_short_demo_runs_end_to_end_and_leaves_no_process(tmp_path):
+def test_short_demo_runs_end_to_end_keeps_the_terminal_ours_and_leaves_no_process(tmp_path):
+    """On a CPU where a dependency talks at import (bitsandbytes on AVX512-BF16, simulated in every process of the
+    tree, the trained-alone baselines' workers included), not one line of the demo's output is a dependency's."""
     out = tmp_path / "demo.out"
     with open(out, "wb") as f:
         popen = subprocess.Popen(
@@ -32,6 +36,7 @@ def test_short_demo_runs_end_to_end_and_leaves_no_process(tmp_path):
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
             start_new_session=True,
+            env=dict(os.environ, **avx512_bf16_everywhere(tmp_path / "site")),
         )
     seen, names = {}, set()
     deadline = time.monotonic() + 400
@@ -56,4 +61,5 @@ def test_short_demo_runs_end_to_end_and_leaves_no_process(tmp_path):
     for partner in ("north-lab (en)", "sur-uni (es)", "ost-gmbh (de)"):
         assert partner in text
     assert "beats its trained-alone model on the languages it" in text
+    assert foreign_lines(text) == []
     assert not wait_gone(list(seen.values()), timeout=20)

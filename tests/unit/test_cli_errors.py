@@ -12,29 +12,10 @@ import socket
 import time
 
 import pytest
-from helpers import assert_user_error, tapestry, tapestry_process, write_text
+from helpers import AVX512_BF16, assert_user_error, tapestry, tapestry_process, write_text
 
 from tapestry_p2p.p2p import hivemind_compat
 from tapestry_p2p.security.identity import load_or_create_identity
-
-# Makes bitsandbytes believe the CPU has AVX512-BF16 (as some machines of our kind do): on import, it then tries its
-# optional `kernels` package and logs a warning when that is missing.
-AVX512_BF16 = """
-import importlib.abc, importlib.util, sys
-class _Avx512Bf16(importlib.abc.MetaPathFinder):
-    def find_spec(self, name, path, target=None):
-        if name != "bitsandbytes.cextension":
-            return None
-        sys.meta_path.remove(self)
-        spec = importlib.util.find_spec(name)
-        run = spec.loader.exec_module
-        def exec_module(module):
-            run(module)
-            module.lib.has_avx512bf16_cpu = lambda: True
-        spec.loader.exec_module = exec_module
-        return spec
-sys.meta_path.insert(0, _Avx512Bf16())
-"""
 
 
 @pytest.fixture
