@@ -4,10 +4,12 @@ Replaces hivemind's leader/follower matchmaking, a one-phase commit whose two si
 could form a group with a follower that had already gone alone: docs/ARCHITECTURE.md, "Agreement"). Here, for round r
 (the round of the shared model going in), among peers of one schema:
 
-1. **Declare.** Each partner that will average round r stores a `Declaration` (its peer id, the state it holds: round
-   and hash, its inner steps and the norm of its update) under the round's DHT key, in its own owner-signed subkey,
-   before the cut-off. Only the owner can write its entry (hivemind's RSASignatureValidator), and an entry speaks only
-   for the peer its signing key derives (`security.identity.peer_id_of`): nobody relays anybody's metadata.
+1. **Declare.** Each partner that will average round r stores a `Declaration` (its peer id, the meeting, the state it
+   holds: round and hash) under the round's DHT key, in its own owner-signed subkey, as soon as it knows the meeting
+   (it trains on meanwhile), and by the cut-off. Only the owner can write its entry (hivemind's RSASignatureValidator),
+   and an entry speaks only for the peer its signing key derives (`security.identity.peer_id_of`). What its update
+   weighs and measures (`Contribution`: inner steps, norm), known only when it stops training, travels in its own
+   votes: nobody relays anybody's metadata.
 2. **View.** At the cut-off each reads the key. Its `Proposal` is the set of valid declarations holding the state a
    majority of declarers hold (`statesync.policy.elected_state`); its group id is the hash of the round, the schema
    and every member's declared entry, sorted.
@@ -60,16 +62,16 @@ ALONE = "nobody else declared"  # no group to be in: a round alone
 
 @dataclass(frozen=True)
 class Declaration:
-    """What a partner declares for round `round` (the shared model's round going in), signed by itself."""
+    """That a partner averages round `round` (the shared model's round going in) at `meeting`, from the state `hash`:
+    stored in the DHT under its own owner-signed subkey as soon as it knows the meeting (its intent), while it still
+    trains."""
 
     peer: str  # its peer id (base58); must be the peer the signing key derives
     round: int
     meeting: float  # the meeting it declares for (a round that failed is met again, at another time)
     hash: str  # its shared model's hash
-    steps: int  # its inner steps this round (its weight is screening.weight_for(steps, H))
-    norm: float  # L2 norm of its whole pseudo-gradient this round, before encoding
 
-    FIELDS = ("peer", "round", "meeting", "hash", "steps", "norm")
+    FIELDS = ("peer", "round", "meeting", "hash")
 
     def pack(self) -> dict[str, Any]:
         return {name: getattr(self, name) for name in self.FIELDS}
@@ -79,20 +81,33 @@ class Declaration:
         """A declaration read from the DHT (untrusted): None if malformed, of another round, or not its signer's."""
         if not isinstance(value, dict) or set(value) != set(cls.FIELDS):
             return None
-        peer, declared_round, meeting, digest, steps, norm = (value[k] for k in cls.FIELDS)
+        peer, declared_round, meeting, digest = (value[k] for k in cls.FIELDS)
         if signer is None or peer != signer or declared_round != round_no:
             return None
         if type(meeting) is not float or not math.isfinite(meeting):
             return None
-        if not (is_count(steps) and isinstance(digest, str) and len(digest) <= MAX_HASH_LENGTH):
+        if not (isinstance(digest, str) and len(digest) <= MAX_HASH_LENGTH):
             return None
-        if type(norm) is not float or not (math.isfinite(norm) and 0.0 <= norm <= MAX_NORM):
-            return None
-        return cls(peer, declared_round, meeting, digest, steps, norm)
+        return cls(peer, declared_round, meeting, digest)
 
     @property
     def state(self) -> PeerState:
         return PeerState(self.round, self.hash)
+
+
+@dataclass(frozen=True)
+class Contribution:
+    """What a member's update weighs and measures: its inner steps this round (its weight is
+    `screening.weight_for(steps, H)`) and the L2 norm of its whole pseudo-gradient, before encoding. Known when it stops
+    training; every status a member sends carries its own, and every reducer screens that member's parts with what it
+    told that reducer (no member relays another's)."""
+
+    steps: int = 0
+    norm: float = 0.0
+
+    @staticmethod
+    def valid(steps: Any, norm: Any) -> bool:
+        return is_count(steps) and type(norm) is float and math.isfinite(norm) and 0.0 <= norm <= MAX_NORM
 
 
 @dataclass(frozen=True)
@@ -108,7 +123,7 @@ class Proposal:
 
 def group_id(schema: bytes, declarations: Iterable[Declaration]) -> bytes:
     """The id of a group: a hash of the schema and every member's declared entry, sorted by peer id."""
-    entries = sorted((d.peer, d.round, d.meeting, d.hash, d.steps, d.norm) for d in declarations)
+    entries = sorted((d.peer, d.round, d.meeting, d.hash) for d in declarations)
     return hashlib.sha256(msgpack.packb([schema, entries], use_bin_type=True)).digest()[:20]
 
 
@@ -139,16 +154,18 @@ class Status:
     members: tuple[str, ...] = ()  # that group's members
     view: tuple[str, ...] = ()  # the members of its attempt-1 proposal (what it read from the DHT)
     reason: str = ""  # for "out": why (one of the reasons above)
+    contribution: Contribution = Contribution()  # the sender's own (vote, echo, committed)
 
     def pack(self, slot: Slot) -> bytes:
         fields = [*slot, self.kind, self.attempt, self.group_id, list(self.members), list(self.view), self.reason]
+        fields += [self.contribution.steps, self.contribution.norm]
         return msgpack.packb(fields, use_bin_type=True)
 
     @classmethod
     def unpack(cls, raw: bytes) -> Optional[tuple[Slot, Status]]:
         """(slot, status) from untrusted bytes; None if malformed."""
         try:
-            round_no, meeting, kind, attempt, gid, members, view, reason = msgpack.unpackb(raw, raw=False)
+            round_no, meeting, kind, attempt, gid, members, view, reason, steps, norm = msgpack.unpackb(raw, raw=False)
         except UNPACK_ERRORS:
             return None
         if not (is_count(round_no) and type(meeting) is float and math.isfinite(meeting)):
@@ -161,7 +178,10 @@ class Status:
             return None
         if attempt > ATTEMPTS or (kind in ("vote", "committed") and not (gid and members)):
             return None
-        return (round_no, meeting), cls(kind, attempt, gid, tuple(members), tuple(view), reason)
+        if not Contribution.valid(steps, norm):
+            return None
+        contribution = Contribution(steps, norm)
+        return (round_no, meeting), cls(kind, attempt, gid, tuple(members), tuple(view), reason, contribution)
 
 
 def _peer_id(value: Any) -> bool:
@@ -182,7 +202,9 @@ class Outcome:
     group: Optional[Proposal]  # the committed group (None: out of the round)
     attempt: int = 1
     reason: str = ""  # why we are out (empty when committed)
-    declarations: dict[str, Declaration] = field(default_factory=dict)  # the members' declarations (committed)
+    # the members' contributions, as each told us (committed; a member we never heard from directly: none, and our
+    # reducer refuses its parts)
+    contributions: dict[str, Contribution] = field(default_factory=dict)
     # when we are out: the peers that will hold the state this round ends on (the majority-state declarers we saw)
     others: tuple[str, ...] = ()
 
@@ -201,11 +223,20 @@ class Agreement:
     can still keep one honest member out of one round; that member then takes the state the round ends on, so no
     split outlives the round.)
 
-    `view` holds every valid declaration this peer read at the cut-off (ours included); `abstain` gives the reason we
-    do not vote at all (we declared late), so that we answer "out" to anyone who counts on us."""
+    `view` holds every valid declaration this peer read at the cut-off (ours included); `contribution` is ours;
+    `abstain` gives the reason we do not vote at all (we declared late), so that we answer "out" to anyone who counts
+    on us."""
 
-    def __init__(self, me: str, schema: bytes, view: Mapping[str, Declaration], abstain: str = "") -> None:
-        self.me, self.schema = me, schema
+    def __init__(
+        self,
+        me: str,
+        schema: bytes,
+        view: Mapping[str, Declaration],
+        contribution: Contribution = Contribution(),
+        abstain: str = "",
+    ) -> None:
+        self.me, self.schema, self.contribution = me, schema, contribution
+        self.contributions: dict[str, Contribution] = {me: contribution}  # each member's, as it told us
         self.view = dict(view)
         self.phase: Literal[1, "echo", 2] = 1
         self.first = propose(schema, self.view)  # our attempt-1 proposal (our view of the DHT)
@@ -239,14 +270,15 @@ class Agreement:
     @property
     def status(self) -> Status:
         first = self.first.members
+        ours = self.contribution
         if self.outcome is not None and self.outcome.group is not None:
             group = self.outcome.group
-            return Status("committed", self.outcome.attempt, group.group_id, group.members, first)
+            return Status("committed", self.outcome.attempt, group.group_id, group.members, first, contribution=ours)
         if self.outcome is not None:
             return Status("out", self.attempt, view=first, reason=self.outcome.reason)
         if self.phase == "echo":
-            return Status("echo", 2, view=first)
-        return Status("vote", self.attempt, self.proposal.group_id, self.proposal.members, first)
+            return Status("echo", 2, view=first, contribution=ours)
+        return Status("vote", self.attempt, self.proposal.group_id, self.proposal.members, first, contribution=ours)
 
     @property
     def peers(self) -> list[str]:
@@ -274,6 +306,10 @@ class Agreement:
             if peer in self.views and self.views[peer] != status.view:
                 self.equivocating.add(peer)  # it told us two different views
             self.views.setdefault(peer, status.view)
+        if status.kind in ("vote", "echo", "committed"):
+            if peer in self.contributions and self.contributions[peer] != status.contribution:
+                self.equivocating.add(peer)  # it told us two different contributions
+            self.contributions.setdefault(peer, status.contribution)
         if status.kind == "vote":
             self.votes[peer] = (status.attempt, status.group_id)
             if status.attempt > 1 and self.me not in status.members:
@@ -376,8 +412,8 @@ class Agreement:
         self._check()
 
     def _commit(self, proposal: Proposal, attempt: int) -> None:
-        declarations = {p: self.view[p] for p in proposal.members}
-        self.outcome = Outcome(proposal, attempt, declarations=declarations)
+        contributions = {p: self.contributions[p] for p in proposal.members if p in self.contributions}
+        self.outcome = Outcome(proposal, attempt, contributions=contributions)
 
     def _leave(self, reason: str) -> None:
         others = () if reason == ALONE else tuple(p for p in self.first.members if p != self.me)

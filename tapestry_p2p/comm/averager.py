@@ -41,7 +41,7 @@ from hivemind.utils.asyncio import achain, as_aiter, azip, enter_asynchronously
 from hivemind.utils.mpfuture import MPFuture
 
 from tapestry_p2p.comm import agreement
-from tapestry_p2p.comm.agreement import Declaration, Outcome
+from tapestry_p2p.comm.agreement import Contribution, Declaration, Outcome
 from tapestry_p2p.comm.allreduce import NETWORK_FAILURES, ExactAllReduceRunner, Traffic, zero_spans
 from tapestry_p2p.comm.screening import Screen, weight_for
 from tapestry_p2p.comm.statesync.transport import StateTransport
@@ -68,7 +68,6 @@ class AllReduceOutcome:
     left_out: str = ""  # why we are not in the round's group (comm.agreement's reasons; empty: we are in it)
     failure: str = ""  # the all-reduce with our committed group failed: why (then `left_out` says so too)
     others: list[str] = field(default_factory=list)  # out of the round: who will hold the state it ends on
-    declarations: dict[str, Declaration] = field(default_factory=dict)  # the members' signed declarations
     failed_fraction: float = 0.0  # share of values whose reducer failed (those values get no update this round)
     failed_spans: list[tuple[int, int]] = field(default_factory=list)  # their [start, end) in the flat layout
     lost_reducers: list[str] = field(default_factory=list)  # whose spans those were
@@ -144,6 +143,11 @@ class ExactAverager(StateTransport, GroupVoting, DecentralizedAverager):
         renew_torch_thread_pool()
         super().run()
 
+    async def _declare_for_download_periodically(self) -> None:
+        # (started once by hivemind when the averager process runs: so is our clock measurement)
+        asyncio.create_task(self._keep_clock())
+        await super()._declare_for_download_periodically()
+
     def get_current_state(self) -> tuple[Any, Sequence[torch.Tensor], None]:
         if self._state_fn is None:
             raise RuntimeError("state sharing is off for this averager")
@@ -208,26 +212,32 @@ class ExactAverager(StateTransport, GroupVoting, DecentralizedAverager):
 
     # ---- one round ----
 
-    def agreed_step(self, declaration: Declaration, meeting: float, timeout: float) -> AllReduceOutcome:
-        """Declare, agree on the round's group at `meeting` and all-reduce with it (called from the node's process;
-        our tensors hold our contribution). A failed all-reduce is an outcome (`failure`), not an exception."""
-        return self._call_in_averager(self._agreed_step.__name__, timeout, declaration=declaration, meeting=meeting)
+    def intend(self, declaration: Declaration) -> None:
+        """Store our declaration for a meeting we now know, in the background (called from the node's process)."""
+        self._outer_pipe.send((self._intend.__name__, [], dict(declaration=declaration)))
 
-    async def _agreed_step(self, declaration: Declaration, meeting: float, future: MPFuture) -> None:
+    def agreed_step(self, declaration: Declaration, contribution: Contribution, timeout: float) -> AllReduceOutcome:
+        """Agree on the round's group at `declaration.meeting` and all-reduce with it (called from the node's
+        process; our tensors hold our update). A failed all-reduce is an outcome (`failure`), not an exception."""
+        return self._call_in_averager(
+            self._agreed_step.__name__, timeout, declaration=declaration, contribution=contribution
+        )
+
+    async def _agreed_step(self, declaration: Declaration, contribution: Contribution, future: MPFuture) -> None:
         try:
-            future.set_result(await self._agreed_round(declaration, meeting))
+            future.set_result(await self._agreed_round(declaration, contribution))
         except BaseException as e:
             if not future.done():
                 future.set_exception(e)
             if not isinstance(e, Exception):
                 raise
 
-    async def _agreed_round(self, declaration: Declaration, meeting: float) -> AllReduceOutcome:
-        decided = await self._agree(declaration, meeting)
+    async def _agreed_round(self, declaration: Declaration, contribution: Contribution) -> AllReduceOutcome:
+        decided = await self._agree(declaration, contribution)
         if decided.group is None:
             return AllReduceOutcome(attempt=decided.attempt, left_out=decided.reason, others=list(decided.others))
         try:
-            return await self._allreduce(decided, weight_for(declaration.steps, self._max_steps))
+            return await self._allreduce(decided, weight_for(contribution.steps, self._max_steps))
         except (*NETWORK_FAILURES, AveragingBug) as e:
             # our group's members may have finished the round without us: we follow them (the node takes the state
             # the round ends on) rather than apply anything of our own
@@ -250,9 +260,11 @@ class ExactAverager(StateTransport, GroupVoting, DecentralizedAverager):
         order = agreement.ordered(decided.group)
         peer_ids = tuple(PeerID.from_base58(p) for p in order)
         group = GroupInfo(decided.group.group_id, peer_ids, gathered=())
+        # each sender's contribution as it told us (one we never heard from: none, and its parts are refused here)
+        told = [decided.contributions.get(p, Contribution()) for p in order]
         screen = Screen(
-            declared_steps=[decided.declarations[p].steps for p in order],
-            declared_norms=[decided.declarations[p].norm for p in order],
+            declared_steps=[c.steps for c in told],
+            declared_norms=[c.norm for c in told],
             codec=self._codec_type,
             max_steps=self._max_steps,
             clip_multiple=self._clip_multiple,
@@ -264,7 +276,6 @@ class ExactAverager(StateTransport, GroupVoting, DecentralizedAverager):
             group_id=group.group_id,
             members=sorted(order),
             attempt=decided.attempt,
-            declarations=dict(decided.declarations),
             started=time.time(),
         )
         try:

@@ -39,10 +39,11 @@ from hivemind.compression import CompressionInfo
 from hivemind.dht import DHT
 from hivemind.utils import get_dht_time
 
-from tapestry_p2p.comm.agreement import ALONE, Declaration
+from tapestry_p2p.comm.agreement import ALONE, Contribution, Declaration
 from tapestry_p2p.comm.averager import AllReduceOutcome, ExactAverager
 from tapestry_p2p.comm.codec import compression_for
 from tapestry_p2p.comm.error_feedback import ErrorFeedback
+from tapestry_p2p.comm.matchmaking import DECLARE_LEAD
 from tapestry_p2p.comm.screening import DEFAULT_CLIP_MULTIPLE
 from tapestry_p2p.comm.statesync.client import Download, StateClient
 from tapestry_p2p.comm.statesync.wire import PeerState, StateId
@@ -124,6 +125,8 @@ class Averaging(Protocol):
 
     def average(self, delta: Sequence[torch.Tensor], meeting: float, meta: RoundMeta) -> AveragingResult: ...
 
+    def intend(self, meeting: float, round_no: int, state_hash: str) -> None: ...
+
     def publish_round(self, round_no: int) -> None: ...
 
     def highest_round_online(self) -> int: ...
@@ -138,7 +141,11 @@ class Averaging(Protocol):
         have: Optional[StateId] = None,
     ) -> Optional[Download]: ...
 
-    def may_hold(self, round_no: int, peers: Sequence[str]) -> bool: ...
+    def may_reach(self, round_no: int, peers: Sequence[str]) -> bool: ...
+
+    def now(self) -> float: ...
+
+    def lead(self) -> float: ...
 
     def agreed_state(self, me: str, mine: PeerState, others: Sequence[str], group_round: int) -> Optional[StateId]: ...
 
@@ -153,6 +160,9 @@ class SoloAveraging:
 
     def average(self, delta: Sequence[torch.Tensor], meeting: float, meta: RoundMeta) -> AveragingResult:
         return alone(delta)
+
+    def intend(self, meeting: float, round_no: int, state_hash: str) -> None:
+        pass
 
     def publish_round(self, round_no: int) -> None:
         pass
@@ -172,8 +182,14 @@ class SoloAveraging:
     ) -> Optional[Download]:
         return None
 
-    def may_hold(self, round_no: int, peers: Sequence[str]) -> bool:
+    def may_reach(self, round_no: int, peers: Sequence[str]) -> bool:
         return False
+
+    def now(self) -> float:
+        return float(get_dht_time())
+
+    def lead(self) -> float:
+        return DECLARE_LEAD
 
     def agreed_state(self, me: str, mine: PeerState, others: Sequence[str], group_round: int) -> Optional[StateId]:
         return mine.id
@@ -200,7 +216,7 @@ class SwarmAveraging:
         """`owner`: our owner-signed DHT subkey (declarations are stored under it); `state_fn`: what a peer downloads
         from us (called in a helper thread)."""
         self._buffers = [torch.zeros(shape) for shape in config.shapes]
-        self._max_steps = config.max_steps
+        self._max_steps, self._timing = config.max_steps, config.timing
         self.feedback = feedback
         timeout = allreduce_timeout(config.shapes, config.compression)
         self.longest_round = config.timing.longest + timeout
@@ -250,16 +266,29 @@ class SwarmAveraging:
     ) -> Optional[Download]:
         return self._states.download_state(min_round, peers, want, have)
 
-    def may_hold(self, round_no: int, peers: Sequence[str]) -> bool:
-        return self._states.may_hold(round_no, peers)
+    def may_reach(self, round_no: int, peers: Sequence[str]) -> bool:
+        return self._states.may_reach(round_no, peers)
+
+    def now(self) -> float:
+        """The swarm's time (comm.swarm_clock): what meetings and cut-offs are in."""
+        return self._averager.clock.now()
+
+    def lead(self) -> float:
+        """How long before a meeting to stop training (comm.voting.Timing.lead, at our measured store latency)."""
+        return self._timing.lead(self._averager.store_seconds.value)
 
     def agreed_state(self, me: str, mine: PeerState, others: Sequence[str], group_round: int) -> Optional[StateId]:
         return self._states.agreed_state(me, mine, others, group_round)
 
     # ---- one round ----
 
+    def intend(self, meeting: float, round_no: int, state_hash: str) -> None:
+        """We know our next meeting and the state we will declare against: store our declaration now, in the
+        background (`average` stores it otherwise, with less time to spare)."""
+        self._averager.intend(Declaration(self.peer_id, round_no, float(meeting), state_hash))
+
     def average(self, delta: Sequence[torch.Tensor], meeting: float, meta: RoundMeta) -> AveragingResult:
-        """Declare our contribution for the round `meeting` is for, agree on the group, all-reduce with it."""
+        """Our update for the round `meeting` is for: agree on the group, all-reduce with it."""
         clock = [time.perf_counter()]
         seconds: dict[str, float] = {}
 
@@ -280,24 +309,27 @@ class SwarmAveraging:
         lap: Callable[[str], None],
         seconds: dict[str, float],
     ) -> AveragingResult:
-        declaration, finite = self._copy_in(delta, float(meeting), meta, lap)
+        declaration = Declaration(self.peer_id, meta.round, float(meeting), meta.hash)
+        contribution, finite = self._copy_in(delta, meta, lap)
         try:
             try:
-                timeout = max(meeting - get_dht_time(), 0.0) + self.longest_round + STEP_GRACE
-                outcome = self._averager.agreed_step(declaration, meeting, timeout)
+                timeout = max(meeting - self.now(), 0.0) + self.longest_round + STEP_GRACE
+                outcome = self._averager.agreed_step(declaration, contribution, timeout)
             finally:
                 lap("wait")  # split below into agreeing on the group and the all-reduce itself
         except Exception as e:  # noqa: BLE001 (the averager process answers with outcomes: this is ours, or a pipe)
             logger.exception("averaging failed inside tapestry (a bug, not the network)")
             failure = f"internal error in averaging: {type(e).__name__}: {e}"
-            return self._left_out(failure, [], declaration, failure=failure)
+            return self._left_out(failure, [], declaration, contribution, failure=failure)
         if outcome.failure:
             logger.warning("round %d: %s; following the group's outcome", meta.round + 1, outcome.failure)
-            return self._left_out(outcome.failure, outcome.others, declaration, outcome.attempt, outcome.failure)
+            return self._left_out(
+                outcome.failure, outcome.others, declaration, contribution, outcome.attempt, outcome.failure
+            )
         if outcome.left_out == ALONE:
             return self._alone(delta)
         if outcome.left_out:
-            return self._left_out(outcome.left_out, outcome.others, declaration, outcome.attempt)
+            return self._left_out(outcome.left_out, outcome.others, declaration, contribution, outcome.attempt)
         if outcome.started:
             seconds["allreduce"] = round(min(seconds["wait"], max(time.time() - outcome.started, 0.0)), 4)
             seconds["wait"] = round(seconds["wait"] - seconds["allreduce"], 4)
@@ -306,19 +338,20 @@ class SwarmAveraging:
         lap("copy_out")
         if not all(torch.isfinite(a).all() for a in averaged):
             others = [p for p in outcome.members if p != self.peer_id]
-            return self._left_out("the group's average is not finite", others, declaration, outcome.attempt)
+            failure = "the group's average is not finite"
+            return self._left_out(failure, others, declaration, contribution, outcome.attempt)
         if self.feedback is not None:
             if not finite:  # we contributed nothing, and owe nothing
                 self.feedback.reset()
             elif meta.steps > 0:
                 self.feedback.sent(delta, outcome.failed_spans)
             # (no inner steps: our weight was 0, nothing of ours was averaged; we still owe the residual)
-        return _result(averaged, outcome, declaration)
+        return _result(averaged, outcome, declaration, contribution)
 
     def _copy_in(
-        self, delta: Sequence[torch.Tensor], meeting: float, meta: RoundMeta, lap: Callable[[str], None]
-    ) -> tuple[Declaration, bool]:
-        """Our contribution into the averager's buffers (delta plus the residual it owes); our declaration of it."""
+        self, delta: Sequence[torch.Tensor], meta: RoundMeta, lap: Callable[[str], None]
+    ) -> tuple[Contribution, bool]:
+        """Our update into the averager's buffers (delta plus the residual it owes); what it weighs and measures."""
         with self._averager.get_tensors() as buffers:
             for buffer, d in zip(buffers, delta, strict=True):
                 buffer.copy_(d)
@@ -330,11 +363,11 @@ class SwarmAveraging:
             norm = math.sqrt(sum(float(torch.linalg.vector_norm(b)) ** 2 for b in buffers))
             lap("norm")
             if math.isfinite(norm):
-                return Declaration(self.peer_id, meta.round, meeting, meta.hash, meta.steps, norm), True
+                return Contribution(meta.steps, norm), True
             logger.error("our pseudo-gradient is not finite: contributing nothing to round %d", meta.round + 1)
             for buffer in buffers:  # a lossy codec would turn NaN into finite values
                 buffer.zero_()
-            return Declaration(self.peer_id, meta.round, meeting, meta.hash, 0, 0.0), False
+            return Contribution(0, 0.0), False
 
     def _alone(self, delta: Sequence[torch.Tensor]) -> AveragingResult:
         """A round nobody else declared applies our whole contribution (delta plus what we owed): we owe nothing."""
@@ -351,6 +384,7 @@ class SwarmAveraging:
         reason: str,
         others: Sequence[str],
         declaration: Declaration,
+        contribution: Contribution,
         attempt: int = 1,
         failure: Optional[str] = None,
     ) -> AveragingResult:
@@ -365,7 +399,7 @@ class SwarmAveraging:
             failure=failure or f"left out of the round's group: {reason}",
             group_round=declaration.round + 1,
             clean=False,
-            norm=declaration.norm,
+            norm=contribution.norm,
         )
 
     def shutdown(self) -> None:
@@ -385,7 +419,9 @@ def allreduce_timeout(shapes: Sequence[torch.Size], compression: str) -> float:
     return ALLREDUCE_TIMEOUT + 2 * coded / SLOWEST_LINK
 
 
-def _result(averaged: list[torch.Tensor], outcome: AllReduceOutcome, declaration: Declaration) -> AveragingResult:
+def _result(
+    averaged: list[torch.Tensor], outcome: AllReduceOutcome, declaration: Declaration, contribution: Contribution
+) -> AveragingResult:
     """What a completed all-reduce means for the node: the average, the group, and what it lost."""
     failure = None
     if outcome.failed_fraction > 0:
@@ -406,5 +442,5 @@ def _result(averaged: list[torch.Tensor], outcome: AllReduceOutcome, declaration
         lost_reducers=list(outcome.lost_reducers),
         refused=outcome.refused,
         clipped=outcome.clipped,
-        norm=declaration.norm,
+        norm=contribution.norm,
     )

@@ -2,7 +2,7 @@
 
 The first peer of round r to finish its H inner steps proposes `now + window` under the round's key (one subkey per
 peer); the meeting time is the earliest proposal. Peers still training learn it from a background thread that reads
-the key about once a second, and stop their inner loop `DECLARE_LEAD` seconds before the meeting, so a slower partner
+the key twice a second, and stop their inner loop `DECLARE_LEAD` seconds before the meeting, so a slower partner
 contributes fewer inner steps rather than holding everybody up, and a faster one keeps training until then: its extra
 steps are progress like any other. Since a later proposal is always later in time, every peer that reads after the
 first proposal landed agrees on the same minimum. The training loop never waits for the DHT: it reads `meeting`, a
@@ -25,6 +25,7 @@ from __future__ import annotations
 import logging
 import math
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Optional
 
@@ -33,7 +34,7 @@ from hivemind.utils import get_dht_time
 
 logger = logging.getLogger(__name__)
 
-POLL_INTERVAL = 1.0  # seconds between DHT reads of the round's proposals
+POLL_INTERVAL = 0.5  # seconds between DHT reads of the round's proposals (a peer whose clock is ahead sees less time)
 DECLARE_LEAD = 2.0  # seconds before the meeting at which peers stop training and declare their round
 PROPOSAL_SLACK = 5.0  # seconds beyond `window` a proposal may lie ahead (clock skew, DHT latency)
 DHT_ERRORS = (OSError, EOFError, RuntimeError, TimeoutError)  # the DHT process is gone, slow or shutting down
@@ -51,10 +52,21 @@ class RoundSchedule:
 class MeetingClock:
     """The agreed start time of one round's agreement, as one peer sees it; a background thread reads the DHT."""
 
-    def __init__(self, dht: DHT, prefix: str, round_no: int, schedule: RoundSchedule, subkey: bytes) -> None:
+    def __init__(
+        self,
+        dht: DHT,
+        prefix: str,
+        round_no: int,
+        schedule: RoundSchedule,
+        subkey: bytes,
+        now: Callable[[], float] = get_dht_time,
+        lead: float = DECLARE_LEAD,
+    ) -> None:
         """`prefix`: the run id and run spec digest (only peers that can average together share meeting times);
-        `subkey`: our owner-signed DHT subkey (`security.dht_auth.owner_subkey`)."""
-        self.dht, self.schedule = dht, schedule
+        `subkey`: our owner-signed DHT subkey (`security.dht_auth.owner_subkey`); `now`: the swarm's clock
+        (`comm.swarm_clock`); `lead`: how long before the meeting we stop training (at least DECLARE_LEAD; more
+        when our declarations have been slow to store)."""
+        self.dht, self.schedule, self.now, self.lead = dht, schedule, now, lead
         self.key = f"{prefix}.meet.{round_no}"
         self._subkey = subkey
         self._lock = threading.Lock()
@@ -69,23 +81,23 @@ class MeetingClock:
     @property
     def meeting(self) -> Optional[float]:
         """The meeting time as far as we know: the earliest proposal we can still catch (ours included), or None."""
-        now = get_dht_time()
+        now = self.now()
         with self._lock:
-            known = [m for m in (self._seen, self._proposal) if m is not None and m - DECLARE_LEAD / 2 > now]
+            known = [m for m in (self._seen, self._proposal) if m is not None and m - self.lead / 2 > now]
         return min(known) if known else None
 
     def propose(self) -> None:
         """We finished our H steps and know of no meeting we can catch: call it for `now + window` (stored in the
         background; the earliest proposal wins wherever peers read)."""
         with self._lock:
-            self._proposal, self._stored = get_dht_time() + self.schedule.window, False
+            self._proposal, self._stored = self.now() + max(self.schedule.window, self.lead + 1.0), False
         self._wake.set()
 
     def should_stop_training(self, step_seconds: float = 0.0) -> bool:
         """True from shortly before a catchable meeting, or earlier by one inner step (`step_seconds`) so that a step
         started now ends in time."""
         meeting = self.meeting
-        return meeting is not None and meeting - DECLARE_LEAD - 0.25 <= get_dht_time() + step_seconds
+        return meeting is not None and meeting - self.lead - 0.25 <= self.now() + step_seconds
 
     def close(self) -> None:
         self._closed.set()
@@ -94,31 +106,35 @@ class MeetingClock:
     # ---- the background thread ----
 
     def _loop(self) -> None:
+        """Read the proposals until we know of a meeting we can catch (and once more after storing ours, in case an
+        earlier one landed meanwhile): with many partners, polling the key after that only loads the DHT."""
         while not self._closed.is_set():
             try:
-                self._store_proposal()
-                seen = self._read()
+                stored = self._store_proposal()
+                if stored or self.meeting is None:
+                    seen = self._read()
+                    if seen is not None:
+                        with self._lock:
+                            self._seen = seen if self._seen is None else min(self._seen, seen)
             except DHT_ERRORS as e:
                 logger.debug("meeting clock: DHT unavailable (%r)", e)
-                seen = None
-            if seen is not None:
-                with self._lock:
-                    self._seen = seen if self._seen is None else min(self._seen, seen)
             self._wake.wait(POLL_INTERVAL)
             self._wake.clear()
 
-    def _store_proposal(self) -> None:
+    def _store_proposal(self) -> bool:
+        """Store our proposal if there is a new one; whether we did."""
         with self._lock:
             proposal = None if self._stored else self._proposal
             self._stored = True
         if proposal is not None:
             self.dht.store(self.key, proposal, expiration_time=proposal + 600, subkey=self._subkey)
+        return proposal is not None
 
     def _read(self) -> Optional[float]:
         found = self.dht.get(self.key, latest=True)
         if found is None or not isinstance(found.value, dict):
             return None
-        now = get_dht_time()
+        now = self.now()
         earliest, latest = now + DECLARE_LEAD / 2, now + self.schedule.window + PROPOSAL_SLACK
         times = [
             v.value

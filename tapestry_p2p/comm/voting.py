@@ -5,7 +5,8 @@ exchange votes with the members over libp2p, and hand a committed group to the a
 through hivemind's p2p servicer under the averager's prefix, and `_agree` runs in the averager process. Timeline of
 round r, in DHT time, relative to the round's meeting E (`comm.matchmaking`):
 
-    E - lead         the node stops its inner steps and hands in its pseudo-gradient (the node's side)
+    as soon as the node knows E: it asks us to store its declaration (`intend`), and trains on
+    E - lead         the node stops its inner steps and hands in its pseudo-gradient and contribution
     ... E - margin   our declaration must be stored by then, or we abstain ("declared late")
     E                read every declaration of round r; vote; commit as soon as every member voted for our proposal
     E + window       votes still missing are asked for once more; if attempt 1 failed, the echo step reads the
@@ -15,32 +16,40 @@ Every vote is a request answered with the answerer's own status, so one exchange
 arrives before we read (a faster peer) waits in a small inbox. Only members may vote (`security.membership`), a vote
 counts only from the peer libp2p authenticated as its sender, and a declaration only from the peer its signing key
 derives. Tuning: `Timing.window` must cover a DHT read and one round trip on the slowest link (3 s is ample on
-continental links); raise `margin` when clocks between partners are further apart than half a second.
+continental links). Deadlines are on the swarm's clock (`comm.swarm_clock`: our clock corrected by the median
+offset to our peers'), so partners whose machines' clocks are apart still read the declarations at one real time.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import multiprocessing
+import random
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Optional
 
+import msgpack
 from hivemind.p2p import P2PContext, PeerID
 from hivemind.proto import runtime_pb2
 from hivemind.utils import get_dht_time
+from hivemind.utils.mpfuture import MPFuture
 
 from tapestry_p2p.comm.agreement import (
     DECLARED_LATE,
     MET_EARLIER,
     PENDING,
     Agreement,
+    Contribution,
     Declaration,
     Outcome,
     Slot,
     Status,
 )
+from tapestry_p2p.comm.matchmaking import DECLARE_LEAD
+from tapestry_p2p.comm.swarm_clock import CLOCK_PERIOD, MAX_SAMPLE_RTT, SAMPLED_PEERS, SwarmClock, offset_of
 from tapestry_p2p.security.identity import peer_id_of
 
 logger = logging.getLogger(__name__)
@@ -50,6 +59,7 @@ INBOX_ROUNDS = 2  # statuses for rounds we have not read yet are kept for our ne
 INBOX_SLOTS = 8  # ... and for at most this many (round, meeting) slots
 DECLARATION_LIFETIME = 120.0  # seconds after the meeting a declaration stays in the DHT
 MEETING_TOLERANCE = 1e-3  # seconds: declarations for one meeting carry the same time (the proposal peers read)
+STORE_DECAY = 0.8  # per round: how fast a slow declaration store is forgotten (the lead shrinks back)
 
 
 @dataclass(frozen=True)
@@ -59,6 +69,11 @@ class Timing:
     margin: float = 0.5  # our declaration must be stored this long before the cut-off, or we abstain
     window: float = 3.0  # after the cut-off (or the start of attempt 2), how long votes may take
     ask_timeout: float = 1.5  # how long one vote request waits for its answer
+
+    def lead(self, store_seconds: float) -> float:
+        """How long before a meeting to stop training: enough to compute our update and store our declaration before
+        the cut-off's margin, at the store latency measured lately (with half as much again to spare)."""
+        return max(DECLARE_LEAD, self.margin + 1.5 * store_seconds + 0.25)
 
     @property
     def longest(self) -> float:
@@ -91,8 +106,14 @@ class GroupVoting:
 
     def _init_voting(self, timing: Timing) -> None:
         self.timing = timing
+        self.clock = SwarmClock()  # every deadline of the agreement is on the swarm's clock
+        # how long our declarations take to store (decaying maximum, shared memory): the node stops training that
+        # much earlier, so a slow DHT makes rounds longer instead of leaving everyone out as "declared late"
+        self.store_seconds = multiprocessing.Value("d", 0.0)
         self._rounds = OrderedDict()
         self._inbox = {}
+        self._clock_peers: set[str] = set()  # peers seen declaring: whom we ask for their clock
+        self._intents: dict[Slot, asyncio.Task] = {}  # our declarations stored or being stored -> whether in time
 
     def declarations_key(self, round_no: int) -> str:
         """Where the declarations of round `round_no` live: one key per schema and round, one subkey per declarer."""
@@ -100,22 +121,34 @@ class GroupVoting:
 
     # ---- the round, in the averager process ----
 
-    async def _agree(self, declaration: Declaration, meeting: float) -> Outcome:
-        """Declare, read at the cut-off, vote until the group is committed or we are out of it."""
+    async def _intend(self, declaration: Declaration, future: Optional[MPFuture] = None) -> None:
+        """Store our declaration for a meeting we now know (the node calls this while it still trains)."""
         slot = (declaration.round, declaration.meeting)
-        abstain = "" if await self._declare(declaration, meeting) else DECLARED_LATE
-        await asyncio.sleep(max(0.0, meeting - get_dht_time()))
+        if slot not in self._intents:
+            self._intents[slot] = asyncio.create_task(self._declare(declaration, declaration.meeting))
+            for old in [s for s in self._intents if s[0] < declaration.round - 1]:
+                self._intents.pop(old)
+
+    async def _agree(self, declaration: Declaration, contribution: Contribution) -> Outcome:
+        """At the meeting: our declaration in time (stored now if the node did not ask before), read the round's
+        declarations at the cut-off, vote until the group is committed or we are out of it."""
+        meeting = declaration.meeting
+        slot = (declaration.round, meeting)
+        await self._intend(declaration)
+        abstain = "" if await self._intents[slot] else DECLARED_LATE
+        await asyncio.sleep(max(0.0, meeting - self.clock.now()))
         declared = await self._read_declarations(declaration.round)
-        view = {p: d for p, d in declared.items() if abs(d.meeting - declaration.meeting) < MEETING_TOLERANCE}
+        self._clock_peers.update(p for p in declared if p != declaration.peer)
+        view = {p: d for p, d in declared.items() if abs(d.meeting - meeting) < MEETING_TOLERANCE}
         if not abstain:
             view[declaration.peer] = declaration  # (our own store may not have reached every replica we read)
         else:
             view.pop(declaration.peer, None)
-        earlier = sorted(p for p, d in declared.items() if d.meeting < declaration.meeting - MEETING_TOLERANCE)
+        earlier = sorted(p for p, d in declared.items() if d.meeting < meeting - MEETING_TOLERANCE)
         if set(view) == {declaration.peer} and earlier and not abstain:
             # nobody at our meeting, but others met for this round before (we missed their meeting): we follow them
             return Outcome(None, reason=MET_EARLIER, others=tuple(earlier))
-        state = _Round(Agreement(declaration.peer, self.schema_hash, view, abstain))
+        state = _Round(Agreement(declaration.peer, self.schema_hash, view, contribution, abstain))
         self._rounds[slot] = state
         while len(self._rounds) > KEPT_ROUNDS:
             self._rounds.popitem(last=False)
@@ -130,6 +163,7 @@ class GroupVoting:
 
     async def _declare(self, declaration: Declaration, meeting: float) -> bool:
         """Store our declaration; whether it was stored in time (by the cut-off minus the margin)."""
+        started = get_dht_time()
         try:
             stored = await self.dht.store(
                 self.declarations_key(declaration.round),
@@ -137,13 +171,17 @@ class GroupVoting:
                 expiration_time=meeting + DECLARATION_LIFETIME,
                 subkey=self._owner,
                 return_future=True,
+                await_all_replicas=False,  # stored once, in time; the other replicas follow in the background
             )
         except (TimeoutError, OSError, RuntimeError) as e:
             logger.warning("could not store our declaration for round %d (%r)", declaration.round + 1, e)
             return False
-        in_time = bool(stored) and get_dht_time() <= meeting - self.timing.margin
+        took = get_dht_time() - started
+        self.store_seconds.value = max(took, STORE_DECAY * self.store_seconds.value)
+        in_time = bool(stored) and self.clock.now() <= meeting - self.timing.margin
         if not in_time:
-            logger.info("our declaration for round %d was stored after the cut-off", declaration.round + 1)
+            late = self.clock.now() - (meeting - self.timing.margin)
+            logger.info("our declaration for round %d was stored %.2fs after the cut-off", declaration.round + 1, late)
         return in_time
 
     async def _read_declarations(self, round_no: int) -> dict[str, Declaration]:
@@ -171,7 +209,7 @@ class GroupVoting:
         asked: set[tuple[Any, str]] = set()
         while agreement.outcome is None:
             if agreement.phase != phase:
-                phase, deadline = agreement.phase, get_dht_time() + self.timing.window
+                phase, deadline = agreement.phase, self.clock.now() + self.timing.window
             if phase == "echo" and not agreement.learnt:  # a declaration our first read missed may be in by now
                 declared = await self._read_declarations(slot[0])
                 agreement.learn({p: d for p, d in declared.items() if abs(d.meeting - slot[1]) < MEETING_TOLERANCE})
@@ -182,7 +220,7 @@ class GroupVoting:
                     asyncio.create_task(self._ask(slot, state, peer))
             state.changed.clear()
             try:
-                await asyncio.wait_for(state.changed.wait(), timeout=max(0.0, deadline - get_dht_time()))
+                await asyncio.wait_for(state.changed.wait(), timeout=max(0.0, deadline - self.clock.now()))
                 continue
             except TimeoutError:
                 pass
@@ -226,17 +264,48 @@ class GroupVoting:
         """If we are still voting for `group_id`, wait until we decide; whether we committed it (a reducer asks)."""
         for state in self._rounds.values():
             if state.agreement.pending_group() == group_id:
-                deadline = get_dht_time() + self.timing.longest
-                while state.agreement.outcome is None and get_dht_time() < deadline:
+                deadline = self.clock.now() + self.timing.longest
+                while state.agreement.outcome is None and self.clock.now() < deadline:
                     state.changed.clear()
                     try:
-                        await asyncio.wait_for(state.changed.wait(), timeout=deadline - get_dht_time())
+                        await asyncio.wait_for(state.changed.wait(), timeout=deadline - self.clock.now())
                     except TimeoutError:
                         break
             outcome = state.agreement.outcome
             if outcome is not None and outcome.group is not None and outcome.group.group_id == group_id:
                 return True
         return False
+
+    # ---- the swarm's clock ----
+
+    async def _keep_clock(self) -> None:
+        """Measure our offset from the swarm's median clock every CLOCK_PERIOD seconds (see comm.swarm_clock)."""
+        while True:
+            peers = sorted(self._clock_peers)
+            chosen = random.sample(peers, min(SAMPLED_PEERS, len(peers)))
+            offsets = await asyncio.gather(*(self._clock_offset(peer) for peer in chosen))
+            self.clock.update([o for o in offsets if o is not None])
+            await asyncio.sleep(CLOCK_PERIOD)
+
+    async def _clock_offset(self, peer: str) -> Optional[float]:
+        requested = get_dht_time()
+        try:
+            stub = type(self).get_stub(self._p2p, PeerID.from_base58(peer), namespace=self.prefix)  # type: ignore[attr-defined]
+            response = await asyncio.wait_for(stub.rpc_clock(runtime_pb2.ExpertRequest()), MAX_SAMPLE_RTT)
+            theirs = msgpack.unpackb(response.metadata)
+        except Exception as e:  # noqa: BLE001 (a peer that does not answer, whatever the cause, tells us nothing)
+            logger.debug("no clock from %s: %r", peer, e)
+            return None
+        answered = get_dht_time()
+        if type(theirs) is not float or answered - requested > MAX_SAMPLE_RTT:
+            return None
+        return offset_of(requested, answered, theirs)
+
+    async def rpc_clock(self, request: runtime_pb2.ExpertRequest, context: P2PContext) -> runtime_pb2.ExpertResponse:
+        """Our raw clock (never the corrected one: estimates must not feed back into each other); members only."""
+        if not self._members.allows(context.remote_id.to_base58()):
+            return runtime_pb2.ExpertResponse()
+        return runtime_pb2.ExpertResponse(metadata=msgpack.packb(get_dht_time()))
 
     # ---- the server ----
 

@@ -40,6 +40,7 @@ from tapestry_p2p.node.metrics import RoundMetrics, Summary, mean
 from tapestry_p2p.node.rounds import Launched, RoundPipeline
 from tapestry_p2p.node.session import SessionOptions, SwarmSession
 from tapestry_p2p.node.spec_watch import SpecWatch
+from tapestry_p2p.p2p.processes import train_below_the_network
 from tapestry_p2p.telemetry.status import StatusPublisher
 
 logger = logging.getLogger(__name__)
@@ -102,6 +103,7 @@ class Node:
                 stack.callback(self._release_ranks)
             if not self.config.solo:
                 self._join_swarm(stack)
+                train_below_the_network()  # (the DHT and averager processes are running: they keep their priority)
             stack.callback(self.rounds.close)
             while not self.stop.is_set() and (
                 self.config.max_rounds is None or self._rounds_started() < self.config.max_rounds
@@ -129,9 +131,11 @@ class Node:
             logger.info("round %d abandoned: stopping", round_no)
             return False
         training_seconds = time.monotonic() - training_started
-        self._settle_all()  # the meeting waits for the round still in flight
-        if self.rounds.position + 1 != round_no:  # that settle changed our state: this meeting is not ours any more
-            logger.info("our shared model moved on at the meeting of round %d: training on", round_no)
+        self.rounds.settle(our_round_only=True)  # the meeting waits for our round still in flight
+        if self.rounds.entry is not None or self.rounds.position + 1 != round_no:
+            # we follow the swarm's outcome of a round we were left out of, and do not hold it yet (or we just took
+            # another state): this meeting is not for our state; train on, our progress goes out with a later round
+            logger.info("not meeting round %d: our shared model is not the one it is declared against", round_no)
             return True
         self._launch(meeting, training_seconds)
         if not self.config.overlap:
@@ -163,9 +167,16 @@ class Node:
         when solo), or None if told to stop. The round's losses are in `self.round_losses` (not empty when we resumed
         mid-round)."""
         clock = None if self.session is None else self._meeting_clock(round_no)
+        intended: Optional[tuple] = None
         try:
             self.status.update(state="training")
             while not self.stop.is_set():
+                if clock is not None and clock.meeting is not None and self.rounds.entry is None:
+                    # declare as soon as we know the meeting and hold the state we declare against, and train on
+                    intent = (clock.meeting, self.shared.round, self.shared.hash())
+                    if intent != intended:
+                        self.sync.averaging.intend(*intent)
+                        intended = intent
                 # a step that would end past the meeting's declarations is not started (a step may take seconds)
                 if clock is not None and clock.should_stop_training(self._step_seconds):
                     meeting = clock.meeting
@@ -189,7 +200,8 @@ class Node:
         assert self.session is not None
         # peers of another run spec never average with us: they must not set our meeting times either
         prefix = f"{self.config.run_id}.{self.parts.spec_digest}"
-        return MeetingClock(self.session.dht, prefix, round_no, self.config.schedule, self.session.owner)
+        schedule, owner, averaging = self.config.schedule, self.session.owner, self.sync.averaging
+        return MeetingClock(self.session.dht, prefix, round_no, schedule, owner, averaging.now, averaging.lead())
 
     def _inner_step(self) -> None:
         started = time.perf_counter()

@@ -129,10 +129,11 @@ class RoundPipeline:
         if self.done():
             self.settle()
 
-    def settle(self, blocking: bool = False) -> None:
+    def settle(self, blocking: bool = False, our_round_only: bool = False) -> None:
         """Wait for the round in flight and apply it (see the module docstring); `blocking`: it was launched just now
-        and waited for at once (its time is the round's own, not background time)."""
-        if self.entry is None:
+        and waited for at once (its time is the round's own, not background time); `our_round_only`: an awaited
+        round of the swarm's is settled only if it is done (a meeting waits for our own round, not for downloads)."""
+        if self.entry is None or (our_round_only and isinstance(self.entry, Awaited) and not self.done()):
             return
         with self.phases("wait"):
             self.entry.future.exception()  # waits until it is done

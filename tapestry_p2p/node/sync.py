@@ -33,7 +33,8 @@ from tapestry_p2p.training.outer import SharedModel
 logger = logging.getLogger(__name__)
 
 CATCH_UP_RETRY_SECONDS = 10.0  # a joiner that finds the swarm ahead but nobody serving its state asks again this often
-AWAIT_POLL_SECONDS = 0.5  # how often a node waiting for the swarm's round in flight asks for the state it ends on
+AWAIT_POLL_SECONDS = 0.5  # how often a node awaiting the swarm's round asks for the state it ends on
+AWAIT_CHECK_SECONDS = 2.0  # ... and how often whether any of its peers may still come to hold it
 
 
 class StateSync:
@@ -183,15 +184,18 @@ class StateSync:
 
     def await_round(self, round_no: int, peers: list[str], stop: threading.Event) -> Optional[Download]:
         """The state the swarm's round `round_no` ends on, from `peers` (who average it), once a majority of them hold
-        it; None if it does not come within the longest a round can take, they moved past it, or none of them holds
-        it or still has a round in flight that could (the group failed too: nobody will hold it)."""
+        it; None if it does not come within the longest a round can take, they moved past it, or none of them still
+        has the round in flight (the group failed too, or split: nobody is left to settle it)."""
         deadline = time.monotonic() + self.averaging.longest_round
+        checked = -AWAIT_CHECK_SECONDS
         while not stop.is_set() and time.monotonic() < deadline:
             download = self.averaging.download_state(min_round=round_no, peers=peers)
             if download is not None:
                 return download if download.state_id.round == round_no else None
-            if not self.averaging.may_hold(round_no, peers):
-                return None
+            if time.monotonic() - checked >= AWAIT_CHECK_SECONDS:
+                checked = time.monotonic()
+                if not self.averaging.may_reach(round_no, peers):
+                    return None
             stop.wait(AWAIT_POLL_SECONDS)
         return None
 

@@ -24,7 +24,7 @@ from hivemind.p2p import P2P, P2PContext
 from hivemind.proto import averaging_pb2, runtime_pb2
 from hivemind.utils import get_dht_time
 
-from tapestry_p2p.comm.agreement import Declaration, Outcome, Status, propose
+from tapestry_p2p.comm.agreement import Contribution, Declaration, Outcome, Status, propose
 from tapestry_p2p.comm.averager import AllReduceOutcome, ExactAverager
 from tapestry_p2p.comm.averaging import AveragingConfig, RoundMeta, SwarmAveraging
 from tapestry_p2p.comm.screening import DEFAULT_CLIP_MULTIPLE
@@ -51,20 +51,20 @@ class Liar(ExactAverager):
 
     async def _declare(self, declaration: Declaration, meeting: float) -> bool:
         key = self.declarations_key(declaration.round)
-        if self.lie == "metadata":  # a declaration that is not one: the norm is text
-            value = {**declaration.pack(), "norm": "[/] not a number"}
+        if self.lie == "metadata":  # a declaration that is not one: the meeting is text
+            value = {**declaration.pack(), "meeting": "[/] not a number"}
             await self.dht.store(key, value, meeting + 120, subkey=self._owner, return_future=True)
             return True
         in_time = await super()._declare(declaration, meeting)
-        if self.lie == "forge":  # then each groupmate's declaration with a norm of 1e29: under its subkey, and ours
+        if self.lie == "forge":  # then each groupmate's declaration of another state: under its subkey, and ours
             await asyncio.sleep(max(0.0, meeting - self.timing.margin - get_dht_time() - 0.3))  # (theirs are in)
             found = await self.dht.get(key, latest=True, return_future=True)
             for subkey in found.value if found else {}:
                 if subkey != self._owner:
-                    victim = {**declaration.pack(), "peer": "someone else", "norm": 1e29}
+                    victim = {**declaration.pack(), "peer": "someone else", "hash": "forged"}
                     await self.dht.store(key, victim, meeting + 120, subkey=subkey, return_future=True)
             for peer in self._members_seen(found):
-                forged = {**declaration.pack(), "peer": peer, "norm": 1e29}
+                forged = {**declaration.pack(), "peer": peer, "hash": "forged"}
                 await self.dht.store(key, forged, meeting + 120, subkey=self._owner, return_future=True)
             await super()._declare(declaration, meeting)  # (its own entry again, with the latest expiration)
         return in_time
@@ -73,12 +73,12 @@ class Liar(ExactAverager):
     def _members_seen(found: Any) -> list[str]:
         return [entry.value["peer"] for entry in (found.value if found else {}).values() if "peer" in entry.value]
 
-    async def _agree(self, declaration: Declaration, meeting: float) -> Outcome:
+    async def _agree(self, declaration: Declaration, contribution: Contribution) -> Outcome:
         if self.lie == "silent":  # declare, then never vote nor answer
-            await self._declare(declaration, meeting)
-            await asyncio.sleep(max(0.0, meeting - get_dht_time()) + self.timing.longest)
+            await self._declare(declaration, declaration.meeting)
+            await asyncio.sleep(max(0.0, declaration.meeting - get_dht_time()) + self.timing.longest)
             return Outcome(None, reason="lied")
-        return await super()._agree(declaration, meeting)
+        return await super()._agree(declaration, contribution)
 
     async def rpc_agree(self, request: runtime_pb2.ExpertRequest, context: P2PContext) -> runtime_pb2.ExpertResponse:
         if self.lie == "silent":
@@ -92,7 +92,8 @@ class Liar(ExactAverager):
         me = self.peer_id.to_base58()
         members = {p: d for p, d in state.agreement.view.items() if p in (me, peer)}
         proposal = propose(self.schema_hash, members)
-        return Status("vote", 1, proposal.group_id, proposal.members, proposal.members)
+        ours = state.agreement.contribution
+        return Status("vote", 1, proposal.group_id, proposal.members, proposal.members, contribution=ours)
 
 
 class Misbehaving(SwarmAveraging):
@@ -254,6 +255,8 @@ def test_a_member_telling_each_peer_another_view_never_splits_the_honest_ones(gr
 
 
 def test_a_forged_declaration_of_a_groupmate_changes_nothing(group):
+    """Declarations are owner-signed: one stored under a groupmate's subkey is refused by every DHT node, and one under
+    the liar's own subkey that names a groupmate is not that groupmate's; the round goes on with the real ones."""
     deltas = deltas_with([torch.randn(s) * 0.01 for s in SHAPES])
     with lying("forge"):
         results = average_together(group, deltas)

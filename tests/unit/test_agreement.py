@@ -15,6 +15,7 @@ from tapestry_p2p.comm.agreement import (
     SILENT,
     STATE_DIFFERS,
     Agreement,
+    Contribution,
     Declaration,
     Status,
     group_id,
@@ -25,8 +26,8 @@ from tapestry_p2p.comm.agreement import (
 SCHEMA = b"schema"
 
 
-def decl(peer: str, digest: str = "h", steps: int = 10, norm: float = 1.0, round_no: int = 4) -> Declaration:
-    return Declaration(peer, round_no, 1000.0, digest, steps, norm)
+def decl(peer: str, digest: str = "h", round_no: int = 4, meeting: float = 1000.0) -> Declaration:
+    return Declaration(peer, round_no, meeting, digest)
 
 
 class Net:
@@ -91,7 +92,7 @@ def test_everyone_seeing_the_same_declarations_commits_one_group_at_once():
 def test_the_group_id_names_every_declared_entry():
     base = [decl("a"), decl("b")]
     assert group_id(SCHEMA, base) == group_id(SCHEMA, list(reversed(base)))
-    assert group_id(SCHEMA, base) != group_id(SCHEMA, [decl("a"), decl("b", norm=1.5)])  # another norm: another group
+    assert group_id(SCHEMA, base) != group_id(SCHEMA, [decl("a"), decl("b", meeting=1001.0)])  # another meeting
     assert group_id(SCHEMA, base) != group_id(b"other", base)
     proposal = propose(SCHEMA, {d.peer: d for d in base})
     assert sorted(ordered(proposal)) == ["a", "b"]
@@ -255,14 +256,18 @@ def test_statuses_from_peers_we_did_not_see_or_about_other_groups_are_ignored():
         b"",
         b"\xc1",
         Status("vote", 1, b"g", ("a",)).pack((1, 2.0))[:-1],
-        msgpack.packb([1, 2.0, "vote", 3, b"g", ["a"], [], ""]),  # attempt beyond the last
-        msgpack.packb([1, 2.0, "vote", 1, b"", ["a"], [], ""]),  # a vote for no group
-        msgpack.packb([1, 2.0, "shout", 1, b"g", ["a"], [], ""]),
-        msgpack.packb([1, 2.0, "vote", 1, b"g", ["a" * 500], [], ""]),
-        msgpack.packb([1, 2.0, "vote", 1, b"g", ["a"] * 1000, [], ""]),
-        msgpack.packb([True, 2.0, "vote", 1, b"g", ["a"], [], ""]),
-        msgpack.packb([1, float("nan"), "vote", 1, b"g", ["a"], [], ""]),
-        msgpack.packb([1, 2, "vote", 1, b"g", ["a"], [], ""]),  # the meeting as an int
+        msgpack.packb([1, 2.0, "vote", 3, b"g", ["a"], [], "", 1, 1.0]),  # attempt beyond the last
+        msgpack.packb([1, 2.0, "vote", 1, b"", ["a"], [], "", 1, 1.0]),  # a vote for no group
+        msgpack.packb([1, 2.0, "shout", 1, b"g", ["a"], [], "", 1, 1.0]),
+        msgpack.packb([1, 2.0, "vote", 1, b"g", ["a" * 500], [], "", 1, 1.0]),
+        msgpack.packb([1, 2.0, "vote", 1, b"g", ["a"] * 1000, [], "", 1, 1.0]),
+        msgpack.packb([True, 2.0, "vote", 1, b"g", ["a"], [], "", 1, 1.0]),
+        msgpack.packb([1, float("nan"), "vote", 1, b"g", ["a"], [], "", 1, 1.0]),
+        msgpack.packb([1, 2, "vote", 1, b"g", ["a"], [], "", 1, 1.0]),  # the meeting as an int
+        msgpack.packb([1, 2.0, "vote", 1, b"g", ["a"], [], "", -1, 1.0]),  # negative steps
+        msgpack.packb([1, 2.0, "vote", 1, b"g", ["a"], [], "", 1, float("inf")]),  # a norm that is no number
+        msgpack.packb([1, 2.0, "vote", 1, b"g", ["a"], [], "", 1, 1]),  # the norm as an int
+        msgpack.packb([1, 2.0, "vote", 1, b"g", ["a"], [], ""]),  # no contribution
     ],
 )
 def test_malformed_statuses_are_refused(raw):
@@ -270,11 +275,11 @@ def test_malformed_statuses_are_refused(raw):
 
 
 def test_a_status_round_trips():
-    status = Status("vote", 2, b"g" * 20, ("a", "b"), ("a", "b", "c"))
+    status = Status("vote", 2, b"g" * 20, ("a", "b"), ("a", "b", "c"), contribution=Contribution(7, 0.5))
     assert Status.unpack(status.pack((7, 1000.5))) == ((7, 1000.5), status)
 
 
-GOOD = {"peer": "a", "round": 4, "meeting": 1000.0, "hash": "h", "steps": 1, "norm": 1.0}
+GOOD = {"peer": "a", "round": 4, "meeting": 1000.0, "hash": "h"}
 
 
 @pytest.mark.parametrize(
@@ -282,10 +287,7 @@ GOOD = {"peer": "a", "round": 4, "meeting": 1000.0, "hash": "h", "steps": 1, "no
     [
         {**GOOD, "peer": "b"},  # speaks for another peer than its signer
         {**GOOD, "round": 5},  # another round
-        {**GOOD, "steps": -1},
-        {**GOOD, "norm": float("nan")},
-        {**GOOD, "norm": 1e31},
-        {**GOOD, "norm": 1},  # an int, not a float
+        {**GOOD, "meeting": 1000},  # an int, not a float
         {**GOOD, "meeting": float("inf")},
         {**GOOD, "hash": "h" * 65},
         {**GOOD, "extra": 0},
@@ -377,3 +379,22 @@ def test_one_lying_member_never_puts_two_honest_peers_in_different_committed_gro
         for other, theirs in committed.items():
             if other in group.members:
                 assert theirs == group, (seed, name, group, other, theirs)
+
+
+def test_each_members_contribution_is_what_it_told_us_and_two_different_ones_expose_it():
+    everyone = [decl(p) for p in "abc"]
+    agreements = {
+        p: Agreement(p, SCHEMA, {d.peer: d for d in everyone}, Contribution(10 + i, 1.0 + i))
+        for i, p in enumerate("abc")
+    }
+    net = Net(agreements)
+    net.run()
+    outcome = net.peers["a"].outcome
+    assert outcome.contributions == {"a": Contribution(10, 1.0), "b": Contribution(11, 2.0), "c": Contribution(12, 3.0)}
+    liar = Agreement("a", SCHEMA, {d.peer: d for d in everyone})
+    vote = net.peers["b"].status
+    liar.receive("b", vote)
+    liar.receive(
+        "b", Status(vote.kind, vote.attempt, vote.group_id, vote.members, vote.view, contribution=Contribution(1, 1e9))
+    )
+    assert "b" in liar.equivocating

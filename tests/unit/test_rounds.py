@@ -37,6 +37,7 @@ class Scripted(SoloAveraging):
         self.answers, self.states = answers, states or []
         self.metas: list[RoundMeta] = []
         self.published: list[int] = []
+        self.intents: list[tuple[int, str]] = []
         self.longest_round = 5.0
 
     def average(self, delta: Sequence[torch.Tensor], meeting: float, meta: RoundMeta) -> AveragingResult:
@@ -46,12 +47,15 @@ class Scripted(SoloAveraging):
     def publish_round(self, round_no: int) -> None:
         self.published.append(round_no)
 
+    def intend(self, meeting: float, round_no: int, state_hash: str) -> None:
+        self.intents.append((round_no, state_hash))
+
     def download_state(self, min_round: int, peers=None, want=None, have=None) -> Optional[Download]:
         held = [s for s in self.states if s.state_id.round >= min_round]
         return held[0] if held else None
 
-    def may_hold(self, round_no: int, peers) -> bool:
-        return any(s.state_id.round >= round_no for s in self.states)
+    def may_reach(self, round_no: int, peers) -> bool:
+        return any(s.state_id.round == round_no - 1 and s.in_flight for s in self.states)
 
 
 class Immediately:
@@ -161,6 +165,7 @@ def test_a_round_we_were_left_out_of_applies_nothing_and_takes_the_state_it_ends
     assert first.model_hash == ours  # nothing of ours was applied
     # round 2 was declared against the swarm's round 1, taken from "you" keeping our progress
     assert node.network.metas[1].round == 1 and node.network.metas[1].hash == holder.hash()
+    assert node.network.intents == [(0, ours), (1, holder.hash())]  # declared as soon as the state was held
     assert second.round == 2 and node.shared.round == 2
 
 

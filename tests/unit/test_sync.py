@@ -49,8 +49,8 @@ class Served(SoloAveraging):
     def positions(self) -> dict[str, int]:
         return {"server": self.position}
 
-    def may_hold(self, round_no: int, peers) -> bool:
-        return self.position >= round_no  # (a server advertises the round it reaches once its round in flight settles)
+    def may_reach(self, round_no: int, peers) -> bool:
+        return self.position == round_no  # (a server advertises the round it reaches once its round in flight settles)
 
     def download_state(self, min_round: int, peers=None, want=None, have=None) -> Optional[Download]:
         answer = self.answers[min(self.asked, len(self.answers) - 1)]

@@ -31,7 +31,7 @@ logger = logging.getLogger(__name__)
 STATE_TIMEOUT = 10.0  # a serving peer silent for this long (per message) is dropped from a state download
 AGREEMENT_WAIT = 5.0  # after a failed round, how long to wait for groupmates to finish it before comparing states
 AGREEMENT_POLL = 0.5  # seconds between two comparisons while waiting
-POSITIONS_PERIOD = 2.0  # seconds between two background reads of the positions peers advertise
+POSITIONS_PERIOD = 5.0  # seconds between two background reads of the positions peers advertise
 DHT_ERRORS = (OSError, EOFError, RuntimeError, TimeoutError)  # the DHT process is gone, slow or shutting down
 
 
@@ -150,15 +150,15 @@ class StateClient:
             return None
         return Download(target, fetched[0], fetched[1], time.perf_counter() - started, in_flight)
 
-    def may_hold(self, round_no: int, peers: Sequence[str]) -> bool:
-        """Whether any of `peers` holds round `round_no` or later, or has a round of its own in flight that may reach
-        it (a peer awaiting another's outcome has none: it will not hold the round by itself)."""
+    def may_reach(self, round_no: int, peers: Sequence[str]) -> bool:
+        """Whether one of `peers` may still come to hold round `round_no`: it holds the round before, with a round of
+        its own in flight (a peer awaiting another's outcome has none, and a peer past the round will not go back)."""
         try:
             infos = self._averager.state_infos(peers, STATE_TIMEOUT)
         except Exception as e:  # noqa: BLE001 (a remote peer must not stop the node: whatever it caused, log it)
             logger.warning("asking peers for their state failed (%s: %s)", type(e).__name__, e)
             return False
-        return any(info.round >= round_no or info.in_flight for info in infos.values())
+        return any(info.round == round_no - 1 and info.in_flight for info in infos.values())
 
     def agreed_state(self, me: str, mine: PeerState, others: Sequence[str], group_round: int) -> Optional[StateId]:
         """The state our group converged on after the round we just finished (`mine`; `group_round` is the round the
