@@ -31,6 +31,7 @@ Run from the repository root (2 cores: about `--minutes` + 2 minutes):
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
 import random
 import re
@@ -160,19 +161,15 @@ class Soak:
             return
         stopped = []
         for process in tree:
-            try:
+            with contextlib.suppress(psutil.NoSuchProcess):
                 if process.name() != "p2pd" and process.pid not in [b.pid for b in self.busy]:
                     process.send_signal(signal.SIGSTOP)
                     stopped.append(process)
-            except psutil.NoSuchProcess:
-                pass
 
         def resume() -> None:
             for process in stopped:
-                try:
+                with contextlib.suppress(psutil.NoSuchProcess):
                     process.send_signal(signal.SIGCONT)
-                except psutil.NoSuchProcess:
-                    pass
 
         threading.Timer(seconds, resume).start()
 
@@ -402,7 +399,7 @@ def report(soak: Soak) -> str:
         f"{max((r['round'] for r in all_records), default=0)}. Group sizes (partner-rounds): {sizes}.",
         f"- Full groups: {agreement.full:.1%} of the {agreement.averaged_slots} agreements that averaged held every "
         "partner that recorded the round.",
-        f"- Left out (partner-rounds), by reason: "
+        "- Left out (partner-rounds), by reason: "
         + (", ".join(f"{reason}: {count}" for reason, count in agreement.left_out.most_common()) or "none"),
         f"- **Member lists that differ: {len(agreement.disagreements)}**"
         + "".join(f"\n  - {item}" for item in agreement.disagreements),
@@ -471,8 +468,8 @@ def main() -> None:
     parser.add_argument("--faults", nargs="*", default=list(FAULTS), help=f"some of {', '.join(FAULTS)}; or none")
     parser.add_argument("--skew", type=float, default=0.0, help="seconds p0's clock is ahead, and p1's behind")
     parser.add_argument("--max-new", type=int, default=2, help="late joiners the driver may add")
-    parser.add_argument("--no-late-starts", dest="late_starts", action="store_false", help="start every partner at once")
-    parser.add_argument("--min-peers", type=int, default=1, help="each partner waits for this many before its first round")
+    parser.add_argument("--no-late-starts", dest="late_starts", action="store_false", help="start all at once")
+    parser.add_argument("--min-peers", type=int, default=1, help="partners each waits for before its first round")
     parser.add_argument("--inner-steps", type=int, default=20, help="H (0: the node's default)")
     parser.add_argument("--quiet-tail", type=float, default=120.0, help="seconds without faults at the end")
     parser.add_argument("--seed", type=int, default=1)

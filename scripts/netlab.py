@@ -119,6 +119,9 @@ class Lab:
         for ns, device, address in hosts:
             sh("ip", "netns", "add", ns)
             sh("ip", "-n", ns, "link", "set", "lo", "up")
+            # a long-haul link's usual tuning: a connection idle between two rounds keeps its congestion window
+            # (Linux otherwise restarts it from slow start, a few round trips of a 300 ms link at every round)
+            sh("ip", "netns", "exec", ns, "sysctl", "-q", "-w", "net.ipv4.tcp_slow_start_after_idle=0")
             sh("ip", "link", "set", device, "netns", ns)
             sh("ip", "-n", ns, "addr", "add", f"{address}/24", "dev", device)
             sh("ip", "-n", ns, "link", "set", device, "mtu", "1500", "up")

@@ -1,8 +1,10 @@
-"""Between continents: N partners on capped links, tapestry against stock hivemind, every figure from one run.
+"""Between continents: N partners on capped links with latency, tapestry against stock hivemind, every figure from one
+run.
 
-Each partner runs in its own network namespace behind a software switch (scripts/netlab.py), on a link capped at
-`--rate` in both directions with `tc tbf`; the bootstrap node sits on the switch. For each configuration the same
-model, data, H and number of rounds run through:
+Each partner runs in its own network namespace behind a switch (scripts/netlab.py), on a link capped at `--rate` in
+both directions, with a round-trip time of each of `--rtt` (a relay of ours adds the delay: netem does not exist on
+our machines); the bootstrap node sits on the switch. For each RTT and configuration the same model, data, H and
+number of rounds run through:
 - `tapestry join` with `--compression none | 8bit | 4bit` (error feedback on for the lossy codecs), blocking
   (`--no-overlap`) and overlapped (`--overlap`);
 - stock hivemind (`scripts/hivemind_partner.py`): DecentralizedAverager with Float16Compression (OpenDiLoCo's
@@ -10,10 +12,11 @@ model, data, H and number of rounds run through:
 Reported per configuration: bytes on each partner's link per round (rounds 2..R) from the kernel's counters
 (payload, matchmaking, DHT, framing: everything), all-reduce seconds against the butterfly bound
 2(N-1)/N x payload / rate, compute utilization (inner-step seconds over wall seconds), tokens per second per partner
-(these over rounds 2..R-1), and the last round's training loss.
+(these over rounds 2..R-1), the last round's training loss, the share of rounds in which every partner averaged
+together, and the share in which every partner ended the round on one model (by hash).
 
 Run as root, from the repository root (it creates namespaces in 10.78.0.0/24 and deletes them after):
-    sudo .venv/bin/python scripts/wan_bench.py --partners 3 --rate 20mbit --rounds 5
+    sudo .venv/bin/python scripts/wan_bench.py --partners 4 --rate 20mbit --rtt 0 150 300 --rounds 6
 Prints a Markdown table for BENCHMARKS.md; the runs' logs and metrics stay in the printed folder.
 """
 
@@ -68,6 +71,7 @@ class Result:
     loss: float
     round_seconds: float
     full_groups: float  # share of rounds in which every partner averaged together
+    one_model: float  # share of rounds after which every partner held the same model
     idle: tuple[float, float]  # bytes per second a partner sends, and both ways, while it trains between all-reduces
 
 
@@ -164,7 +168,17 @@ def run_config(lab: Lab, name: str, args: argparse.Namespace, workdir: Path, par
         round_seconds=mean(row["round_seconds"] for row in rows),
         idle=idle_rates(records, series) if "--overlap" not in extra else (float("nan"), float("nan")),
         full_groups=mean(row["group_size"] == n for row in rows),
+        one_model=one_model(records),
     )
+
+
+def one_model(records: list[list[dict]]) -> float:
+    """The share of rounds (1..R) after which every partner's shared model had the same hash."""
+    by_round: dict[int, set[str]] = {}
+    for rows in records:
+        for row in rows:
+            by_round.setdefault(row["round"], set()).add(row["model_hash"])
+    return mean(len(hashes) == 1 for hashes in by_round.values())
 
 
 def idle_rates(records: list[list[dict]], series: list[list[tuple[float, int, int]]]) -> tuple[float, float]:
@@ -183,18 +197,19 @@ def idle_rates(records: list[list[dict]], series: list[list[tuple[float, int, in
     return (mean(sent), mean(both)) if sent else (float("nan"), float("nan"))
 
 
-def report(results: list[Result], args: argparse.Namespace, params: int) -> None:
+def report(results: list[Result], args: argparse.Namespace, params: int, rtt: float) -> None:
     base = next((r for r in results if r.name == "tapestry none"), None)
     print(
-        f"\n{args.partners} partners, {args.rate} per link (each direction), {params / 1e6:.1f}M parameters, "
-        f"H = {args.inner_steps}, batch {args.batch_size}, {args.rounds} rounds (the first excluded)\n"
+        f"\n{args.partners} partners, {args.rate} per link (each direction), RTT {rtt:.0f} ms, "
+        f"{params / 1e6:.1f}M parameters, H = {args.inner_steps}, batch {args.batch_size}, {args.rounds} rounds "
+        "(the first excluded)\n"
     )
     print(
         "| configuration | wire / round / partner | vs tapestry fp32 | beyond payload* | idle: sent / both ways** "
         "| all-reduce "
-        "| butterfly bound | of bound | compute utilization | tokens/s/partner | last loss | full groups |"
+        "| butterfly bound | of bound | compute utilization | tokens/s/partner | last loss | full groups | one model |"
     )
-    print("|---" * 12 + "|")
+    print("|---" * 13 + "|")
     for r in results:
         ratio = f"{r.wire / base.wire:.3f}x" if base else "n/a"
         beyond = (r.wire - 2 * r.payload) / r.wire  # the payload crosses the link both ways
@@ -202,7 +217,7 @@ def report(results: list[Result], args: argparse.Namespace, params: int) -> None
             f"| {r.name} | {r.wire / 1e6:.2f} MB | {ratio} | {beyond:.1%} "
             f"| {r.idle[0] / 1e3:.1f} / {r.idle[1] / 1e3:.1f} KB/s "
             f"| {r.allreduce:.1f} s | {r.bound:.1f} s | {r.bound / max(r.allreduce, 1e-9):.0%} | {r.utilization:.0%} "
-            f"| {r.tokens_per_second:.0f} | {r.loss:.3f} | {r.full_groups:.0%} |"
+            f"| {r.tokens_per_second:.0f} | {r.loss:.3f} | {r.full_groups:.0%} | {r.one_model:.0%} |"
         )
     print(
         "\n*beyond payload: share of the link's bytes that are not the codec's all-reduce payload (TCP/IP, TLS and "
@@ -215,6 +230,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--partners", type=int, default=3, choices=[2, 3, 4])
     parser.add_argument("--rate", default="20mbit")
+    parser.add_argument("--rtt", type=float, nargs="+", default=[0.0], help="round-trip times to run, in ms")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--inner-steps", type=int, default=8)
     parser.add_argument("--round-window", type=float, default=8.0)
@@ -231,18 +247,21 @@ def main() -> None:
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     config = ModelConfig(n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd)
     params = sum(p.numel() for p in build_model(config, 0).parameters())
-    lab = Lab(f"w{os.getpid() % 100000}", args.partners, args.rate)
     workdir = Path(tempfile.mkdtemp(prefix="tapestry-wan-"))
     print(f"runs in {workdir}", flush=True)
-    results = []
-    try:
-        lab.create()
-        for name in args.configs:
-            results.append(run_config(lab, name, args, workdir, params))
-            print(f"{name}: done", flush=True)
-    finally:
-        lab.delete()
-    report(results, args, params)
+    for rtt in args.rtt:
+        lab = Lab(f"w{os.getpid() % 10000}", args.partners, args.rate, rtt)
+        results = []
+        try:
+            lab.create()
+            for name in args.configs:
+                run = workdir / f"rtt{rtt:.0f}"
+                run.mkdir(exist_ok=True)
+                results.append(run_config(lab, name, args, run, params))
+                print(f"RTT {rtt:.0f} ms, {name}: done", flush=True)
+        finally:
+            lab.delete()
+        report(results, args, params, rtt)
 
 
 if __name__ == "__main__":

@@ -159,6 +159,11 @@ class GroupVoting:
         assert outcome is not None
         if outcome.group is not None:  # tell the members (one that missed a vote learns from it that all voted)
             self._announce(slot, state, outcome.group.members)
+            # a member whose vote we never received ourselves (we committed through another's commit) tells us what
+            # its update weighs and measures now; one that does not answer gets its parts refused by our reducer
+            told = state.agreement.contributions
+            await asyncio.gather(*(self._ask(slot, state, p) for p in outcome.group.members if p not in told))
+            outcome.contributions = {p: told[p] for p in outcome.group.members if p in told}
         return outcome
 
     async def _declare(self, declaration: Declaration, meeting: float) -> bool:

@@ -398,3 +398,16 @@ def test_each_members_contribution_is_what_it_told_us_and_two_different_ones_exp
         "b", Status(vote.kind, vote.attempt, vote.group_id, vote.members, vote.view, contribution=Contribution(1, 1e9))
     )
     assert "b" in liar.equivocating
+
+
+def test_a_member_committing_through_a_commit_lacks_the_contributions_it_never_heard():
+    """What the network side then asks for before its all-reduce (comm.voting): the outcome names only the
+    contributions this peer was told directly."""
+    everyone = [decl(p) for p in "abc"]
+    net = swarm({p: everyone for p in "abc"})
+    net.cut = {("b", "c"), ("c", "b")}
+    net.send("a", "b")
+    net.send("a", "c")  # a commits
+    net.send("c", "a")  # c learns a's commit: it commits without ever hearing b
+    assert net.outcomes()["c"] == (("a", "b", "c"), "")
+    assert set(net.peers["c"].outcome.contributions) == {"a", "c"}
