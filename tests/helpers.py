@@ -136,6 +136,15 @@ def run_to_completion(procs: LocalSwarm, names: dict, timeout: float = 180) -> N
         assert popen.returncode == 0, procs.log(name)[-2000:]
 
 
+def wait_for_log(procs: LocalSwarm, name: str, popen: subprocess.Popen, text: str, timeout: float) -> None:
+    """Wait until `text` is in the log of `name` (fails if the process exits first, or on timeout)."""
+    deadline = time.monotonic() + timeout
+    while text not in procs.log(name):
+        if popen.poll() is not None or time.monotonic() > deadline:
+            pytest.fail(f"{name} never logged {text!r}: {procs.log(name)[-2000:]}")
+        time.sleep(0.2)
+
+
 def tapestry(*args: str) -> subprocess.CompletedProcess:
     """`tapestry ARGS` through `cli.main`, in this process; an unexpected exception propagates (and fails the test)."""
     out, err = io.StringIO(), io.StringIO()

@@ -294,6 +294,11 @@ class ExactAllReduceRunner(AllReduceRunner):
                 wire = await self._publish(part_index, averaged)
                 part_index += 1
                 yield averaging_pb2.AveragingData(code=averaging_pb2.AVERAGED_PART, tensor_part=wire)
+        except TimeoutError:
+            # the sender's span is complete and we only wait for its end of stream, which it sends once it read our
+            # last part (the reading side closes first): a slow reader is not a failed sender; we close quietly
+            if part_index != self.tensor_part_reducer.num_parts:
+                raise
         finally:
             if part_index != self.tensor_part_reducer.num_parts:
                 await self._ban_sender(self.sender_peer_ids[sender_index])

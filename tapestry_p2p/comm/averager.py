@@ -195,10 +195,10 @@ class ExactAverager(StateTransport, GroupVoting, DecentralizedAverager):
         if request.group_id not in self._running_groups:
             await self._decision(request.group_id)
         future = self._running_groups.get(request.group_id)
-        if future is None:
+        runner = None if future is None else await future  # (committed: our runner is being built)
+        if runner is None:  # not a group of ours, or our all-reduce of it never started
             yield averaging_pb2.AveragingData(code=averaging_pb2.BAD_GROUP_ID)
             return
-        runner = await future
         async for message in runner.rpc_aggregate_part(achain(as_aiter(request), stream), context):
             yield message
 
@@ -271,7 +271,7 @@ class ExactAverager(StateTransport, GroupVoting, DecentralizedAverager):
         )
         n = len(order)
         self._allreduces += 1
-        self._running_groups[group.group_id] = asyncio.get_running_loop().create_future()
+        self._expect_parts(group.group_id)
         outcome = AllReduceOutcome(
             group_id=group.group_id,
             members=sorted(order),
@@ -305,7 +305,9 @@ class ExactAverager(StateTransport, GroupVoting, DecentralizedAverager):
             raise AveragingBug(f"internal error in the all-reduce: {type(e).__name__}: {e}") from e
         finally:
             pending = self._running_groups.pop(group.group_id, None)
-            if pending is not None and pending.done() and not pending.cancelled():
+            if pending is not None and not pending.done():
+                pending.set_result(None)  # parts waiting for a runner that never came are refused
+            elif pending is not None and pending.result() is not None:
                 pending.result().finalize(cancel=True)
         return outcome
 

@@ -101,6 +101,7 @@ class GroupVoting:
         schema_hash: bytes
         peer_id: PeerID
 
+    _running_groups: dict[bytes, asyncio.Future]  # (comm.averager) committed group id -> its runner, once built
     _rounds: OrderedDict[Slot, _Round]
     _inbox: dict[Slot, dict[str, Status]]
 
@@ -158,6 +159,7 @@ class GroupVoting:
         outcome = state.agreement.outcome
         assert outcome is not None
         if outcome.group is not None:  # tell the members (one that missed a vote learns from it that all voted)
+            self._expect_parts(outcome.group.group_id)  # members may send their parts from now on: they wait for us
             self._announce(slot, state, outcome.group.members)
             # a member whose vote we never received ourselves (we committed through another's commit) tells us what
             # its update weighs and measures now; one that does not answer gets its parts refused by our reducer
@@ -234,6 +236,11 @@ class GroupVoting:
             await asyncio.gather(*(self._ask(slot, state, p) for p in agreement.missing()))
             if agreement.phase == phase and agreement.outcome is None:
                 agreement.deadline_passed(agreement.missing())
+
+    def _expect_parts(self, group_id: bytes) -> None:
+        """From our commit on, parts of that group wait for our all-reduce's runner (`comm.averager`), even while we
+        still ask members for their contributions: refusing them would lose our span for everyone."""
+        self._running_groups.setdefault(group_id, asyncio.get_running_loop().create_future())
 
     def _status_for(self, state: _Round, peer: str) -> Status:
         """What we tell `peer` about our agreement: our status (the same for every peer; a test's liar overrides it)."""

@@ -188,7 +188,7 @@ class Node:
                     # we are the first (or alone): call the meeting, train until it nears; not while our previous
                     # round is in flight (nobody could declare this one before holding that one's state)
                     if clock.meeting is None and self.rounds.entry is None:
-                        clock.propose()
+                        clock.propose(first=self._rounds_started() == 0)
                 self.rounds.settle_if_done()
                 self._inner_step()
             return None

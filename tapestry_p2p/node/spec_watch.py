@@ -1,5 +1,6 @@
 """Keeping our run spec published, and saying once per peer when a trainer of our run trains another spec (it never
-meets us: the spec digest is part of the averager's schema), from a background thread: the peer table is a DHT read,
+meets us: the spec digest is part of the averager's schema; one that has left is named too, since it is why we did
+not meet it), from a background thread: the peer table is a DHT read,
 which the training loop must not wait for."""
 
 from __future__ import annotations
@@ -49,7 +50,7 @@ class SpecWatch:
             self.session.publish_spec(self.spec)
             self._published = time.monotonic()
         for peer in self.session.peers():
-            if peer.role != "trainer" or peer.state == "left" or peer.spec in ("", self.digest):
+            if peer.role != "trainer" or peer.spec in ("", self.digest):
                 continue
             if peer.peer_id in self._reported:
                 continue

@@ -6,20 +6,29 @@
   partner's model folder in its own place);
 - their corpora are JSON Lines (north), parquet (south) and a saved `datasets` directory (odd), streamed;
 - `odd` joins with a spec that differs in one field: it is never matched with them, and every node says which field
-  differs.
+  differs (odd trains alone from before they start until it said so).
 """
 
 from __future__ import annotations
 
 import json
 import re
+import signal
 import sys
 from pathlib import Path
 
 import pytest
-from helpers import metrics, run_to_completion, write_run_spec, write_text, write_tiny_llama, write_tiny_tokenizer
+from helpers import (
+    metrics,
+    run_to_completion,
+    wait_for_log,
+    write_run_spec,
+    write_text,
+    write_tiny_llama,
+    write_tiny_tokenizer,
+)
 
-from tapestry_p2p.testing.local_swarm import LOOPBACK, LocalSwarm
+from tapestry_p2p.testing.local_swarm import LOOPBACK, LocalSwarm, wait_for_file
 
 pytestmark = pytest.mark.e2e
 RUN = "hf-spec"
@@ -58,22 +67,31 @@ def partner(tmp_path: Path, name: str, seed: int, inner_steps: int, kind: str) -
     spec = write_run_spec(folder / "run.toml", RUN, model, inner_steps=inner_steps)
     flags = ["--run-spec", str(spec), "--data", str(data), "--text-field", "body", "--listen", LOOPBACK]
     flags += ["--partner", name]
-    flags += ["--max-rounds", str(ROUNDS), "--threads", "1", "--round-window", "3", "--quiet"]
+    flags += ["--threads", "1", "--round-window", "3", "--quiet"]
     return flags + ["--metrics", str(folder / "metrics.jsonl"), "--checkpoint-dir", str(folder / "ckpt")]
 
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
+    """`odd` first (alone, until stopped): north and south see it at their start; it sees them in the peer table
+    (status records outlive a clean exit, marked "left") and is stopped once it said so."""
     tmp_path = tmp_path_factory.mktemp("run-spec")
     with LocalSwarm(tmp_path) as swarm:
         boot = swarm.start_bootstrap(run_id=RUN)
+        odd_flags = [*partner(tmp_path, "odd", 3, 12, "dataset"), "--initial-peers", boot, "--min-peers", "1"]
+        odd = swarm.start("odd", "join", *odd_flags, "--max-rounds", "1000")
+        wait_for_file(tmp_path / "odd" / "metrics.jsonl", 120, odd)
         procs = {}
-        partners = [("north", 1, 10, "2", "jsonl"), ("south", 2, 10, "2", "parquet"), ("odd", 3, 12, "1", "dataset")]
-        for name, seed, steps, minimum, kind in partners:
-            flags = [*partner(tmp_path, name, seed, steps, kind), "--initial-peers", boot, "--min-peers", minimum]
+        for name, seed, kind in [("north", 1, "jsonl"), ("south", 2, "parquet")]:
+            flags = [*partner(tmp_path, name, seed, 10, kind), "--initial-peers", boot, "--min-peers", "2"]
+            flags += ["--max-rounds", str(ROUNDS)]
             torchrun = {"env": LOOPBACK_ONLY, "prefix": TORCHRUN} if name == "north" else {}
             procs[name] = swarm.start(name, "join", *flags, **torchrun)
         run_to_completion(swarm, procs, timeout=240)
+        wait_for_log(swarm, "odd", odd, "inner_steps: 12 here, 10 there", timeout=60)
+        odd.send_signal(signal.SIGTERM)
+        run_to_completion(swarm, {"odd": odd}, timeout=60)
+        procs["odd"] = odd
         logs = {name: swarm.log(name) for name in procs}
     return {name: metrics(tmp_path, name) for name in procs}, logs
 

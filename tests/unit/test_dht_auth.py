@@ -53,3 +53,21 @@ def test_only_a_members_key_is_a_valid_token_and_membership_can_change(two_keys,
     assert f"refused DHT requests from {stranger_id}" in caplog.text
     members.replace({member_id: "north", stranger_id: "east"}, version=2)  # a consortium update
     assert authorizer.is_token_valid(stranger_token)
+
+
+def test_a_signed_record_is_verified_once_and_an_altered_one_is_refused():
+    from unittest import mock
+
+    from hivemind.dht.validation import DHTRecord
+    from hivemind.utils.crypto import RSAPrivateKey, RSAPublicKey
+
+    from tapestry_p2p.security.records import VerifyingOnce
+
+    validator = VerifyingOnce(RSAPrivateKey())
+    unsigned = DHTRecord(b"key", validator.local_public_key, b"value", 1.0)
+    signed = DHTRecord(b"key", validator.local_public_key, validator.sign_value(unsigned), 1.0)
+    with mock.patch.object(RSAPublicKey, "verify", autospec=True, side_effect=RSAPublicKey.verify) as verify:
+        assert validator.validate(signed) and validator.validate(signed)
+    assert verify.call_count == 1  # (the second answer came from the cache)
+    altered = DHTRecord(b"key", validator.local_public_key, signed.value.replace(b"value", b"forged"), 1.0)
+    assert not validator.validate(altered)

@@ -63,7 +63,7 @@ class Immediately:
 
     meeting: Optional[float] = None
 
-    def propose(self) -> None:
+    def propose(self, first: bool = False) -> None:
         self.meeting = dht_time() + 60
 
     def should_stop_training(self, step_seconds: float = 0.0) -> bool:
