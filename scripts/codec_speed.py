@@ -15,11 +15,15 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-import torch
-from bitsandbytes.functional import dequantize_4bit, quantize_4bit
-from hivemind.compression import BlockwiseQuantization, CompressionInfo, Float16Compression
+from tapestry_p2p.p2p import hivemind_compat  # (imports neither hivemind nor bitsandbytes)
 
-from tapestry_p2p.comm.codec import Blockwise4Bit, Blockwise8Bit
+hivemind_compat.install("main")  # first: their import-time warnings stay off the terminal
+
+import torch  # noqa: E402
+from bitsandbytes.functional import dequantize_4bit, quantize_4bit  # noqa: E402
+from hivemind.compression import BlockwiseQuantization, CompressionInfo, Float16Compression  # noqa: E402
+
+from tapestry_p2p.comm.codec import Blockwise4Bit, Blockwise8Bit  # noqa: E402
 
 
 def best_seconds(fn: Callable[[], Any], repeats: int) -> float:

@@ -21,18 +21,22 @@ import threading
 import time
 from pathlib import Path
 
-import torch
-from hivemind import DHT
-from hivemind.averaging import DecentralizedAverager
-from hivemind.averaging.control import AveragingStage
-from hivemind.compression import BlockwiseQuantization, Float16Compression
+from tapestry_p2p.p2p import hivemind_compat  # (imports neither hivemind nor bitsandbytes)
 
-from tapestry_p2p.node.config import run_seed
-from tapestry_p2p.training.data import TokenStream
-from tapestry_p2p.training.inner import InnerTrainer, TrainConfig
-from tapestry_p2p.training.model import ModelConfig, build_model
-from tapestry_p2p.training.outer import OuterConfig, SharedModel
-from tapestry_p2p.training.tokenizer import ByteTokenizer
+hivemind_compat.install("main")  # first: their import-time warnings stay off the terminal
+
+import torch  # noqa: E402
+from hivemind import DHT  # noqa: E402
+from hivemind.averaging import DecentralizedAverager  # noqa: E402
+from hivemind.averaging.control import AveragingStage  # noqa: E402
+from hivemind.compression import BlockwiseQuantization, Float16Compression  # noqa: E402
+
+from tapestry_p2p.node.config import run_seed  # noqa: E402
+from tapestry_p2p.training.data import TokenStream  # noqa: E402
+from tapestry_p2p.training.inner import InnerTrainer, TrainConfig  # noqa: E402
+from tapestry_p2p.training.model import ModelConfig, build_model  # noqa: E402
+from tapestry_p2p.training.outer import OuterConfig, SharedModel  # noqa: E402
+from tapestry_p2p.training.tokenizer import ByteTokenizer  # noqa: E402
 
 CODECS = {"fp16": Float16Compression, "8bit": BlockwiseQuantization}
 

@@ -18,10 +18,14 @@ import statistics
 import tempfile
 from pathlib import Path
 
-from tapestry_p2p.app.demo import split_corpus
-from tapestry_p2p.node.metrics import read_jsonl
-from tapestry_p2p.testing.local_swarm import LOOPBACK, LocalSwarm
-from tapestry_p2p.training.evaluation import held_out_losses
+from tapestry_p2p.p2p import hivemind_compat  # (imports neither hivemind nor bitsandbytes)
+
+hivemind_compat.install("main")  # first: their import-time warnings stay off the terminal
+
+from tapestry_p2p.app.demo import split_corpus  # noqa: E402
+from tapestry_p2p.node.metrics import read_jsonl  # noqa: E402
+from tapestry_p2p.testing.local_swarm import LOOPBACK, LocalSwarm  # noqa: E402
+from tapestry_p2p.training.evaluation import held_out_losses  # noqa: E402
 
 LANGUAGES = ("en", "es", "de")
 CONFIGS = {  # name: extra flags

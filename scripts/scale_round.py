@@ -27,13 +27,17 @@ import threading
 import time
 from pathlib import Path
 
-import psutil
-import torch
+from tapestry_p2p.p2p import hivemind_compat  # (imports neither hivemind nor bitsandbytes)
 
-from tapestry_p2p.comm.codec import compression_for
-from tapestry_p2p.node.metrics import read_jsonl
-from tapestry_p2p.testing.corpus import write_text
-from tapestry_p2p.testing.local_swarm import LOOPBACK, LocalSwarm
+hivemind_compat.install("main")  # first: their import-time warnings stay off the terminal
+
+import psutil  # noqa: E402
+import torch  # noqa: E402
+
+from tapestry_p2p.comm.codec import compression_for  # noqa: E402
+from tapestry_p2p.node.metrics import read_jsonl  # noqa: E402
+from tapestry_p2p.testing.corpus import write_text  # noqa: E402
+from tapestry_p2p.testing.local_swarm import LOOPBACK, LocalSwarm  # noqa: E402
 
 
 def write_model(folder: Path, hidden: int, layers: int, vocab: int) -> int:

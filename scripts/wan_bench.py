@@ -34,13 +34,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from statistics import mean
 
-import torch
-from hivemind.compression import BlockwiseQuantization, CompressionInfo, Float16Compression
+from tapestry_p2p.p2p import hivemind_compat  # (imports neither hivemind nor bitsandbytes)
 
-from tapestry_p2p.comm.codec import compression_for
-from tapestry_p2p.node.metrics import read_jsonl
-from tapestry_p2p.testing.local_swarm import LocalSwarm, wait_for_file
-from tapestry_p2p.training.model import ModelConfig, build_model
+hivemind_compat.install("main")  # first: their import-time warnings stay off the terminal
+
+import torch  # noqa: E402
+from hivemind.compression import BlockwiseQuantization, CompressionInfo, Float16Compression  # noqa: E402
+
+from tapestry_p2p.comm.codec import compression_for  # noqa: E402
+from tapestry_p2p.node.metrics import read_jsonl  # noqa: E402
+from tapestry_p2p.testing.local_swarm import LocalSwarm, wait_for_file  # noqa: E402
+from tapestry_p2p.training.model import ModelConfig, build_model  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from netlab import Lab  # noqa: E402 (a sibling script)

@@ -1,0 +1,65 @@
+"""The meeting clock against a fake DHT: proposals on the window's grid, the first round one window later, and only
+catchable, finite proposals read from the network."""
+
+from __future__ import annotations
+
+import threading
+from types import SimpleNamespace
+
+import pytest
+
+from tapestry_p2p.comm.matchmaking import MeetingClock, RoundSchedule
+
+NOW = 1000.7  # the swarm's time in these tests (frozen)
+
+
+class FakeDHT:
+    """One key's subkeys, as hivemind returns them; `store` records what we proposed."""
+
+    def __init__(self, others: dict[bytes, object]) -> None:
+        self.others = others
+        self.stored: list[float] = []
+        self.stored_event = threading.Event()
+
+    def get(self, key: str, latest: bool = False) -> SimpleNamespace:
+        return SimpleNamespace(value={k: SimpleNamespace(value=v) for k, v in self.others.items()})
+
+    def store(self, key: str, value: float, expiration_time: float, subkey: bytes) -> bool:
+        self.others[subkey] = value
+        self.stored.append(value)
+        self.stored_event.set()
+        return True
+
+
+@pytest.fixture
+def clock_with():
+    clocks = []
+
+    def make(others: dict[bytes, object], window: float = 3.0) -> tuple[MeetingClock, FakeDHT]:
+        dht = FakeDHT(dict(others))
+        clock = MeetingClock(dht, "run.spec", 1, RoundSchedule(window), b"us", now=lambda: NOW)  # type: ignore[arg-type]
+        clocks.append(clock)
+        return clock, dht
+
+    yield make
+    for clock in clocks:
+        clock.close()
+
+
+@pytest.mark.parametrize("first,expected", [(False, 1005.0), (True, 1008.0)])
+def test_a_proposal_lies_on_the_grid_of_the_window_one_window_later_in_a_first_round(clock_with, first, expected):
+    clock, dht = clock_with({})
+    clock.propose(first=first)
+    assert clock.meeting == expected  # ceil((1000.7 + 3) / 3) * 3, and one window more
+    assert dht.stored_event.wait(5) and dht.stored == [expected]
+
+
+def test_only_finite_catchable_proposals_count(clock_with):
+    others = {b"a": float("nan"), b"b": "1002.0", b"c": NOW + 0.2, b"d": NOW + 60.0, b"e": NOW + 4.0}
+    clock, _ = clock_with(others)
+    polls = threading.Event()
+    for _ in range(200):  # the background thread reads the key at once (10 s at most here)
+        if clock.meeting is not None:
+            break
+        polls.wait(0.05)
+    assert clock.meeting == NOW + 4.0  # (too soon to catch, too far ahead, not a number, NaN: ignored)
