@@ -115,6 +115,7 @@ class GroupVoting:
         self._inbox = {}
         self._clock_peers: set[str] = set()  # peers seen declaring: whom we ask for their clock
         self._intents: dict[Slot, asyncio.Task] = {}  # our declarations stored or being stored -> whether in time
+        self._declared_until: dict[int, float] = {}  # round -> the expiration of our latest declaration for it
 
     def declarations_key(self, round_no: int) -> str:
         """Where the declarations of round `round_no` live: one key per schema and round, one subkey per declarer."""
@@ -129,6 +130,7 @@ class GroupVoting:
             self._intents[slot] = asyncio.create_task(self._declare(declaration, declaration.meeting))
             for old in [s for s in self._intents if s[0] < declaration.round - 1]:
                 self._intents.pop(old)
+                self._declared_until.pop(old[0], None)
 
     async def _agree(self, declaration: Declaration, contribution: Contribution) -> Outcome:
         """At the meeting: our declaration in time (stored now if the node did not ask before), read the round's
@@ -171,11 +173,15 @@ class GroupVoting:
     async def _declare(self, declaration: Declaration, meeting: float) -> bool:
         """Store our declaration; whether it was stored in time (by the cut-off minus the margin)."""
         started = get_dht_time()
+        # the DHT keeps one record per subkey, the one that expires last: a declaration for an earlier meeting (a
+        # proposal we read after calling our own) must still expire after the one it replaces, or it is refused
+        expiration = max(meeting + DECLARATION_LIFETIME, self._declared_until.get(declaration.round, 0.0) + 1e-3)
+        self._declared_until[declaration.round] = expiration
         try:
             stored = await self.dht.store(
                 self.declarations_key(declaration.round),
                 declaration.pack(),
-                expiration_time=meeting + DECLARATION_LIFETIME,
+                expiration_time=expiration,
                 subkey=self._owner,
                 return_future=True,
                 await_all_replicas=False,  # stored once, in time; the other replicas follow in the background
@@ -185,7 +191,10 @@ class GroupVoting:
             return False
         took = get_dht_time() - started
         self.store_seconds.value = max(took, STORE_DECAY * self.store_seconds.value)
-        in_time = bool(stored) and self.clock.now() <= meeting - self.timing.margin
+        if not stored:
+            logger.info("the DHT did not take our declaration for round %d", declaration.round + 1)
+            return False
+        in_time = self.clock.now() <= meeting - self.timing.margin
         if not in_time:
             late = self.clock.now() - (meeting - self.timing.margin)
             logger.info("our declaration for round %d was stored %.2fs after the cut-off", declaration.round + 1, late)
