@@ -40,7 +40,7 @@ from typing import Any, AsyncIterator, Optional
 import torch
 from hivemind.averaging.allreduce import AllReduceRunner
 from hivemind.averaging.matchmaking import MatchmakingException
-from hivemind.averaging.partition import AllreduceException, BannedException
+from hivemind.averaging.partition import AllreduceException, BannedException, TensorPartReducer
 from hivemind.compression import CompressionInfo, deserialize_torch_tensor
 from hivemind.p2p import P2PContext, P2PDaemonError, P2PHandlerError, PeerID
 from hivemind.proto import averaging_pb2, runtime_pb2
@@ -106,6 +106,16 @@ async def _until(inputs: AsyncIterator[Any], done: asyncio.Event) -> AsyncIterat
     async for message in inputs:
         yield message
     await done.wait()
+
+
+async def accumulate(
+    reducer: TensorPartReducer, sender_index: int, part_index: int, part: torch.Tensor, weight: float
+) -> torch.Tensor:
+    """A sender's part into the reducer; its average once every sender's part is in. Shielded: the average is one
+    future shared by every sender and our own part, a sender's handler is cancelled when that sender dies, and a task
+    cancelled while it awaits a future cancels the future, for everyone (our own span lost its update whenever a
+    groupmate was killed mid-round)."""
+    return await asyncio.shield(reducer.accumulate_part(sender_index, part_index, part, weight=weight))
 
 
 class _CountingStub:
@@ -219,7 +229,7 @@ class ExactAllReduceRunner(AllReduceRunner):
             self._published[part_index] = asyncio.get_running_loop().run_in_executor(
                 None, self._codec.compress, averaged_part, info, False
             )
-        return await self._published[part_index]
+        return await asyncio.shield(self._published[part_index])  # (shared: see _accumulate_parts_streaming)
 
     async def _communicate_with_peer(self, peer_id: PeerID) -> None:
         # forked from hivemind 1.1.12 averaging/allreduce.py:AllReduceRunner._communicate_with_peer, own-part branch
@@ -285,9 +295,8 @@ class ExactAllReduceRunner(AllReduceRunner):
                     self._refuse(sender_index, refusal)
                     break
                 try:
-                    averaged = await self.tensor_part_reducer.accumulate_part(
-                        sender_index, part_index, tensor_part * scale if scale != 1.0 else tensor_part, weight=weight
-                    )
+                    part = tensor_part * scale if scale != 1.0 else tensor_part
+                    averaged = await accumulate(self.tensor_part_reducer, sender_index, part_index, part, weight)
                 except BannedException:
                     logger.debug("sender #%d was banned in the meantime: its stream ends here", sender_index)
                     break
