@@ -1,13 +1,13 @@
 """When a round's agreement starts: a meeting time agreed through the DHT, read in the background.
 
-The first peer of round r to finish its H inner steps proposes `now + window`, rounded up to a multiple of the window
-on the swarm's clock (peers that finish within one window propose the same time; one window more in a node's first
-round, when partners that just came online start training at their own poll of the peer table), under the round's key
-(one subkey per peer); the meeting time is the earliest proposal. Peers still training learn it from a background
-thread that reads the key twice a second, and stop their inner loop `DECLARE_LEAD` seconds before the meeting, so a
-slower partner contributes fewer inner steps rather than holding everybody up, and a faster one keeps training until
-then: its extra steps are progress like any other. Since a later proposal is always later in time, every peer that
-reads after the first proposal landed agrees on the same minimum. The training loop never waits for the DHT: it reads
+The first peer of round r to finish its H inner steps proposes `now + window`, rounded up to a whole second on the
+swarm's clock (peers that finish within that second propose the same time; one window more in a node's first round,
+when partners that just came online start training at their own poll of the peer table), under the round's key (one
+subkey per peer); the meeting time is the earliest proposal. Peers still training learn it from a background thread
+that reads the key twice a second, and stop their inner loop `DECLARE_LEAD` seconds before the meeting, so a slower
+partner contributes fewer inner steps rather than holding everybody up, and a faster one keeps training until then:
+its extra steps are progress like any other. Since a later proposal is always later in time, every peer that reads
+after the first proposal landed agrees on the same minimum. The training loop never waits for the DHT: it reads
 `meeting`, a number the thread keeps up to date (on links with a high latency a DHT read takes a second or more).
 
 At the meeting each peer reads the round's declarations (`comm.voting`): the meeting is the declarations' cut-off.
@@ -38,6 +38,7 @@ logger = logging.getLogger(__name__)
 
 POLL_INTERVAL = 0.5  # seconds between DHT reads of the round's proposals (a peer whose clock is ahead sees less time)
 DECLARE_LEAD = 2.0  # seconds before the meeting at which peers stop training and declare their round
+MEETING_GRID = 1.0  # seconds: proposals are whole multiples of this on the swarm's clock
 PROPOSAL_SLACK = 5.0  # seconds beyond three windows a proposal may lie ahead (clock skew, DHT latency)
 DHT_ERRORS = (OSError, EOFError, RuntimeError, TimeoutError)  # the DHT process is gone, slow or shutting down
 
@@ -90,14 +91,14 @@ class MeetingClock:
 
     def propose(self, first: bool = False) -> None:
         """We finished our H steps and know of no meeting we can catch: call it for `now + window`, rounded up to a
-        multiple of the window on the swarm's clock, so that partners finishing within one window propose the very
+        whole MEETING_GRID on the swarm's clock, so that partners finishing within one grid step propose the very
         same time even before they see each other's proposal (stored in the background; the earliest wins).
         `first`: our first round since we joined: one window later still, for partners that started training up to a
         window after us (each saw the last of --min-peers come online at its own poll) to make it."""
-        grid = self.schedule.window
-        earliest = self.now() + max(grid, self.lead + 1.0) + (grid if first else 0.0)
+        window = self.schedule.window
+        earliest = self.now() + max(window, self.lead + 1.0) + (window if first else 0.0)
         with self._lock:
-            self._proposal, self._stored = math.ceil(earliest / grid) * grid, False
+            self._proposal, self._stored = math.ceil(earliest / MEETING_GRID) * MEETING_GRID, False
         self._wake.set()
 
     def should_stop_training(self, step_seconds: float = 0.0) -> bool:

@@ -1,5 +1,5 @@
-"""The meeting clock against a fake DHT: proposals on the window's grid, the first round one window later, and only
-catchable, finite proposals read from the network."""
+"""The meeting clock against a fake DHT: proposals on a grid of whole seconds, the first round one window later,
+and only catchable, finite proposals read from the network."""
 
 from __future__ import annotations
 
@@ -46,11 +46,11 @@ def clock_with():
         clock.close()
 
 
-@pytest.mark.parametrize("first,expected", [(False, 1005.0), (True, 1008.0)])
-def test_a_proposal_lies_on_the_grid_of_the_window_one_window_later_in_a_first_round(clock_with, first, expected):
+@pytest.mark.parametrize("first,expected", [(False, 1004.0), (True, 1007.0)])
+def test_a_proposal_is_a_whole_second_one_window_later_in_a_first_round(clock_with, first, expected):
     clock, dht = clock_with({})
     clock.propose(first=first)
-    assert clock.meeting == expected  # ceil((1000.7 + 3) / 3) * 3, and one window more
+    assert clock.meeting == expected  # ceil(1000.7 + 3), and one window more
     assert dht.stored_event.wait(5) and dht.stored == [expected]
 
 
