@@ -292,9 +292,11 @@ class Agreement:
             return [p for p in self._live() if p != self.me and p not in self.moved_on]
         return [p for p in self.proposal.members if p != self.me and not self._heard(p)]
 
-    def pending_group(self) -> Optional[bytes]:
-        """The group id we are still voting for (a reducer waits for our decision before refusing its parts)."""
-        return None if self.outcome is not None else self.proposal.group_id
+    def may_commit(self, group_id: bytes) -> bool:
+        """Whether we are undecided and may still commit `group_id`: the group we vote for now, or our attempt-1
+        proposal (a member that committed it can still tell us, in any phase). A reducer that receives parts of such a
+        group waits for our decision instead of refusing them."""
+        return self.outcome is None and group_id in (self.proposal.group_id, self.first.group_id)
 
     # ---- what we hear ----
 

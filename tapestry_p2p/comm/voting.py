@@ -284,7 +284,7 @@ class GroupVoting:
     async def _decision(self, group_id: bytes) -> bool:
         """If we are still voting for `group_id`, wait until we decide; whether we committed it (a reducer asks)."""
         for state in self._rounds.values():
-            if state.agreement.pending_group() == group_id:
+            if state.agreement.may_commit(group_id):
                 deadline = self.clock.now() + self.timing.longest
                 while state.agreement.outcome is None and self.clock.now() < deadline:
                     state.changed.clear()

@@ -411,3 +411,16 @@ def test_a_member_committing_through_a_commit_lacks_the_contributions_it_never_h
     net.send("c", "a")  # c learns a's commit: it commits without ever hearing b
     assert net.outcomes()["c"] == (("a", "b", "c"), "")
     assert set(net.peers["c"].outcome.contributions) == {"a", "c"}
+
+
+def test_a_peer_past_attempt_1_may_still_commit_its_first_proposal_and_its_reducer_waits_for_it():
+    view = {p: decl(p) for p in "abc"}
+    agreement = Agreement("a", SCHEMA, view)
+    first = agreement.first.group_id
+    agreement.deadline_passed(["b", "c"])  # nobody answered: on to the echo step
+    assert agreement.phase == "echo" and agreement.may_commit(first)  # b or c may have committed it: it tells us
+    other = propose(SCHEMA, {p: view[p] for p in "ab"}).group_id
+    assert not agreement.may_commit(other)  # (parts of a group we never proposed are refused at once)
+    agreement.receive("b", Status("committed", 1, first, agreement.first.members, agreement.first.members))
+    assert agreement.outcome is not None and agreement.outcome.group == agreement.first
+    assert not agreement.may_commit(first)  # decided
