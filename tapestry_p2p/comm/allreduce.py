@@ -108,6 +108,32 @@ async def _until(inputs: AsyncIterator[Any], done: asyncio.Event) -> AsyncIterat
     await done.wait()
 
 
+async def _first(stream: AsyncIterator[Any], n: int) -> AsyncIterator[Any]:
+    """The first `n` messages of a sender's stream, and not one read more: what follows is its end of stream, which it
+    sends only once it read our last averaged part, so a reducer that read ahead would wait for it while the part is
+    still being averaged (as long as a stalled or dead groupmate is waited for), time out there, and close the stream
+    right after its last answer, before the sender read it (the "lost tail": p2pd's reset overtakes buffered data)."""
+    if n <= 0:
+        return
+    received = 0
+    async for message in stream:
+        yield message
+        received += 1
+        if received == n:
+            return
+
+
+async def _end_of(stream: AsyncIterator[Any]) -> None:
+    """Wait for a sender's end of stream once it has every averaged part of ours (the side that reads closes first);
+    its timeout (sender_timeout, hivemind's wrapper of the stream) runs from our last answer. A sender that lags past
+    it, or sends more, is closed on quietly: its span is complete."""
+    try:
+        await anext(stream)
+        logger.debug("a sender sent more than its span: closing its stream")
+    except (StopAsyncIteration, TimeoutError):
+        pass
+
+
 async def accumulate(
     reducer: TensorPartReducer, sender_index: int, part_index: int, part: torch.Tensor, weight: float
 ) -> torch.Tensor:
@@ -156,7 +182,8 @@ class ExactAllReduceRunner(AllReduceRunner):
         self.refused: dict[str, str] = {}  # sender (base58) -> why this reducer refused its parts this round
         self.clipped: dict[str, float] = {}  # sender (base58) -> the factor its parts were scaled by (< 1)
         container.return_deltas = False  # outputs are averages, not deltas; a failed reducer's span is zeroed later
-        self.span_sizes = [sum(part.numel() for part, _ in parts) for parts in container._input_parts_by_peer]
+        self.part_numels = [[part.numel() for part, _ in parts] for parts in container._input_parts_by_peer]
+        self.span_sizes = [sum(numels) for numels in self.part_numels]
         self.failed_reducers: set[int] = set()
         register_failed = container.register_failed_reducer
 
@@ -167,6 +194,7 @@ class ExactAllReduceRunner(AllReduceRunner):
         container.register_failed_reducer = register_failed_reducer
         self.traffic = Traffic()
         self._published: dict[int, asyncio.Future] = {}
+        self.span_published = asyncio.Event()  # every part of our span is averaged and encoded (`published_span`)
         # Senders whose results we still have to stream back. hivemind's runner finishes as soon as its *own*
         # outputs are in; a node that then shuts down (its last round) would cut its groupmates' results short.
         we_reduce = self.tensor_part_container.num_parts_by_peer[self.ordered_peer_ids.index(self.peer_id)] > 0
@@ -229,7 +257,19 @@ class ExactAllReduceRunner(AllReduceRunner):
             self._published[part_index] = asyncio.get_running_loop().run_in_executor(
                 None, self._codec.compress, averaged_part, info, False
             )
-        return await asyncio.shield(self._published[part_index])  # (shared: see _accumulate_parts_streaming)
+        wire = await asyncio.shield(self._published[part_index])  # (shared: see _accumulate_parts_streaming)
+        if len(self._published) == self.tensor_part_reducer.num_parts and all(
+            f.done() for f in self._published.values()
+        ):
+            self.span_published.set()
+        return wire
+
+    def published_span(self) -> Optional[list[runtime_pb2.Tensor]]:
+        """The encoded averages of our span's parts, as every member received them (None until all are published): a
+        member that lost them in the all-reduce fetches them afterwards (`comm.losses`)."""
+        if not self.span_published.is_set():
+            return None
+        return [self._published[i].result() for i in range(self.tensor_part_reducer.num_parts)]
 
     async def _communicate_with_peer(self, peer_id: PeerID) -> None:
         # forked from hivemind 1.1.12 averaging/allreduce.py:AllReduceRunner._communicate_with_peer, own-part branch
@@ -282,12 +322,12 @@ class ExactAllReduceRunner(AllReduceRunner):
         # part is screened (a refused sender is banned from this reducer for the round) and scaled by the sender's
         # clip factor; the reply is the part's published average (`_publish`: the same bytes for every sender)
         # instead of a delta re-encoded with the sender's codec. Kept from upstream: a banned sender's stream ends.
-        part_index = 0
+        part_index, num_parts = 0, self.tensor_part_reducer.num_parts
         scale = self._scale(sender_index)
         try:
             async for tensor_part, weight, codec in amap_in_executor(
                 lambda msg: (deserialize_torch_tensor(msg.tensor_part), msg.weight, msg.tensor_part.compression),
-                stream,
+                _first(stream, num_parts),
                 max_prefetch=self.tensor_part_container.prefetch,
             ):
                 refusal = self.screen.check(sender_index, part_index, tensor_part, weight, codec)
@@ -303,13 +343,10 @@ class ExactAllReduceRunner(AllReduceRunner):
                 wire = await self._publish(part_index, averaged)
                 part_index += 1
                 yield averaging_pb2.AveragingData(code=averaging_pb2.AVERAGED_PART, tensor_part=wire)
-        except TimeoutError:
-            # the sender's span is complete and we only wait for its end of stream, which it sends once it read our
-            # last part (the reading side closes first): a slow reader is not a failed sender; we close quietly
-            if part_index != self.tensor_part_reducer.num_parts:
-                raise
+            if part_index == num_parts:
+                await _end_of(stream)
         finally:
-            if part_index != self.tensor_part_reducer.num_parts:
+            if part_index != num_parts:
                 await self._ban_sender(self.sender_peer_ids[sender_index])
 
     def _scale(self, sender_index: int) -> float:
@@ -324,10 +361,19 @@ class ExactAllReduceRunner(AllReduceRunner):
         self.refused.setdefault(peer, reason)
         logger.warning("refused the parts of groupmate %s this round: it %s", peer, reason)
 
-    def failed_spans(self) -> list[tuple[int, int]]:
-        """[start, end) ranges, in the flattened order of the tensors, of the reducers that failed this round."""
+    def spans_of(self, reducers: Sequence[int]) -> list[tuple[int, int]]:
+        """[start, end) ranges, in the flattened order of the tensors, of these reducers' spans (by index)."""
         starts = [sum(self.span_sizes[:i]) for i in range(len(self.span_sizes))]
-        return [(starts[i], starts[i] + self.span_sizes[i]) for i in sorted(self.failed_reducers)]
+        return [(starts[i], starts[i] + self.span_sizes[i]) for i in sorted(reducers)]
+
+
+@torch.no_grad()
+def fill_span(tensors: Sequence[torch.Tensor], span: tuple[int, int], values: torch.Tensor) -> None:
+    """Write `values` (flat, as long as the span) into the [start, end) range of the tensors' concatenated flat view."""
+    offset = 0
+    for index, lo, hi in flat_ranges([t.numel() for t in tensors], [span]):
+        tensors[index].view(-1)[lo:hi] = values[offset : offset + hi - lo]
+        offset += hi - lo
 
 
 @torch.no_grad()

@@ -5,8 +5,9 @@ What it adds to hivemind's averager (its process, pipe, p2p servicer, tensor loc
 - each round is one `agreed_step`: the group comes from the members' signed declarations and votes
   (`comm.voting`, `comm.agreement`), not from hivemind's leader/follower matchmaking, and the all-reduce runs only
   among peers that committed the same group;
-- each all-reduce runs `runner_class` (`allreduce.ExactAllReduceRunner`) and reports an `AllReduceOutcome` (the group,
-  traffic, lost spans, lost senders, refusals and clips);
+- each all-reduce runs `runner_class` (`allreduce.ExactAllReduceRunner`), ends with lost spans fetched from their
+  reducers, or zeroed on every member (`comm.losses`), and reports an `AllReduceOutcome` (the group, traffic, lost
+  spans, lost senders, refusals and clips);
 - the shared state is served and downloaded in slices (`statesync/transport.py`, mixed in);
 - only members take part (`security.membership.Members`; an open swarm admits everyone): a non-member's votes, parts
   and state requests are refused and logged with its peer id;
@@ -42,7 +43,8 @@ from hivemind.utils.mpfuture import MPFuture
 
 from tapestry_p2p.comm import agreement
 from tapestry_p2p.comm.agreement import Contribution, Declaration, Outcome
-from tapestry_p2p.comm.allreduce import NETWORK_FAILURES, ExactAllReduceRunner, Traffic, zero_spans
+from tapestry_p2p.comm.allreduce import NETWORK_FAILURES, ExactAllReduceRunner, Traffic, fill_span, zero_spans
+from tapestry_p2p.comm.losses import LossReports
 from tapestry_p2p.comm.screening import Screen, weight_for
 from tapestry_p2p.comm.statesync.transport import StateTransport
 from tapestry_p2p.comm.voting import GroupVoting, Timing
@@ -68,16 +70,19 @@ class AllReduceOutcome:
     left_out: str = ""  # why we are not in the round's group (comm.agreement's reasons; empty: we are in it)
     failure: str = ""  # the all-reduce with our committed group failed: why (then `left_out` says so too)
     others: list[str] = field(default_factory=list)  # out of the round: who will hold the state it ends on
-    failed_fraction: float = 0.0  # share of values whose reducer failed (those values get no update this round)
+    failed_fraction: float = 0.0  # share of values some member lost (they get no update this round, on every member)
     failed_spans: list[tuple[int, int]] = field(default_factory=list)  # their [start, end) in the flat layout
-    lost_reducers: list[str] = field(default_factory=list)  # whose spans those were
+    lost_reducers: list[str] = field(default_factory=list)  # the reducers whose spans we lost ourselves
+    recovered: list[str] = field(default_factory=list)  # ... of which we fetched the span from its reducer after
+    agreed_lost: list[str] = field(default_factory=list)  # the spans some member still lacked (comm.losses): zeroed
+    unreported: list[str] = field(default_factory=list)  # members whose loss report never came (we may differ)
     started: float = 0.0  # time.time() when the group was committed and the all-reduce began
     senders_lost: int = 0  # groupmates whose parts never reached us as a reducer (our span averages the others')
     refused: dict[str, str] = field(default_factory=dict)  # groupmate -> why we refused its parts as a reducer
     clipped: dict[str, float] = field(default_factory=dict)  # groupmate -> the factor we scaled its parts by
 
 
-class ExactAverager(StateTransport, GroupVoting, DecentralizedAverager):
+class ExactAverager(StateTransport, GroupVoting, LossReports, DecentralizedAverager):
     """DecentralizedAverager with agreed groups, ExactAllReduceRunner, per-round outcomes and a pluggable shared state.
 
     :param owner: our owner-signed DHT subkey (`security.dht_auth.owner_subkey`): declarations are stored under it.
@@ -119,6 +124,7 @@ class ExactAverager(StateTransport, GroupVoting, DecentralizedAverager):
         self._members, self._max_steps, self._clip_multiple = members, max_steps, clip_multiple
         self._allreduces = 0
         self._init_voting(timing or Timing())
+        self._init_reports()
         # our state is served once the node advertises its round (StateClient.publish_round), after its first catch-up
         super().__init__(*args, allow_state_sharing=False, start=False, **kwargs)
         # peers meet only if they average the same shapes with the same codec and H (A7 in docs/THREAT-MODEL.md), and
@@ -317,10 +323,23 @@ class ExactAverager(StateTransport, GroupVoting, DecentralizedAverager):
         async for tensor, averaged in azip(as_aiter(*tensors), runner):
             tensor.copy_(averaged)
         await runner.served()
-        # A reducer that failed may have sent part of its span to some members and not to others; nobody uses any of
-        # it, so all survivors end the round with the same values.
-        outcome.failed_spans = runner.failed_spans()
-        outcome.lost_reducers = sorted(runner.ordered_peer_ids[i].to_base58() for i in runner.failed_reducers)
+        # A reducer that failed may have sent its span to some members and not to others; nobody uses any span a member
+        # lost (the members tell each other, comm.losses), so all of them end the round with the same values.
+        members = [peer.to_base58() for peer in runner.ordered_peer_ids]
+        self._keep_span(runner.group_id, members, runner.published_span())
+        lost = {members[i] for i in runner.failed_reducers}
+        fetched = await asyncio.gather(
+            *(self._fetch_span(p, runner.group_id, runner.part_numels[members.index(p)]) for p in sorted(lost))
+        )
+        for reducer, values in zip(sorted(lost), fetched, strict=True):
+            if values is not None:
+                fill_span(tensors, runner.spans_of([members.index(reducer)])[0], values)
+                outcome.recovered.append(reducer)
+        still_lost = lost - set(outcome.recovered)
+        refused = {p for p in runner.refused if p in members}
+        agreed, outcome.unreported = await self._agree_on_losses(runner.group_id, members, still_lost, refused)
+        outcome.lost_reducers, outcome.agreed_lost = sorted(lost), sorted(agreed | still_lost)
+        outcome.failed_spans = runner.spans_of([members.index(p) for p in outcome.agreed_lost])
         zeroed = zero_spans(tensors, outcome.failed_spans)
         outcome.failed_fraction = zeroed / max(runner.tensor_part_container.total_size, 1)
         failed_after = runner.tensor_part_reducer.sender_failed_after

@@ -20,9 +20,11 @@ Influence: the weight is the member's declared steps; before encoding, a pseudo-
 by zeros at a negligible weight (the codec would turn NaN into finite values); each reducer screens and clips its
 senders against their own signed declarations (`screening.py`), and the round's result says whom we refused or clipped.
 
-A round that lost a part (a groupmate died mid-stream) ends with a second comparison, `agreed_state`, among the
-members that finished it. An exception inside our own code (here or in the averager's overrides) is logged with its
-traceback and reported as `internal error ...`, so it shows in the metrics and the peer table.
+A span that any member lost (a groupmate died mid-stream, a stream broke) gets no update on every member: the members
+tell each other what they lost (`comm.losses`). A round in which some member's report never came ends with a second
+comparison, `agreed_state`, among the members that finished it. An exception inside our own code (here or in the
+averager's overrides) is logged with its traceback and reported as `internal error ...`, so it shows in the metrics and
+the peer table.
 """
 
 from __future__ import annotations
@@ -101,8 +103,11 @@ class AveragingResult:
     others: list[str] = field(default_factory=list)  # left out: the peers that will hold the state the round ends on
     failure: Optional[str] = None  # what went wrong in the round, if anything (the reason we were left out, too)
     group_round: int = 0  # the round the group reaches with this round
-    clean: bool = True  # we received every averaged part (no span zeroed for a lost reducer)
+    clean: bool = True  # we hold the group's outcome: every member told us which spans it lost (comm.losses)
     lost_reducers: list[str] = field(default_factory=list)  # groupmates whose averaged spans we did not receive
+    recovered: list[str] = field(default_factory=list)  # ... of which we fetched the span from its reducer after
+    agreed_lost: list[str] = field(default_factory=list)  # spans some member still lacked: no update, on any member
+    unreported: list[str] = field(default_factory=list)  # members whose loss report never came (not `clean`)
     meeting: float = 0.0  # the meeting the round was agreed at (with the round: which agreement it was)
     refused: dict[str, str] = field(default_factory=dict)  # groupmate -> why we refused its parts as a reducer
     clipped: dict[str, float] = field(default_factory=dict)  # groupmate -> the factor we scaled its parts by
@@ -428,6 +433,9 @@ def _result(
         failure = f"{outcome.failed_fraction:.1%} of values lost their reducer (no update for them this round)"
     elif outcome.senders_lost:
         failure = f"{outcome.senders_lost} groupmates' parts never reached us"
+    if outcome.unreported:
+        unreported = f"{len(outcome.unreported)} groupmates did not report their losses"
+        failure = unreported if failure is None else f"{failure}; {unreported}"
     return AveragingResult(
         averaged=averaged,
         group_size=len(outcome.members),
@@ -438,8 +446,11 @@ def _result(
         attempt=outcome.attempt,
         failure=failure,
         group_round=declaration.round + 1,
-        clean=outcome.failed_fraction == 0,
+        clean=not outcome.unreported,
         lost_reducers=list(outcome.lost_reducers),
+        recovered=list(outcome.recovered),
+        agreed_lost=list(outcome.agreed_lost),
+        unreported=list(outcome.unreported),
         refused=outcome.refused,
         clipped=outcome.clipped,
         norm=contribution.norm,

@@ -50,6 +50,9 @@ class RoundMetrics:
     left_out: Optional[str] = None
     meeting: float = 0.0  # the meeting (DHT time) the round was agreed at: with `round`, which agreement it was
     lost_reducers: list[str] = field(default_factory=list)  # groupmates whose averaged spans we did not receive
+    recovered: list[str] = field(default_factory=list)  # ... of which we fetched the span from its reducer after
+    agreed_lost: list[str] = field(default_factory=list)  # spans some member still lacked (no update, on any member)
+    unreported: list[str] = field(default_factory=list)  # members whose loss report never came (we compared states)
     refused: dict[str, str] = field(default_factory=dict)  # groupmate -> why we refused its contribution
     clipped: dict[str, float] = field(default_factory=dict)  # groupmate -> the factor we scaled its contribution by
     update_norm: float = 0.0  # L2 norm of our pseudo-gradient this round (what we declared; 0 when not averaged)

@@ -10,8 +10,9 @@ The transport and the choice of the elected state are in `comm.statesync`; this 
   way, the node takes that round's outcome as the state it ends on (`await_round`) instead of meeting alone for a
   round the swarm already averaged. A peer ahead only by rounds it averaged alone (`solo_rounds`) defers to a strict
   majority of the swarm behind it, so a split never lasts: the lone peer's rounds were its own;
-- after a round (`after_round`): if values lost their reducer, compare states with the group and download the agreed
-  one if ours differs; a round we were left out of is followed by awaiting its outcome (node.rounds);
+- after a round (`after_round`): if some member never told us which spans it lost (`comm.losses`: otherwise every
+  member zeroed the same spans), compare states with the group and download the agreed one if ours differs; a round
+  we were left out of is followed by awaiting its outcome (node.rounds);
 - `adopt`: well-formed, not older than asked, and hashing to what its servers announced, or it is ignored.
 """
 
@@ -45,7 +46,9 @@ class StateSync:
         # called after adopting a state that replaces our progress: the round under way belongs to the model we left
         self.on_adopt: Callable[[], None] = lambda: None
         self.averaging: Averaging = SoloAveraging()
-        self.clean = True  # our last round received every averaged part (peers comparing states ask for it)
+        self.clean = (
+            True  # our last round's outcome is the group's (every member reported its losses; peers ask for it)
+        )
         self.in_flight = False  # our next round's all-reduce is under way: we serve the state before it (node.rounds)
         self.solo_rounds = 0  # rounds applied alone since we last averaged in a group or adopted a state
 
@@ -201,8 +204,8 @@ class StateSync:
 
     @staticmethod
     def out_of_step(result: AveragingResult) -> bool:
-        """Whether a round may have left us out of step with our group: it lost parts."""
-        return result.group_size > 1 and result.failure is not None
+        """Whether a round may have left us out of step with our group: some member never told us what it lost."""
+        return result.group_size > 1 and result.left_out is None and not result.clean
 
     def after_round(self, result: AveragingResult) -> bool:
         """Re-sync if the round may have left us out of step with our group; returns whether we downloaded."""

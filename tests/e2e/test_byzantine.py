@@ -15,7 +15,7 @@ import contextlib
 import multiprocessing
 import threading
 import time
-from typing import Any
+from typing import Any, AsyncIterator  # (hivemind's servicer recognises typing's AsyncIterator only)
 
 import pytest
 import torch
@@ -25,8 +25,9 @@ from hivemind.proto import averaging_pb2, runtime_pb2
 from hivemind.utils import get_dht_time
 
 from tapestry_p2p.comm.agreement import Contribution, Declaration, Outcome, Status, propose
+from tapestry_p2p.comm.allreduce import ExactAllReduceRunner
 from tapestry_p2p.comm.averager import AllReduceOutcome, ExactAverager
-from tapestry_p2p.comm.averaging import AveragingConfig, RoundMeta, SwarmAveraging
+from tapestry_p2p.comm.averaging import NEXT_CHUNK_TIMEOUT, AveragingConfig, RoundMeta, SwarmAveraging
 from tapestry_p2p.comm.screening import DEFAULT_CLIP_MULTIPLE
 from tapestry_p2p.comm.statesync.client import STATE_TIMEOUT
 from tapestry_p2p.comm.statesync.wire import StateId, StateInfo, unpack_request
@@ -37,14 +38,49 @@ SHAPES = [torch.Size([300, 400]), torch.Size([1000])]  # ~8 parts of 16k values:
 H = 10
 
 
-class Liar(ExactAverager):
-    """Our averager, with one thing changed (the lie in `LIE`, shared with the forked averager process)."""
+LIE = multiprocessing.Array("c", 32)  # the liar's lie of the moment (shared with its forked averager process)
 
-    LIE = multiprocessing.Array("c", 32)
+
+class FaultyRunner(ExactAllReduceRunner):
+    """With the lie "stall": sends its first part to each groupmate late (but in time), then nothing more, as a member
+    stopped mid-all-reduce (SIGSTOP, a swapping host) until its groupmates ban it. With "drop": its stream to one live
+    groupmate's reducer breaks before its parts went out, so it loses that span, which the others receive. With
+    "withhold": as a reducer, it never answers the first honest groupmate, nor serves it its span afterwards."""
+
+    async def _accumulate_parts_streaming(self, stream: Any, sender_index: int) -> Any:
+        first_honest = [p for p in self.ordered_peer_ids if p != self.peer_id][0]
+        if LIE.value == b"withhold" and self.sender_peer_ids[sender_index] == first_honest:
+            raise ConnectionResetError("(test) withheld")
+        async for message in super()._accumulate_parts_streaming(stream, sender_index):
+            yield message
+
+    async def _communicate_with_peer(self, peer_id: Any) -> None:
+        others = [p for p in self.ordered_peer_ids if p != self.peer_id]
+        if LIE.value == b"drop" and peer_id == others[0]:
+            self.tensor_part_container.register_failed_reducer(self.ordered_peer_ids.index(peer_id))
+            raise ConnectionResetError("(test) the stream to this reducer broke")
+        await super()._communicate_with_peer(peer_id)
+
+    async def _generate_input_for_peer(self, peer_index: int) -> Any:
+        if LIE.value != b"stall":
+            async for message in super()._generate_input_for_peer(peer_index):
+                yield message
+            return
+        async for message in super()._generate_input_for_peer(peer_index):
+            await asyncio.sleep(NEXT_CHUNK_TIMEOUT - 1.0)
+            yield message
+            await asyncio.sleep(3 * NEXT_CHUNK_TIMEOUT)  # (past the ban: its reducers end its stream first)
+            return
+
+
+class Liar(ExactAverager):
+    """Our averager, with one thing changed (the lie in `LIE`)."""
+
+    runner_class = FaultyRunner
 
     @property
     def lie(self) -> str:
-        return self.LIE.value.decode()
+        return LIE.value.decode()
 
     async def _allreduce(self, decided: Outcome, weight: float) -> AllReduceOutcome:
         return await super()._allreduce(decided, 1e9 if self.lie == "weight" else weight)
@@ -84,6 +120,13 @@ class Liar(ExactAverager):
         if self.lie == "silent":
             await asyncio.sleep(3600)
         return await super().rpc_agree(request, context)
+
+    async def rpc_span(  # (annotated as the protocol's: hivemind reads the handler's types from the class)
+        self, request: runtime_pb2.ExpertRequest, context: P2PContext
+    ) -> AsyncIterator[averaging_pb2.AveragingData]:
+        if self.lie != "withhold":
+            async for message in super().rpc_span(request, context):
+                yield message
 
     def _status_for(self, state: Any, peer: str) -> Status:
         if self.lie != "views":
@@ -128,11 +171,11 @@ def group():
 
 @contextlib.contextmanager
 def lying(lie: str):
-    Liar.LIE.value = lie.encode()
+    LIE.value = lie.encode()
     try:
         yield
     finally:
-        Liar.LIE.value = b""
+        LIE.value = b""
 
 
 def average_together(peers, deltas) -> list:
@@ -242,6 +285,53 @@ def test_a_member_that_declares_and_then_stays_silent_costs_one_round_of_agreeme
         results = average_together(group, deltas)
     assert_honest_mean_without_the_liar(group, results, deltas)
     assert results[0].attempt == results[1].attempt == 2
+
+
+def test_a_member_stalled_mid_allreduce_costs_the_others_nothing_but_its_parts(group):
+    """Its reducers wait for its next part until they ban it; meanwhile they hold the honest senders' streams open
+    (each sender ends its input only once it read every averaged part): that wait must not count as a silent honest
+    sender (found by the soak: two live reducers' spans lost when a member had been killed after declaring)."""
+    deltas = deltas_with([torch.randn(s) * 0.01 for s in SHAPES])
+    with lying("stall"):
+        results = average_together(group, deltas)
+    assert [r.group_size for r in results[:2]] == [3, 3], [r.failure for r in results]
+    assert_honest_agree(results)
+    assert results[0].lost_reducers == results[1].lost_reducers == [], [r.failure for r in results]
+    assert results[0].clean and results[1].clean and results[0].agreed_lost == results[1].agreed_lost == []
+    assert results[0].failure == results[1].failure == "1 groupmates' parts never reached us"
+
+
+def test_a_span_one_member_lost_is_fetched_from_its_reducer(group):
+    """The liar loses a live reducer's span (the others receive it): it fetches the span from that reducer afterwards,
+    and all three apply one average (found at RTT 150 ms: the one that lost a span ended on another model, and its
+    re-sync download, twice the model at 20 Mbit/s, outlasted the round)."""
+    deltas = deltas_with([torch.randn(s) * 0.01 for s in SHAPES])
+    with lying("drop"):
+        results = average_together(group, deltas)
+    victim = results[2].lost_reducers[0]
+    assert [r.group_size for r in results] == [3, 3, 3], [r.failure for r in results]
+    assert [r.lost_reducers for r in results] == [[], [], [victim]], [r.failure for r in results]
+    assert results[2].recovered == [victim] and all(r.agreed_lost == [] and r.clean for r in results)
+    for k in range(len(SHAPES)):
+        assert torch.equal(results[0].averaged[k], results[2].averaged[k])
+    assert_honest_agree(results)
+
+
+def test_a_span_withheld_from_one_member_gets_no_update_on_any_member(group):
+    """The liar, as a reducer, answers one honest member nothing and will not serve it the span afterwards: that
+    member says so, and every member zeroes that span (a split otherwise: the other honest one received it)."""
+    deltas = deltas_with([torch.randn(s) * 0.01 for s in SHAPES])
+    with lying("withhold"):
+        results = average_together(group, deltas)
+    liar = group[2].peer_id
+    assert [r.group_size for r in results] == [3, 3, 3], [r.failure for r in results]
+    assert [r.agreed_lost for r in results] == [[liar]] * 3 and all(r.clean for r in results)
+    assert liar in results[0].lost_reducers + results[1].lost_reducers
+    for k in range(len(SHAPES)):
+        assert torch.equal(results[0].averaged[k], results[2].averaged[k])
+    assert_honest_agree(results)
+    flat = torch.cat([t.flatten() for t in results[0].averaged])
+    assert 0 < int((flat == 0).sum()) < flat.numel()  # the liar's span only: the rest is averaged
 
 
 def test_a_member_telling_each_peer_another_view_never_splits_the_honest_ones(group):
