@@ -9,6 +9,8 @@ and again when read).
 
 from __future__ import annotations
 
+import hashlib
+import struct
 from collections import OrderedDict
 from typing import Any
 
@@ -26,22 +28,33 @@ class VerifyingOnce(RSASignatureValidator):
     """hivemind's RSASignatureValidator, verifying each distinct record once per DHT node: a key with one signed
     subkey per partner (declarations, proposals, status records) comes back in every answer of every node a read
     asks, and RSA verification was a sixth of a DHT process's time with 16 partners on 2 cores. A record is its key,
-    subkey, value (signature included) and expiration: an altered one is another record, verified afresh."""
+    subkey, value (signature included) and expiration: an altered one is another record, verified afresh. Records are
+    remembered by a SHA-256 digest of those four (32 bytes each, whatever the value's size)."""
 
     def __init__(self, private_key: Any = None) -> None:
         super().__init__(private_key)
-        self._verified: OrderedDict[DHTRecord, bool] = OrderedDict()
+        self._verified: OrderedDict[bytes, bool] = OrderedDict()
 
     def validate(self, record: DHTRecord) -> bool:
-        known = self._verified.get(record)
+        digest = _digest(record)
+        known = self._verified.get(digest)
         if known is not None:
-            self._verified.move_to_end(record)
+            self._verified.move_to_end(digest)
             return known
         verdict = bool(super().validate(record))
-        self._verified[record] = verdict
+        self._verified[digest] = verdict
         if len(self._verified) > VERIFIED_RECORDS:
             self._verified.popitem(last=False)
         return verdict
+
+
+def _digest(record: DHTRecord) -> bytes:
+    """SHA-256 of a record's key, subkey, value and expiration, each length-prefixed (no two records share one)."""
+    h = hashlib.sha256()
+    for field in (record.key, record.subkey, record.value, struct.pack("<d", record.expiration_time)):
+        h.update(struct.pack("<Q", len(field)))
+        h.update(field)
+    return h.digest()
 
 
 def record_validators(key: Any, schema: Any, prefix: str, members: Members) -> list[Any]:
