@@ -290,7 +290,8 @@ class Agreement:
     disagreements: list[str]  # a member listed in someone's group recorded another group
     missing: list[str]  # a member listed in someone's group has no record of that agreement (it died or stalled)
     lost_spans: int
-    lost_alive: list[str]  # spans lost whose reducer completed the same round
+    lost_alive: list[str]  # spans lost in the all-reduce whose reducer completed the same round
+    unrecovered: int  # ... of which the member did not fetch the span from its reducer afterwards (comm.losses)
     left_out: Counter  # reason -> partner-rounds
 
 
@@ -303,6 +304,7 @@ def agreement_of(records: dict[str, list[dict]]) -> Agreement:
             by_slot[(row["round"], row["meeting"])][name] = row
             rounds[row["round"]].add(name)
     disagreements, missing, lost_alive = [], [], []
+    unrecovered = 0
     averaged, full, lost_spans = 0, 0, 0
     for slot, rows in sorted(by_slot.items()):
         groups = {tuple(r["members"]) for r in rows.values() if r["group_size"] > 1 and r["left_out"] is None}
@@ -325,7 +327,12 @@ def agreement_of(records: dict[str, list[dict]]) -> Agreement:
                 lost_spans += 1
                 theirs = rows.get(name_of.get(reducer, "?"))
                 if theirs is not None and theirs["left_out"] is None:
-                    lost_alive.append(f"round {slot[0]}: {name} lost {name_of[reducer]}'s span; it completed the round")
+                    fetched = reducer in row.get("recovered", [])
+                    unrecovered += not fetched
+                    lost_alive.append(
+                        f"round {slot[0]}: {name} lost {name_of[reducer]}'s span; it completed the round"
+                        + ("; fetched from it afterwards" if fetched else "")
+                    )
     sizes = Counter(r["group_size"] for rows in records.values() for r in rows)
     left_out = Counter(_reason(r["left_out"]) for rows in records.values() for r in rows if r["left_out"])
     return Agreement(
@@ -337,6 +344,7 @@ def agreement_of(records: dict[str, list[dict]]) -> Agreement:
         sorted(set(missing)),
         lost_spans,
         lost_alive,
+        unrecovered,
         left_out,
     )
 
@@ -406,7 +414,8 @@ def report(soak: Soak) -> str:
         f"- Members listed without a record of the round (dead or stalled then): {len(agreement.missing)}"
         + "".join(f"\n  - {item}" for item in agreement.missing[:20]),
         f"- **Spans lost: {agreement.lost_spans}, of which their reducer completed the round: "
-        f"{len(agreement.lost_alive)}**" + "".join(f"\n  - {item}" for item in agreement.lost_alive),
+        f"{len(agreement.lost_alive)}, of which not fetched from it afterwards: {agreement.unrecovered}**"
+        + "".join(f"\n  - {item}" for item in agreement.lost_alive),
         f"- **One model after every fault**: {len(recovered)} faults; the slowest took {slowest} rounds to one model"
         + (f"; never after: {', '.join(never)}" if never else "")
         + " ("
