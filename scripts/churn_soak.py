@@ -35,6 +35,7 @@ import contextlib
 import itertools
 import random
 import re
+import shlex
 import shutil
 import signal
 import subprocess
@@ -125,6 +126,7 @@ class Soak:
         args += ["--identity", str(folder / "identity.key"), "--checkpoint-dir", str(folder / "ckpt")]
         args += ["--metrics", str(folder / "metrics.jsonl")]
         args += ["--inner-steps", str(self.args.inner_steps)] if self.args.inner_steps else []
+        args += ["--round-window", str(self.args.round_window)] if self.args.round_window else []
         args += ["--threads", "1", "--quiet", "--min-peers", str(self.args.min_peers), *TINY_MODEL]
         program = ("-m", "tapestry_p2p")
         if crash_in_allreduce:
@@ -377,10 +379,7 @@ def report(soak: Soak) -> str:
     lost = soak.lost + rounds_going_back(records)
     final_diff, final_round, compared = final_difference(soak.partners)
     args = soak.args
-    command = (
-        f"python scripts/churn_soak.py --peers {args.peers} --minutes {args.minutes} --every {args.every} "
-        f"--skew {args.skew} --faults {' '.join(args.faults) or 'none'} --seed {args.seed}"
-    )
+    command = "python scripts/churn_soak.py " + shlex.join(sys.argv[1:])  # (as it was invoked)
     lines = [
         f"# Agreement soak: {args.peers} partners (+{soak.new_partners} late joiners), {args.minutes} minutes, "
         f"seed {args.seed}",
@@ -480,6 +479,7 @@ def main() -> None:
     parser.add_argument("--no-late-starts", dest="late_starts", action="store_false", help="start all at once")
     parser.add_argument("--min-peers", type=int, default=1, help="partners each waits for before its first round")
     parser.add_argument("--inner-steps", type=int, default=20, help="H (0: the node's default)")
+    parser.add_argument("--round-window", type=float, default=0.0, help="the nodes' --round-window (0: their default)")
     parser.add_argument("--quiet-tail", type=float, default=120.0, help="seconds without faults at the end")
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--workdir", type=Path, help="keep logs and checkpoints here (default: a temporary folder)")
