@@ -174,7 +174,7 @@ class Status:
             return None
         if not (isinstance(gid, bytes) and len(gid) <= 32 and isinstance(reason, str) and len(reason) <= 64):
             return None
-        if not (_peer_list(members) and _peer_list(view)):
+        if not (is_peer_list(members) and is_peer_list(view)):
             return None
         if attempt > ATTEMPTS or (kind in ("vote", "committed") and not (gid and members)):
             return None
@@ -188,7 +188,8 @@ def _peer_id(value: Any) -> bool:
     return isinstance(value, str) and 0 < len(value) <= MAX_PEER_ID_LENGTH
 
 
-def _peer_list(value: Any) -> bool:
+def is_peer_list(value: Any) -> bool:
+    """A list of peer ids from untrusted input: at most MAX_MEMBERS strings of bounded length."""
     return isinstance(value, list) and len(value) <= MAX_MEMBERS and all(_peer_id(m) for m in value)
 
 

@@ -48,7 +48,7 @@ from hivemind.p2p import P2PContext, PeerID
 from hivemind.proto import averaging_pb2, runtime_pb2
 from hivemind.utils.asyncio import aiter_with_timeout
 
-from tapestry_p2p.comm.agreement import MAX_MEMBERS, MAX_PEER_ID_LENGTH
+from tapestry_p2p.comm.agreement import MAX_MEMBERS, is_peer_list
 from tapestry_p2p.comm.statesync.wire import UNPACK_ERRORS
 
 logger = logging.getLogger(__name__)
@@ -56,6 +56,8 @@ logger = logging.getLogger(__name__)
 REPORT_WAIT = 12.0  # seconds after our own end we wait for the others' reports (past hivemind's 10 s reducer timeout)
 REPORT_TIMEOUT = 3.0  # how long one report request waits for its answer
 SPAN_TIMEOUT = 15.0  # how long a span fetch waits for a part (its reducer may still average it, for up to 10 s)
+MAX_BYTES_PER_VALUE = 4  # a fetched part's encoding is at most float32 ...
+MAX_PART_OVERHEAD = 65536  # ... plus a codec's own metadata (block scales, code tables)
 KEPT_GROUPS = 16  # groups whose reports we keep (ours, and early ones of groups we have not finished yet)
 MAX_GROUP_ID_LENGTH = 32
 
@@ -83,17 +85,9 @@ class Report:
             return None
         if not (isinstance(group_id, bytes) and 0 < len(group_id) <= MAX_GROUP_ID_LENGTH and type(done) is bool):
             return None
-        if not (_peer_list(lost) and _peer_list(refused)):
+        if not (is_peer_list(lost) and is_peer_list(refused)):
             return None
         return cls(group_id, tuple(sorted(set(lost))), tuple(sorted(set(refused))), done)
-
-
-def _peer_list(value: Any) -> bool:
-    return (
-        isinstance(value, list)
-        and len(value) <= MAX_MEMBERS
-        and all(isinstance(p, str) and 0 < len(p) <= MAX_PEER_ID_LENGTH for p in value)
-    )
 
 
 def agreed_losses(members: Sequence[str], reports: dict[str, Report]) -> set[str]:
@@ -149,6 +143,8 @@ class LossReports:
             async for message in aiter_with_timeout(stream, SPAN_TIMEOUT):
                 if message.code != averaging_pb2.AVERAGED_PART or len(parts) == len(numels):
                     return None
+                if len(message.tensor_part.buffer) > MAX_BYTES_PER_VALUE * numels[len(parts)] + MAX_PART_OVERHEAD:
+                    return None  # (larger than any codec's encoding of that many values)
                 part = deserialize_torch_tensor(message.tensor_part)
                 if part.numel() != numels[len(parts)] or not torch.isfinite(part).all():
                     return None
@@ -222,8 +218,9 @@ class LossReports:
         reports = self._reports.get(group_id, {})
         agreed = agreed_losses(members, reports)
         for peer, report in sorted(reports.items()):
-            if peer != me and set(report.lost) & agreed:
-                logger.info("groupmate %s lost the spans of %s: they get no update this round", peer, report.lost)
+            named = sorted(set(report.lost) & agreed)  # (member peer ids only: nothing else a peer sent is printed)
+            if peer != me and named:
+                logger.info("groupmate %s lost the spans of %s: they get no update this round", peer, named)
         if missing:
             logger.info("%d groupmates did not say which spans they lost: we may differ from the group", len(missing))
         return agreed, missing
@@ -241,7 +238,8 @@ class LossReports:
             self._keep(report.group_id, peer, answer)
 
     def _keep(self, group_id: bytes, peer: str, report: Report) -> None:
-        """Keep a member's report (at most one per peer, for at most KEPT_GROUPS groups)."""
+        """Keep a member's report (at most one per peer, for at most KEPT_GROUPS groups: ours, so a peer cannot evict
+        them with reports for made-up group ids; one that reports before we hold the group answers our report later)."""
         if group_id not in self._reports:
             if len(self._reports) >= KEPT_GROUPS:
                 self._reports.popitem(last=False)
@@ -263,6 +261,7 @@ class LossReports:
         if report is None or not report.done or not self._members.allows(peer):
             logger.debug("ignored a malformed loss report, or one from a non-member (%s)", peer)
             return runtime_pb2.ExpertResponse()
-        self._keep(report.group_id, peer, report)
+        if report.group_id in self._running_groups or report.group_id in self._spans:  # (only groups of ours)
+            self._keep(report.group_id, peer, report)
         ours = self._reports.get(report.group_id, {}).get(self.peer_id.to_base58(), Report(report.group_id, done=False))
         return runtime_pb2.ExpertResponse(metadata=ours.pack())

@@ -46,9 +46,7 @@ class StateSync:
         # called after adopting a state that replaces our progress: the round under way belongs to the model we left
         self.on_adopt: Callable[[], None] = lambda: None
         self.averaging: Averaging = SoloAveraging()
-        self.clean = (
-            True  # our last round's outcome is the group's (every member reported its losses; peers ask for it)
-        )
+        self.clean = True  # our last round's outcome is the group's (every member reported its losses)
         self.in_flight = False  # our next round's all-reduce is under way: we serve the state before it (node.rounds)
         self.solo_rounds = 0  # rounds applied alone since we last averaged in a group or adopted a state
 

@@ -288,9 +288,9 @@ def test_a_member_that_declares_and_then_stays_silent_costs_one_round_of_agreeme
 
 
 def test_a_member_stalled_mid_allreduce_costs_the_others_nothing_but_its_parts(group):
-    """Its reducers wait for its next part until they ban it; meanwhile they hold the honest senders' streams open
-    (each sender ends its input only once it read every averaged part): that wait must not count as a silent honest
-    sender (found by the soak: two live reducers' spans lost when a member had been killed after declaring)."""
+    """Its reducers wait for its next part until they ban it (its parts are not in their averages), while they hold
+    the honest senders' streams open: the honest ones lose nothing, and the stalled one, whose streams they ended,
+    fetches their spans afterwards, so all three apply one average and no span is zeroed."""
     deltas = deltas_with([torch.randn(s) * 0.01 for s in SHAPES])
     with lying("stall"):
         results = average_together(group, deltas)
@@ -299,6 +299,11 @@ def test_a_member_stalled_mid_allreduce_costs_the_others_nothing_but_its_parts(g
     assert results[0].lost_reducers == results[1].lost_reducers == [], [r.failure for r in results]
     assert results[0].clean and results[1].clean and results[0].agreed_lost == results[1].agreed_lost == []
     assert results[0].failure == results[1].failure == "1 groupmates' parts never reached us"
+    assert (
+        results[2].lost_reducers and results[2].recovered == results[2].lost_reducers and results[2].agreed_lost == []
+    )
+    for k in range(len(SHAPES)):
+        assert torch.equal(results[0].averaged[k], results[2].averaged[k])
 
 
 def test_a_span_one_member_lost_is_fetched_from_its_reducer(group):
