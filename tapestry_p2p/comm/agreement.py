@@ -56,7 +56,7 @@ NOT_SEEN = "not seen by all members"  # some member's view lacked our declaratio
 STATE_DIFFERS = "state differs"  # our shared model is not the one the majority of declarers holds
 SILENT = "silent at the vote"  # we did not answer in time (attempt 2 of the others dropped us)
 NO_AGREEMENT = "no agreement"  # two attempts, still no group every member voted for
-MET_EARLIER = "the others met earlier"  # nobody at our meeting, but others declared the round at an earlier one
+MET_EARLIER = "the others met earlier"  # as many or more declared the round at an earlier meeting than at ours
 ALONE = "nobody else declared"  # no group to be in: a round alone
 
 
@@ -132,6 +132,16 @@ def propose(schema: bytes, declarations: Mapping[str, Declaration]) -> Proposal:
     elected = elected_state({peer: d.state for peer, d in declarations.items()})
     chosen = [d for d in declarations.values() if elected is not None and d.state.id == elected]
     return Proposal(tuple(sorted(d.peer for d in chosen)), group_id(schema, chosen))
+
+
+def met_earlier(
+    declared: Mapping[str, Declaration], view: Mapping[str, Declaration], meeting: float, tolerance: float
+) -> tuple[str, ...]:
+    """The peers to follow instead of voting at `meeting`: those who declared the round for an earlier meeting, if
+    they are at least as many as our meeting's `view` (us included). They met first (we missed their meeting, or read
+    its proposal too late to switch); a second, smaller group for the same round would split the swarm. Empty: vote."""
+    earlier = tuple(sorted(p for p, d in declared.items() if d.meeting < meeting - tolerance))
+    return earlier if len(earlier) >= len(view) else ()
 
 
 def ordered(proposal: Proposal) -> list[str]:

@@ -4,10 +4,11 @@ The first peer of round r to finish its H inner steps proposes `now + window`, r
 swarm's clock (peers that finish within that second propose the same time; one window more in a node's first round,
 when partners that just came online start training at their own poll of the peer table), under the round's key (one
 subkey per peer); the meeting time is the earliest proposal. Peers still training learn it from a background thread
-that reads the key twice a second, and stop their inner loop `DECLARE_LEAD` seconds before the meeting, so a slower
-partner contributes fewer inner steps rather than holding everybody up, and a faster one keeps training until then:
-its extra steps are progress like any other. Since a later proposal is always later in time, every peer that reads
-after the first proposal landed agrees on the same minimum. The training loop never waits for the DHT: it reads
+that reads the key twice a second (once a second after it learnt one: an earlier proposal may land after a later one),
+and stop their inner loop `DECLARE_LEAD` seconds before the meeting, so a slower partner contributes fewer inner steps
+rather than holding everybody up, and a faster one keeps training until then: its extra steps are progress like any
+other. Since a later proposal is always later in time, every peer that reads after the first proposal reached the
+replicas it reads agrees on the same minimum. The training loop never waits for the DHT: it reads
 `meeting`, a number the thread keeps up to date (on links with a high latency a DHT read takes a second or more).
 
 At the meeting each peer reads the round's declarations (`comm.voting`): the meeting is the declarations' cut-off.
@@ -27,6 +28,7 @@ from __future__ import annotations
 import logging
 import math
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Optional
@@ -37,6 +39,7 @@ from hivemind.utils import get_dht_time
 logger = logging.getLogger(__name__)
 
 POLL_INTERVAL = 0.5  # seconds between DHT reads of the round's proposals (a peer whose clock is ahead sees less time)
+KNOWN_POLL_INTERVAL = 1.0  # ... once we know of a meeting (an earlier proposal may still land: DHT replicas lag)
 DECLARE_LEAD = 2.0  # seconds before the meeting at which peers stop training and declare their round
 MEETING_GRID = 1.0  # seconds: proposals are whole multiples of this on the swarm's clock
 PROPOSAL_SLACK = 5.0  # seconds beyond three windows a proposal may lie ahead (clock skew, DHT latency)
@@ -114,12 +117,17 @@ class MeetingClock:
     # ---- the background thread ----
 
     def _loop(self) -> None:
-        """Read the proposals until we know of a meeting we can catch (and once more after storing ours, in case an
-        earlier one landed meanwhile): with many partners, polling the key after that only loads the DHT."""
+        """Read the proposals until the clock is closed (the node stops training for the meeting): every POLL_INTERVAL
+        while we know of no meeting, every KNOWN_POLL_INTERVAL after, and at once after storing ours. A peer must keep
+        reading after it first learns a meeting: under load a proposal made a second earlier can reach the replicas
+        we read after a later one, and a peer that stopped reading met alone for the later one (the swarm split)."""
+        read_at = -KNOWN_POLL_INTERVAL
         while not self._closed.is_set():
             try:
                 stored = self._store_proposal()
-                if stored or self.meeting is None:
+                interval = POLL_INTERVAL if self.meeting is None else KNOWN_POLL_INTERVAL
+                if stored or time.monotonic() - read_at >= interval - 1e-3:
+                    read_at = time.monotonic()
                     seen = self._read()
                     if seen is not None:
                         with self._lock:

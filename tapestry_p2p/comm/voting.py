@@ -47,6 +47,7 @@ from tapestry_p2p.comm.agreement import (
     Outcome,
     Slot,
     Status,
+    met_earlier,
 )
 from tapestry_p2p.comm.matchmaking import DECLARE_LEAD
 from tapestry_p2p.comm.swarm_clock import CLOCK_PERIOD, MAX_SAMPLE_RTT, SAMPLED_PEERS, SwarmClock, offset_of
@@ -147,10 +148,9 @@ class GroupVoting:
             view[declaration.peer] = declaration  # (our own store may not have reached every replica we read)
         else:
             view.pop(declaration.peer, None)
-        earlier = sorted(p for p, d in declared.items() if d.meeting < meeting - MEETING_TOLERANCE)
-        if set(view) == {declaration.peer} and earlier and not abstain:
-            # nobody at our meeting, but others met for this round before (we missed their meeting): we follow them
-            return Outcome(None, reason=MET_EARLIER, others=tuple(earlier))
+        earlier = met_earlier(declared, view, meeting, MEETING_TOLERANCE)
+        if earlier and not abstain:
+            return Outcome(None, reason=MET_EARLIER, others=earlier)
         state = _Round(Agreement(declaration.peer, self.schema_hash, view, contribution, abstain))
         self._rounds[slot] = state
         while len(self._rounds) > KEPT_ROUNDS:

@@ -63,3 +63,20 @@ def test_only_finite_catchable_proposals_count(clock_with):
             break
         polls.wait(0.05)
     assert clock.meeting == NOW + 4.0  # (too soon to catch, too far ahead, not a number, NaN: ignored)
+
+
+def test_an_earlier_proposal_read_after_a_later_one_wins(clock_with):
+    """Under load an earlier proposal can reach the replicas we read after a later one: the clock keeps reading."""
+    clock, dht = clock_with({b"late": NOW + 5.0})
+    waits = threading.Event()
+    for _ in range(200):
+        if clock.meeting is not None:
+            break
+        waits.wait(0.05)
+    assert clock.meeting == NOW + 5.0
+    dht.others[b"early"] = NOW + 4.0  # lands now
+    for _ in range(200):
+        if clock.meeting != NOW + 5.0:
+            break
+        waits.wait(0.05)
+    assert clock.meeting == NOW + 4.0
