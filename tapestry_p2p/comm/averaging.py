@@ -152,6 +152,8 @@ class Averaging(Protocol):
 
     def lead(self) -> float: ...
 
+    def ahead(self, window: float) -> float: ...
+
     def agreed_state(self, me: str, mine: PeerState, others: Sequence[str], group_round: int) -> Optional[StateId]: ...
 
     def shutdown(self) -> None: ...
@@ -195,6 +197,9 @@ class SoloAveraging:
 
     def lead(self) -> float:
         return DECLARE_LEAD
+
+    def ahead(self, window: float) -> float:
+        return window
 
     def agreed_state(self, me: str, mine: PeerState, others: Sequence[str], group_round: int) -> Optional[StateId]:
         return mine.id
@@ -281,6 +286,10 @@ class SwarmAveraging:
     def lead(self) -> float:
         """How long before a meeting to stop training (comm.voting.Timing.lead, at our measured store latency)."""
         return self._timing.lead(self._averager.store_seconds.value)
+
+    def ahead(self, window: float) -> float:
+        """How far ahead to call a meeting (comm.voting.Timing.ahead: the window, or more while the DHT is slow)."""
+        return self._timing.ahead(window, self._averager.store_seconds.value)
 
     def agreed_state(self, me: str, mine: PeerState, others: Sequence[str], group_round: int) -> Optional[StateId]:
         return self._states.agreed_state(me, mine, others, group_round)

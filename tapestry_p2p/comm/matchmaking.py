@@ -67,12 +67,16 @@ class MeetingClock:
         subkey: bytes,
         now: Callable[[], float] = get_dht_time,
         lead: float = DECLARE_LEAD,
+        ahead: float = 0.0,
     ) -> None:
         """`prefix`: the run id and run spec digest (only peers that can average together share meeting times);
         `subkey`: our owner-signed DHT subkey (`security.dht_auth.owner_subkey`); `now`: the swarm's clock
         (`comm.swarm_clock`); `lead`: how long before the meeting we stop training (at least DECLARE_LEAD; more
-        when our declarations have been slow to store)."""
+        when our declarations have been slow to store); `ahead`: how far ahead we call a meeting, if more than the
+        window (while the DHT is slow: `comm.voting.Timing.ahead`; at most three windows, the farthest a proposal is
+        taken)."""
         self.dht, self.schedule, self.now, self.lead = dht, schedule, now, lead
+        self.ahead = min(max(schedule.window, ahead), 3 * schedule.window)
         self.key = f"{prefix}.meet.{round_no}"
         self._subkey = subkey
         self._lock = threading.Lock()
@@ -93,13 +97,14 @@ class MeetingClock:
         return min(known) if known else None
 
     def propose(self, first: bool = False) -> None:
-        """We finished our H steps and know of no meeting we can catch: call it for `now + window`, rounded up to a
-        whole MEETING_GRID on the swarm's clock, so that partners finishing within one grid step propose the very
-        same time even before they see each other's proposal (stored in the background; the earliest wins).
-        `first`: our first round since we joined: one window later still, for partners that started training up to a
-        window after us (each saw the last of --min-peers come online at its own poll) to make it."""
+        """We finished our H steps and know of no meeting we can catch: call it for `now + window` (or `ahead`, while
+        the DHT is slow), rounded up to a whole MEETING_GRID on the swarm's clock, so that partners finishing within
+        one grid step propose the very same time even before they see each other's proposal (stored in the
+        background; the earliest wins). `first`: our first round since we joined: one window later still, for
+        partners that started training up to a window after us (each saw the last of --min-peers come online at its
+        own poll) to make it."""
         window = self.schedule.window
-        earliest = self.now() + max(window, self.lead + 1.0) + (window if first else 0.0)
+        earliest = self.now() + max(self.ahead, self.lead + 1.0) + (window if first else 0.0)
         with self._lock:
             self._proposal, self._stored = math.ceil(earliest / MEETING_GRID) * MEETING_GRID, False
         self._wake.set()

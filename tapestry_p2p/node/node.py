@@ -201,7 +201,16 @@ class Node:
         # peers of another run spec never average with us: they must not set our meeting times either
         prefix = f"{self.config.run_id}.{self.parts.spec_digest}"
         schedule, owner, averaging = self.config.schedule, self.session.owner, self.sync.averaging
-        return MeetingClock(self.session.dht, prefix, round_no, schedule, owner, averaging.now, averaging.lead())
+        return MeetingClock(
+            self.session.dht,
+            prefix,
+            round_no,
+            schedule,
+            owner,
+            averaging.now,
+            averaging.lead(),
+            averaging.ahead(schedule.window),
+        )
 
     def _inner_step(self) -> None:
         started = time.perf_counter()

@@ -80,3 +80,17 @@ def test_an_earlier_proposal_read_after_a_later_one_wins(clock_with):
             break
         waits.wait(0.05)
     assert clock.meeting == NOW + 4.0
+
+
+def test_a_slow_dht_calls_the_meeting_farther_ahead_but_never_past_what_peers_accept():
+    from tapestry_p2p.comm.voting import Timing
+
+    assert Timing().ahead(4.0, 0.1) == 4.0  # a quick DHT: the window
+    assert Timing().ahead(4.0, 2.4) == pytest.approx(0.5 + 0.5 + 3 * 2.4 + 1.0)
+    dht = FakeDHT({})
+    clock = MeetingClock(dht, "run.spec", 1, RoundSchedule(3.0), b"us", now=lambda: NOW, ahead=60.0)  # type: ignore[arg-type]
+    try:
+        clock.propose()
+        assert clock.meeting == 1010.0  # ceil(1000.7 + 3 windows): the farthest a peer takes a proposal
+    finally:
+        clock.close()
