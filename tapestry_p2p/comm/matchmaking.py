@@ -13,10 +13,18 @@ replicas it reads agrees on the same minimum. The training loop never waits for 
 
 At the meeting each peer reads the round's declarations (`comm.voting`): the meeting is the declarations' cut-off.
 
+A node whose update is ready after the meeting passed (it was still settling the previous round, or stalled) goes to
+the meeting it missed anyway (`missed`): it declares late, is left out knowing why, and takes the state that meeting's
+group reaches, rather than calling a second meeting for the same round (measured with 16 partners on 2 cores: the
+members that settled round 1 last called meetings of their own, and round 2 averaged in three groups).
+
 Proposals are untrusted: each is stored under its proposer's owner-signed subkey (in a consortium, members only, see
 `security.dht_auth`), and a proposal is used only if it lies between `DECLARE_LEAD / 2` and
-`3 * window + PROPOSAL_SLACK` seconds ahead of now. A proposal far in the future cannot freeze the swarm, and one in
-the past cannot break agreement (R1/R2 in the security review): at worst a member delays one round by three windows.
+`3 * window + PROPOSAL_SLACK` seconds ahead of now (or, as a missed meeting, less than `ahead` seconds past). A
+proposal far in the future cannot freeze the swarm, and one in the past cannot break agreement (R1/R2 in the security
+review): at worst a member delays one round by three windows. A fake missed meeting (nobody declared there) costs a
+node that round's meeting, not its progress: its update stays in its working model and goes out with the next round
+(the proposal DoS R3 in the security review, open, is the same cost).
 
 Tuning: `window` must cover one inner step, one poll interval and `DECLARE_LEAD` (a peer stops training one step
 early so that its last step ends in time, and the node warns when a step is longer than the window allows); raise it
@@ -68,19 +76,20 @@ class MeetingClock:
         now: Callable[[], float] = get_dht_time,
         lead: float = DECLARE_LEAD,
         ahead: float = 0.0,
+        attended: float = -math.inf,
     ) -> None:
         """`prefix`: the run id and run spec digest (only peers that can average together share meeting times);
         `subkey`: our owner-signed DHT subkey (`security.dht_auth.owner_subkey`); `now`: the swarm's clock
         (`comm.swarm_clock`); `lead`: how long before the meeting we stop training (at least DECLARE_LEAD; more
         when our declarations have been slow to store); `ahead`: how far ahead we call a meeting, if more than the
         window (while the DHT is slow: `comm.voting.Timing.ahead`; at most three windows, the farthest a proposal is
-        taken)."""
-        self.dht, self.schedule, self.now, self.lead = dht, schedule, now, lead
+        taken); `attended`: a meeting of this round we already went to (it failed: proposals up to it are spent)."""
+        self.dht, self.schedule, self.now, self.lead, self.attended = dht, schedule, now, lead, attended
         self.ahead = min(max(schedule.window, ahead), 3 * schedule.window)
         self.key = f"{prefix}.meet.{round_no}"
         self._subkey = subkey
         self._lock = threading.Lock()
-        self._seen: Optional[float] = None  # the earliest proposal read so far
+        self._seen: set[float] = set()  # the proposals read so far, from `ahead` seconds ago on
         self._proposal: Optional[float] = None  # ours, if we called the meeting
         self._stored = False
         self._closed = threading.Event()
@@ -93,8 +102,20 @@ class MeetingClock:
         """The meeting time as far as we know: the earliest proposal we can still catch (ours included), or None."""
         now = self.now()
         with self._lock:
-            known = [m for m in (self._seen, self._proposal) if m is not None and m - self.lead / 2 > now]
+            known = [m for m in (*self._seen, self._proposal) if m is not None and m - self.lead / 2 > now]
         return min(known) if known else None
+
+    @property
+    def missed(self) -> Optional[float]:
+        """The earliest meeting of this round that passed (or is too near to catch) less than `ahead` seconds ago,
+        and that we did not attend: the others met there while we were still busy (settling the previous round, a
+        stall). A node that has its update ready and no meeting to catch goes to it anyway, declaring late: it is
+        left out knowing why and takes the state that meeting's group reaches, instead of calling a meeting of its
+        own for a round the others already average (a second, smaller group of the same round splits the swarm)."""
+        now = self.now()
+        with self._lock:
+            passed = [m for m in self._seen if now - self.ahead <= m <= now + self.lead / 2 and m > self.attended]
+        return min(passed) if passed else None
 
     def propose(self, first: bool = False) -> None:
         """We finished our H steps and know of no meeting we can catch: call it for `now + window` (or `ahead`, while
@@ -134,9 +155,8 @@ class MeetingClock:
                 if stored or time.monotonic() - read_at >= interval - 1e-3:
                     read_at = time.monotonic()
                     seen = self._read()
-                    if seen is not None:
-                        with self._lock:
-                            self._seen = seen if self._seen is None else min(self._seen, seen)
+                    with self._lock:
+                        self._seen = {m for m in self._seen | seen if m >= self.now() - self.ahead}
             except DHT_ERRORS as e:
                 logger.debug("meeting clock: DHT unavailable (%r)", e)
             self._wake.wait(POLL_INTERVAL)
@@ -151,15 +171,16 @@ class MeetingClock:
             self.dht.store(self.key, proposal, expiration_time=proposal + 600, subkey=self._subkey)
         return proposal is not None
 
-    def _read(self) -> Optional[float]:
+    def _read(self) -> set[float]:
+        """The proposals in the DHT that lie between `ahead` seconds ago and the farthest we take one (untrusted: only
+        finite numbers in that window count, one per signed subkey)."""
         found = self.dht.get(self.key, latest=True)
         if found is None or not isinstance(found.value, dict):
-            return None
+            return set()
         now = self.now()
-        earliest, latest = now + DECLARE_LEAD / 2, now + 3 * self.schedule.window + PROPOSAL_SLACK
-        times = [
-            v.value
+        earliest, latest = now - self.ahead, now + 3 * self.schedule.window + PROPOSAL_SLACK
+        return {
+            float(v.value)
             for v in found.value.values()
             if type(v.value) in (int, float) and math.isfinite(v.value) and earliest <= v.value <= latest
-        ]  # untrusted: only finite numbers in the catchable window count
-        return min(times) if times else None
+        }

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import threading
 import time
 from collections.abc import Callable
@@ -76,6 +77,7 @@ class Node:
         self._warned_slow_step = False
         self._rounds_since_save, self._saved_at = 0, time.monotonic()
         self._events: dict[str, Any] = {}  # protocol facts since the last record (a catch-up), for the next one
+        self._attended: tuple[int, float] = (0, -math.inf)  # the last meeting we went to: (its round, its time)
         self.resumed = self.checkpoints is not None and self.checkpoints.exists()
         if self.checkpoints is not None and self.resumed:
             self.round_losses.extend(self.checkpoints.resume())
@@ -137,6 +139,7 @@ class Node:
             # another state): this meeting is not for our state; train on, our progress goes out with a later round
             logger.info("not meeting round %d: our shared model is not the one it is declared against", round_no)
             return True
+        self._attended = (round_no, meeting)
         self._launch(meeting, training_seconds)
         if not self.config.overlap:
             self._settle_all(blocking=True)
@@ -186,8 +189,13 @@ class Node:
                     if clock is None:
                         return 0.0
                     # we are the first (or alone): call the meeting, train until it nears; not while our previous
-                    # round is in flight (nobody could declare this one before holding that one's state)
+                    # round is in flight (nobody could declare this one before holding that one's state); if the
+                    # others met for this round while we were busy, go to their meeting late and follow its group
                     if clock.meeting is None and self.rounds.entry is None:
+                        missed = clock.missed
+                        if missed is not None:
+                            logger.info("round %d: we missed its meeting; following the group that met", round_no)
+                            return missed
                         clock.propose(first=self._rounds_started() == 0)
                 self.rounds.settle_if_done()
                 self._inner_step()
@@ -201,6 +209,7 @@ class Node:
         # peers of another run spec never average with us: they must not set our meeting times either
         prefix = f"{self.config.run_id}.{self.parts.spec_digest}"
         schedule, owner, averaging = self.config.schedule, self.session.owner, self.sync.averaging
+        attended = self._attended[1] if self._attended[0] == round_no else -math.inf
         return MeetingClock(
             self.session.dht,
             prefix,
@@ -210,6 +219,7 @@ class Node:
             averaging.now,
             averaging.lead(),
             averaging.ahead(schedule.window),
+            attended,
         )
 
     def _inner_step(self) -> None:

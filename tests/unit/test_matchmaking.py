@@ -94,3 +94,28 @@ def test_a_slow_dht_calls_the_meeting_farther_ahead_but_never_past_what_peers_ac
         assert clock.meeting == 1010.0  # ceil(1000.7 + 3 windows): the farthest a peer takes a proposal
     finally:
         clock.close()
+
+
+def test_a_meeting_that_just_passed_is_missed_until_attended_or_old():
+    others = {b"a": NOW - 2.0, b"b": NOW + 0.2, b"old": NOW - 30.0}
+    clock, _ = clock_for(others)
+    waits = threading.Event()
+    for _ in range(200):
+        if clock.missed is not None:
+            break
+        waits.wait(0.05)
+    assert clock.meeting is None and clock.missed == NOW - 2.0  # (one older than `ahead` is not a meeting we missed)
+    clock.close()
+    attended, _ = clock_for(others, attended=NOW - 2.0)
+    for _ in range(200):
+        if attended.missed is not None:
+            break
+        waits.wait(0.05)
+    assert attended.missed == NOW + 0.2  # too near to catch, and not the one we went to
+    attended.close()
+
+
+def clock_for(others: dict[bytes, object], attended: float = float("-inf")) -> tuple[MeetingClock, FakeDHT]:
+    dht = FakeDHT(dict(others))
+    schedule = RoundSchedule(3.0)
+    return MeetingClock(dht, "run.spec", 1, schedule, b"us", now=lambda: NOW, attended=attended), dht  # type: ignore[arg-type]
