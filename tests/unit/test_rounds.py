@@ -36,12 +36,14 @@ class Scripted(SoloAveraging):
     def __init__(self, answers: list[Answer], states: Optional[list[Download]] = None) -> None:
         self.answers, self.states = answers, states or []
         self.metas: list[RoundMeta] = []
+        self.meetings: list[float] = []
         self.published: list[int] = []
         self.intents: list[tuple[int, str]] = []
         self.longest_round = 5.0
 
     def average(self, delta: Sequence[torch.Tensor], meeting: float, meta: RoundMeta) -> AveragingResult:
         self.metas.append(meta)
+        self.meetings.append(meeting)
         return self.answers.pop(0)(delta, meta)
 
     def publish_round(self, round_no: int) -> None:
@@ -62,6 +64,7 @@ class Immediately:
     """A meeting clock that calls the meeting as soon as we have our H steps."""
 
     meeting: Optional[float] = None
+    missed: Optional[float] = None  # (a meeting of this round that just passed)
 
     def propose(self, first: bool = False) -> None:
         self.meeting = dht_time() + 60
@@ -177,3 +180,25 @@ def test_a_left_out_round_nobody_comes_to_hold_is_met_again(config):
     assert [r.round for r in node.records] == [1, 1]  # the same round, met again: nobody applied it
     assert [m.round for m in network.metas] == [0, 0]
     assert node.records[1].left_out is None and node.shared.round == 1
+
+
+class MissedIt(Immediately):
+    """The others met for the round while we were busy: the meeting passed before our update was ready."""
+
+    missed = 1234.0
+
+    def propose(self, first: bool = False) -> None:
+        raise AssertionError("a node that missed the round's meeting must not call another one")
+
+
+def test_a_node_that_missed_the_meeting_goes_to_it_late_and_follows_its_group(config):
+    class Late(ScriptedNode):
+        def _meeting_clock(self, round_no: int) -> MissedIt:  # type: ignore[override]
+            return MissedIt()
+
+    network = Scripted([left_out("declared late", [])])
+    node = Late(config, network)
+    node.config.max_rounds = 1
+    node.run()
+    assert network.meetings == [1234.0]  # declared for the meeting the others met at, not a new one
+    assert node.records[0].left_out == "declared late" and node.shared.round == 0
