@@ -28,6 +28,7 @@ from tapestry_p2p.app.cli import main
 from tapestry_p2p.comm.allreduce import ExactAllReduceRunner
 from tapestry_p2p.comm.averager import AllReduceOutcome, ExactAverager
 from tapestry_p2p.comm.averaging import RoundMeta, SwarmAveraging
+from tapestry_p2p.comm.matchmaking import Pace
 from tapestry_p2p.node.node import Node
 from tapestry_p2p.node.session import SwarmSession
 
@@ -58,8 +59,10 @@ def faulty_node(crash: str, fail: str, scale: float) -> type[Node]:
         def runner_class(self) -> type[ExactAllReduceRunner]:  # type: ignore[override]
             return KillAfterServing if armed(crash, self._allreduces) else ExactAllReduceRunner
 
-        async def _reduce(self, runner: Any, tensors: Sequence[torch.Tensor], outcome: AllReduceOutcome) -> None:
-            await super()._reduce(runner, tensors, outcome)
+        async def _reduce(
+            self, runner: Any, tensors: Sequence[torch.Tensor], outcome: AllReduceOutcome, pace: Pace
+        ) -> None:
+            await super()._reduce(runner, tensors, outcome, pace)
             if armed(fail, self._allreduces):
                 raise RuntimeError(f"{INJECTED} (--raise-in-allreduce {fail}) in all-reduce #{self._allreduces}")
 

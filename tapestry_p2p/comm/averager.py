@@ -45,6 +45,7 @@ from tapestry_p2p.comm import agreement
 from tapestry_p2p.comm.agreement import Contribution, Declaration, Outcome
 from tapestry_p2p.comm.allreduce import NETWORK_FAILURES, ExactAllReduceRunner, Traffic, fill_span, zero_spans
 from tapestry_p2p.comm.losses import LossReports
+from tapestry_p2p.comm.matchmaking import Pace
 from tapestry_p2p.comm.screening import Screen, weight_for
 from tapestry_p2p.comm.statesync.transport import StateTransport
 from tapestry_p2p.comm.voting import GroupVoting, Timing
@@ -76,6 +77,7 @@ class AllReduceOutcome:
     recovered: list[str] = field(default_factory=list)  # ... of which we fetched the span from its reducer after
     agreed_lost: list[str] = field(default_factory=list)  # the spans some member still lacked (comm.losses): zeroed
     unreported: list[str] = field(default_factory=list)  # members whose loss report never came (we may differ)
+    next_meeting: float = 0.0  # the group's next meeting, the earliest proposal in its reports (0.0: none)
     started: float = 0.0  # time.time() when the group was committed and the all-reduce began
     senders_lost: int = 0  # groupmates whose parts never reached us as a reducer (our span averages the others')
     refused: dict[str, str] = field(default_factory=dict)  # groupmate -> why we refused its parts as a reducer
@@ -222,28 +224,33 @@ class ExactAverager(StateTransport, GroupVoting, LossReports, DecentralizedAvera
         """Store our declaration for a meeting we now know, in the background (called from the node's process)."""
         self._outer_pipe.send((self._intend.__name__, [], dict(declaration=declaration)))
 
-    def agreed_step(self, declaration: Declaration, contribution: Contribution, timeout: float) -> AllReduceOutcome:
+    def agreed_step(
+        self, declaration: Declaration, contribution: Contribution, timeout: float, pace: Pace
+    ) -> AllReduceOutcome:
         """Agree on the round's group at `declaration.meeting` and all-reduce with it (called from the node's
-        process; our tensors hold our update). A failed all-reduce is an outcome (`failure`), not an exception."""
+        process; our tensors hold our update; `pace`: when we can meet next). A failed all-reduce is an outcome
+        (`failure`), not an exception."""
         return self._call_in_averager(
-            self._agreed_step.__name__, timeout, declaration=declaration, contribution=contribution
+            self._agreed_step.__name__, timeout, declaration=declaration, contribution=contribution, pace=pace
         )
 
-    async def _agreed_step(self, declaration: Declaration, contribution: Contribution, future: MPFuture) -> None:
+    async def _agreed_step(
+        self, declaration: Declaration, contribution: Contribution, pace: Pace, future: MPFuture
+    ) -> None:
         try:
-            future.set_result(await self._agreed_round(declaration, contribution))
+            future.set_result(await self._agreed_round(declaration, contribution, pace))
         except BaseException as e:
             if not future.done():
                 future.set_exception(e)
             if not isinstance(e, Exception):
                 raise
 
-    async def _agreed_round(self, declaration: Declaration, contribution: Contribution) -> AllReduceOutcome:
+    async def _agreed_round(self, declaration: Declaration, contribution: Contribution, pace: Pace) -> AllReduceOutcome:
         decided = await self._agree(declaration, contribution)
         if decided.group is None:
             return AllReduceOutcome(attempt=decided.attempt, left_out=decided.reason, others=list(decided.others))
         try:
-            return await self._allreduce(decided, weight_for(contribution.steps, self._max_steps))
+            return await self._allreduce(decided, weight_for(contribution.steps, self._max_steps), pace)
         except (*NETWORK_FAILURES, AveragingBug) as e:
             # our group's members may have finished the round without us: we follow them (the node takes the state
             # the round ends on) rather than apply anything of our own
@@ -260,7 +267,7 @@ class ExactAverager(StateTransport, GroupVoting, LossReports, DecentralizedAvera
                 others=[p for p in decided.group.members if p != me],
             )
 
-    async def _allreduce(self, decided: Outcome, weight: float) -> AllReduceOutcome:
+    async def _allreduce(self, decided: Outcome, weight: float, pace: Pace) -> AllReduceOutcome:
         """Run the all-reduce with a committed group (every member takes an equal span, in `agreement.ordered`)."""
         assert decided.group is not None
         order = agreement.ordered(decided.group)
@@ -303,7 +310,7 @@ class ExactAverager(StateTransport, GroupVoting, LossReports, DecentralizedAvera
                 )
                 outcome.traffic, outcome.refused, outcome.clipped = runner.traffic, runner.refused, runner.clipped
                 self._running_groups[group.group_id].set_result(runner)
-                await asyncio.wait_for(self._reduce(runner, tensors, outcome), self._allreduce_timeout)
+                await asyncio.wait_for(self._reduce(runner, tensors, outcome, pace), self._allreduce_timeout)
         except NETWORK_FAILURES:
             raise
         except Exception as e:
@@ -318,7 +325,7 @@ class ExactAverager(StateTransport, GroupVoting, LossReports, DecentralizedAvera
         return outcome
 
     async def _reduce(
-        self, runner: ExactAllReduceRunner, tensors: Sequence[torch.Tensor], outcome: AllReduceOutcome
+        self, runner: ExactAllReduceRunner, tensors: Sequence[torch.Tensor], outcome: AllReduceOutcome, pace: Pace
     ) -> None:
         async for tensor, averaged in azip(as_aiter(*tensors), runner):
             tensor.copy_(averaged)
@@ -337,7 +344,10 @@ class ExactAverager(StateTransport, GroupVoting, LossReports, DecentralizedAvera
                 outcome.recovered.append(reducer)
         still_lost = lost - set(outcome.recovered)
         refused = {p for p in runner.refused if p in members}
-        agreed, outcome.unreported = await self._agree_on_losses(runner.group_id, members, still_lost, refused)
+        proposal = pace.meeting(self.clock.now())
+        agreed, outcome.unreported, outcome.next_meeting = await self._agree_on_losses(
+            runner.group_id, members, still_lost, refused, proposal
+        )
         outcome.lost_reducers, outcome.agreed_lost = sorted(lost), sorted(agreed | still_lost)
         outcome.failed_spans = runner.spans_of([members.index(p) for p in outcome.agreed_lost])
         zeroed = zero_spans(tensors, outcome.failed_spans)

@@ -45,7 +45,7 @@ from tapestry_p2p.comm.agreement import ALONE, Contribution, Declaration
 from tapestry_p2p.comm.averager import AllReduceOutcome, ExactAverager
 from tapestry_p2p.comm.codec import compression_for
 from tapestry_p2p.comm.error_feedback import ErrorFeedback
-from tapestry_p2p.comm.matchmaking import DECLARE_LEAD
+from tapestry_p2p.comm.matchmaking import DECLARE_LEAD, Pace
 from tapestry_p2p.comm.screening import DEFAULT_CLIP_MULTIPLE
 from tapestry_p2p.comm.statesync.client import Download, StateClient
 from tapestry_p2p.comm.statesync.wire import PeerState, StateId
@@ -75,6 +75,7 @@ class RoundMeta:
     round: int  # the shared model's round going in
     hash: str  # its hash
     steps: int  # inner steps this round (its weight is `screening.weight_for(steps, H)`)
+    pace: Pace = Pace()  # when it can meet for the next round (proposed to the group: comm.matchmaking.Pace)
 
 
 @dataclass
@@ -108,6 +109,7 @@ class AveragingResult:
     recovered: list[str] = field(default_factory=list)  # ... of which we fetched the span from its reducer after
     agreed_lost: list[str] = field(default_factory=list)  # spans some member still lacked: no update, on any member
     unreported: list[str] = field(default_factory=list)  # members whose loss report never came (not `clean`)
+    next_meeting: float = 0.0  # when the group meets for the next round, as its members proposed (0.0: unknown)
     meeting: float = 0.0  # the meeting the round was agreed at (with the round: which agreement it was)
     refused: dict[str, str] = field(default_factory=dict)  # groupmate -> why we refused its parts as a reducer
     clipped: dict[str, float] = field(default_factory=dict)  # groupmate -> the factor we scaled its parts by
@@ -328,7 +330,7 @@ class SwarmAveraging:
         try:
             try:
                 timeout = max(meeting - self.now(), 0.0) + self.longest_round + STEP_GRACE
-                outcome = self._averager.agreed_step(declaration, contribution, timeout)
+                outcome = self._averager.agreed_step(declaration, contribution, timeout, meta.pace)
             finally:
                 lap("wait")  # split below into agreeing on the group and the all-reduce itself
         except Exception as e:  # noqa: BLE001 (the averager process answers with outcomes: this is ours, or a pipe)
@@ -460,6 +462,7 @@ def _result(
         recovered=list(outcome.recovered),
         agreed_lost=list(outcome.agreed_lost),
         unreported=list(outcome.unreported),
+        next_meeting=outcome.next_meeting,
         refused=outcome.refused,
         clipped=outcome.clipped,
         norm=contribution.norm,

@@ -11,10 +11,12 @@ Once our all-reduce is done, in the averager process:
 1. **Fetch** each lost span from its reducer (`rpc_span`): the reducer keeps the encoded averages it published (the same
    bytes every member decoded, so the fetched values are the group's), for a few groups, and serves them to members of
    the group; one whose span is not complete yet is waited for. A span is a 1/n share of the coded model.
-2. **Report**: we send our `Report` (group id, the reducers whose spans we still lack, the senders we refused) to every
-   other member, answer every member's report with ours (or "not done yet"), and wait for the report of every member
-   whose span we hold (one whose span we lack may be dead: we do not wait for it), at most `REPORT_WAIT` seconds after
-   our own end (a member may still wait up to the reducer timeout for a part that never comes).
+2. **Report**: we send our `Report` (group id, the reducers whose spans we still lack, the senders we refused, and
+   when we propose the group meets for the next round: `comm.matchmaking.Pace`) to every other member, answer every
+   member's report with ours (or "not done yet"), and wait for the report of every member whose span we hold (one
+   whose span we lack may be dead: we do not wait for it), at most `REPORT_WAIT` seconds after our own end (a member
+   may still wait up to the reducer timeout for a part that never comes). The next meeting is the earliest proposal
+   heard.
 3. **Zero** the union of the lost reducers named by the members' reports (only members count, and only members can be
    named), except a span whose reducer refused the member that lost it (its parts failed the screening: that member
    alone re-syncs). Zeroed values get no update this round on any member, as for a reducer that died (the rule of
@@ -34,6 +36,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -66,28 +69,39 @@ MAX_GROUP_ID_LENGTH = 32
 class Report:
     """What one member lost in a group's all-reduce: the reducers (peer ids) whose averaged spans it did not receive,
     and the senders it refused as a reducer (their parts failed its screening: `comm.screening`). `done` is False in
-    an answer from a member whose all-reduce is not over yet (it has no report)."""
+    an answer from a member whose all-reduce is not over yet (it has no report). `meeting`: when it proposes the
+    group meets for the next round (swarm time, `comm.matchmaking.Pace`; 0.0: no proposal)."""
 
     group_id: bytes
     lost: tuple[str, ...] = ()
     refused: tuple[str, ...] = ()
     done: bool = True
+    meeting: float = 0.0
 
     def pack(self) -> bytes:
-        return msgpack.packb([self.group_id, list(self.lost), list(self.refused), self.done])
+        return msgpack.packb([self.group_id, list(self.lost), list(self.refused), self.done, self.meeting])
 
     @classmethod
     def unpack(cls, raw: bytes) -> Optional[Report]:
         """A report from untrusted bytes; None if malformed."""
         try:
-            group_id, lost, refused, done = msgpack.unpackb(raw, raw=False)
+            group_id, lost, refused, done, meeting = msgpack.unpackb(raw, raw=False)
         except UNPACK_ERRORS:
             return None
         if not (isinstance(group_id, bytes) and 0 < len(group_id) <= MAX_GROUP_ID_LENGTH and type(done) is bool):
             return None
         if not (is_peer_list(lost) and is_peer_list(refused)):
             return None
-        return cls(group_id, tuple(sorted(set(lost))), tuple(sorted(set(refused))), done)
+        if not (type(meeting) is float and math.isfinite(meeting) and meeting >= 0.0):
+            return None
+        return cls(group_id, tuple(sorted(set(lost))), tuple(sorted(set(refused))), done, meeting)
+
+
+def next_meeting(members: Sequence[str], reports: dict[str, Report]) -> float:
+    """The group's next meeting as far as we heard: the earliest members' proposal (0.0: none). Members that heard
+    different reports may differ; they reconcile through the DHT, where each stores what it took (`MeetingClock`)."""
+    proposals = [r.meeting for peer, r in reports.items() if peer in members and r.meeting > 0.0]
+    return min(proposals) if proposals else 0.0
 
 
 def agreed_losses(members: Sequence[str], reports: dict[str, Report]) -> set[str]:
@@ -191,12 +205,13 @@ class LossReports:
     # ---- reporting what is still lost ----
 
     async def _agree_on_losses(
-        self, group_id: bytes, members: Sequence[str], lost: set[str], refused: set[str]
-    ) -> tuple[set[str], list[str]]:
-        """Tell the group what we lost (and whom we refused), hear what they lost; returns the reducers every member
-        zeroes, and the members whose report we waited for in vain (see the module docstring)."""
+        self, group_id: bytes, members: Sequence[str], lost: set[str], refused: set[str], meeting: float = 0.0
+    ) -> tuple[set[str], list[str], float]:
+        """Tell the group what we lost (and whom we refused) and when we propose to meet next, hear the same from
+        them; returns the reducers every member zeroes, the members whose report we waited for in vain (see the
+        module docstring), and the earliest next meeting proposed (`next_meeting`)."""
         me = self.peer_id.to_base58()
-        ours = Report(group_id, tuple(sorted(lost)), tuple(sorted(refused)))
+        ours = Report(group_id, tuple(sorted(lost)), tuple(sorted(refused)), meeting=meeting)
         self._keep(group_id, me, ours)
         for peer in members:
             if peer != me:
@@ -223,7 +238,7 @@ class LossReports:
                 logger.info("groupmate %s lost the spans of %s: they get no update this round", peer, named)
         if missing:
             logger.info("%d groupmates did not say which spans they lost: we may differ from the group", len(missing))
-        return agreed, missing
+        return agreed, missing, next_meeting(members, reports)
 
     async def _send_report(self, peer: str, report: Report) -> None:
         request = runtime_pb2.ExpertRequest(metadata=report.pack())

@@ -54,6 +54,26 @@ PROPOSAL_SLACK = 5.0  # seconds beyond three windows a proposal may lie ahead (c
 DHT_ERRORS = (OSError, EOFError, RuntimeError, TimeoutError)  # the DHT process is gone, slow or shutting down
 
 
+@dataclass(frozen=True)
+class Pace:
+    """When a member can meet for the round after the one it is averaging: it proposes that meeting to its group in
+    its loss report (`comm.losses`), and every member of the group takes the earliest proposal it heard. The
+    group's members thus learn their next meeting from each other directly, seconds or rounds ahead, not by racing
+    each other through the DHT. `ready`: the swarm time we expect our next H inner steps done (we train meanwhile),
+    or 0; `after`: the seconds of training still needed once the round ends (a blocking round); `ahead`: how long
+    after that the meeting is (the round window, or more while the DHT is slow); 0: no proposal."""
+
+    ready: float = 0.0
+    after: float = 0.0
+    ahead: float = 0.0
+
+    def meeting(self, now: float) -> float:
+        """Our proposal for the next meeting, made at `now` (swarm time; 0.0: none): on the MEETING_GRID."""
+        if not self.ahead > 0:
+            return 0.0
+        return math.ceil((max(self.ready, now + self.after) + self.ahead) / MEETING_GRID) * MEETING_GRID
+
+
 @dataclass
 class RoundSchedule:
     window: float = 4.0  # how long the first finisher waits for the others, in seconds
@@ -128,6 +148,14 @@ class MeetingClock:
         earliest = self.now() + max(self.ahead, self.lead + 1.0) + (window if first else 0.0)
         with self._lock:
             self._proposal, self._stored = math.ceil(earliest / MEETING_GRID) * MEETING_GRID, False
+        self._wake.set()
+
+    def agree(self, meeting: float) -> None:
+        """The meeting our last round's group agreed on for this round (`Pace`): our proposal, unless ours is
+        earlier; stored in the background, so that peers outside that group learn it too."""
+        with self._lock:
+            if self._proposal is None or meeting < self._proposal:
+                self._proposal, self._stored = meeting, False
         self._wake.set()
 
     def should_stop_training(self, step_seconds: float = 0.0) -> bool:

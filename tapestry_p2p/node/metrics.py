@@ -49,6 +49,7 @@ class RoundMetrics:
     attempt: int = 1
     left_out: Optional[str] = None
     meeting: float = 0.0  # the meeting (DHT time) the round was agreed at: with `round`, which agreement it was
+    next_meeting: float = 0.0  # the next round's meeting, as the group's members proposed it to each other (0: none)
     lost_reducers: list[str] = field(default_factory=list)  # groupmates whose averaged spans we did not receive
     recovered: list[str] = field(default_factory=list)  # ... of which we fetched the span from its reducer after
     agreed_lost: list[str] = field(default_factory=list)  # spans some member still lacked (no update, on any member)

@@ -33,7 +33,7 @@ from typing import Any, Optional
 import torch
 
 from tapestry_p2p.comm.averaging import AveragingConfig, AveragingResult, RoundMeta
-from tapestry_p2p.comm.matchmaking import DECLARE_LEAD, MeetingClock
+from tapestry_p2p.comm.matchmaking import DECLARE_LEAD, MeetingClock, Pace
 from tapestry_p2p.comm.statesync.client import Download
 from tapestry_p2p.node.build import Parts, build_parts
 from tapestry_p2p.node.config import NodeConfig
@@ -78,6 +78,7 @@ class Node:
         self._rounds_since_save, self._saved_at = 0, time.monotonic()
         self._events: dict[str, Any] = {}  # protocol facts since the last record (a catch-up), for the next one
         self._attended: tuple[int, float] = (0, -math.inf)  # the last meeting we went to: (its round, its time)
+        self._agreed: tuple[int, float] = (0, 0.0)  # the next meeting our last group agreed on: (its round, its time)
         self.resumed = self.checkpoints is not None and self.checkpoints.exists()
         if self.checkpoints is not None and self.resumed:
             self.round_losses.extend(self.checkpoints.resume())
@@ -174,6 +175,9 @@ class Node:
         try:
             self.status.update(state="training")
             while not self.stop.is_set():
+                if clock is not None and self._agreed[0] == round_no:
+                    clock.agree(self._agreed[1])  # (our last group's members proposed it to each other)
+                    self._agreed = (0, 0.0)
                 if clock is not None and clock.meeting is not None and self.rounds.entry is None:
                     # declare as soon as we know the meeting and hold the state we declare against, and train on
                     intent = (clock.meeting, self.shared.round, self.shared.hash())
@@ -252,8 +256,17 @@ class Node:
         with self.rounds.phases("pseudo_gradient"):
             delta = self.shared.pseudo_gradient(self.trainer.model)
         with self.rounds.phases("hash"):
-            meta = RoundMeta(round=self.shared.round, hash=self.shared.hash(), steps=len(self.round_losses))
+            meta = RoundMeta(self.shared.round, self.shared.hash(), len(self.round_losses), self._pace())
         return delta, meta
+
+    def _pace(self) -> Pace:
+        """When we can meet for the round after this one (our group agrees on it in the all-reduce: `Pace`): once our
+        next H inner steps are done at the step time measured so far, and the round window after that."""
+        averaging, train = self.sync.averaging, self.config.inner_steps * self._step_seconds
+        ahead = averaging.ahead(self.config.schedule.window)
+        if self.config.overlap:  # (we train the next round while this one is averaged)
+            return Pace(ready=averaging.now() + train, ahead=ahead)
+        return Pace(after=train, ahead=ahead)
 
     def _launch(self, meeting: float, training_seconds: float) -> None:
         """Hand this round to the network (in the background); training goes on from the working model."""
@@ -266,6 +279,8 @@ class Node:
         """A round of ours settled: re-sync if it lost parts, checkpoint, write its record."""
         self.last_loss = mean(launched.losses)
         self.rounds_done += 1
+        if result.next_meeting > 0.0:
+            self._agreed = (result.group_round + 1, result.next_meeting)
         phases = self.rounds.phases
         if self.sync.out_of_step(result):
             self.status.update(state="loading state")
@@ -328,6 +343,7 @@ class Node:
             attempt=result.attempt,
             left_out=result.left_out,
             meeting=result.meeting,
+            next_meeting=result.next_meeting,
             lost_reducers=list(result.lost_reducers),
             recovered=list(result.recovered),
             agreed_lost=list(result.agreed_lost),

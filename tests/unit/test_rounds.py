@@ -69,6 +69,9 @@ class Immediately:
     def propose(self, first: bool = False) -> None:
         self.meeting = dht_time() + 60
 
+    def agree(self, meeting: float) -> None:
+        self.meeting = meeting if self.meeting is None else min(self.meeting, meeting)
+
     def should_stop_training(self, step_seconds: float = 0.0) -> bool:
         return self.meeting is not None
 
@@ -202,3 +205,18 @@ def test_a_node_that_missed_the_meeting_goes_to_it_late_and_follows_its_group(co
     node.run()
     assert network.meetings == [1234.0]  # declared for the meeting the others met at, not a new one
     assert node.records[0].left_out == "declared late" and node.shared.round == 0
+
+
+def test_the_next_meeting_is_the_one_the_group_agreed_on_in_its_last_round(config):
+    def with_next_meeting(delta: Sequence[torch.Tensor], meta: RoundMeta) -> AveragingResult:
+        result = averaged(1.0)(delta, meta)
+        result.next_meeting, result.group_round = 4321.0, meta.round + 1
+        return result
+
+    network = Scripted([with_next_meeting, averaged(1.0)])
+    node = ScriptedNode(config, network)
+    node.config.overlap = False
+    node.config.max_rounds = 2
+    node.run()
+    assert network.meetings[1] == 4321.0 and node.records[0].next_meeting == 4321.0
+    assert network.metas[0].pace.after > 0 and network.metas[0].pace.ahead == config.schedule.window  # (blocking)
