@@ -344,9 +344,8 @@ class ExactAverager(StateTransport, GroupVoting, LossReports, DecentralizedAvera
                 outcome.recovered.append(reducer)
         still_lost = lost - set(outcome.recovered)
         refused = {p for p in runner.refused if p in members}
-        proposal = pace.meeting(self.clock.now())
         agreed, outcome.unreported, outcome.next_meeting = await self._agree_on_losses(
-            runner.group_id, members, still_lost, refused, proposal
+            runner.group_id, members, still_lost, refused, pace
         )
         outcome.lost_reducers, outcome.agreed_lost = sorted(lost), sorted(agreed | still_lost)
         outcome.failed_spans = runner.spans_of([members.index(p) for p in outcome.agreed_lost])

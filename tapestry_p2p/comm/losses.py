@@ -15,8 +15,8 @@ Once our all-reduce is done, in the averager process:
    when we propose the group meets for the next round: `comm.matchmaking.Pace`) to every other member, answer every
    member's report with ours (or "not done yet"), and wait for the report of every member whose span we hold (one
    whose span we lack may be dead: we do not wait for it), at most `REPORT_WAIT` seconds after our own end (a member
-   may still wait up to the reducer timeout for a part that never comes). The next meeting is the earliest proposal
-   heard.
+   may still wait up to the reducer timeout for a part that never comes). The next meeting is computed from the
+   proposals heard (`comm.matchmaking.agreed_meeting`).
 3. **Zero** the union of the lost reducers named by the members' reports (only members count, and only members can be
    named), except a span whose reducer refused the member that lost it (its parts failed the screening: that member
    alone re-syncs). Zeroed values get no update this round on any member, as for a reducer that died (the rule of
@@ -52,6 +52,7 @@ from hivemind.proto import averaging_pb2, runtime_pb2
 from hivemind.utils.asyncio import aiter_with_timeout
 
 from tapestry_p2p.comm.agreement import MAX_MEMBERS, is_peer_list
+from tapestry_p2p.comm.matchmaking import NextMeeting, Pace, agreed_meeting
 from tapestry_p2p.comm.statesync.wire import UNPACK_ERRORS
 
 logger = logging.getLogger(__name__)
@@ -69,39 +70,43 @@ MAX_GROUP_ID_LENGTH = 32
 class Report:
     """What one member lost in a group's all-reduce: the reducers (peer ids) whose averaged spans it did not receive,
     and the senders it refused as a reducer (their parts failed its screening: `comm.screening`). `done` is False in
-    an answer from a member whose all-reduce is not over yet (it has no report). `meeting`: when it proposes the
-    group meets for the next round (swarm time, `comm.matchmaking.Pace`; 0.0: no proposal)."""
+    an answer from a member whose all-reduce is not over yet (it has no report). `proposal`: when it can meet for the
+    next round (`comm.matchmaking.Pace`), or None."""
 
     group_id: bytes
     lost: tuple[str, ...] = ()
     refused: tuple[str, ...] = ()
     done: bool = True
-    meeting: float = 0.0
+    proposal: Optional[NextMeeting] = None
 
     def pack(self) -> bytes:
-        return msgpack.packb([self.group_id, list(self.lost), list(self.refused), self.done, self.meeting])
+        p = self.proposal
+        proposal = [] if p is None else [p.ready, p.finished, p.ahead]
+        return msgpack.packb([self.group_id, list(self.lost), list(self.refused), self.done, proposal])
 
     @classmethod
     def unpack(cls, raw: bytes) -> Optional[Report]:
         """A report from untrusted bytes; None if malformed."""
         try:
-            group_id, lost, refused, done, meeting = msgpack.unpackb(raw, raw=False)
+            group_id, lost, refused, done, proposal = msgpack.unpackb(raw, raw=False)
         except UNPACK_ERRORS:
             return None
         if not (isinstance(group_id, bytes) and 0 < len(group_id) <= MAX_GROUP_ID_LENGTH and type(done) is bool):
             return None
         if not (is_peer_list(lost) and is_peer_list(refused)):
             return None
-        if not (type(meeting) is float and math.isfinite(meeting) and meeting >= 0.0):
+        if not (isinstance(proposal, list) and len(proposal) in (0, 3)):
             return None
-        return cls(group_id, tuple(sorted(set(lost))), tuple(sorted(set(refused))), done, meeting)
+        if not all(type(t) is float and math.isfinite(t) and t >= 0.0 for t in proposal):
+            return None
+        next_meeting = NextMeeting(*proposal) if proposal else None
+        return cls(group_id, tuple(sorted(set(lost))), tuple(sorted(set(refused))), done, next_meeting)
 
 
-def next_meeting(members: Sequence[str], reports: dict[str, Report]) -> float:
-    """The group's next meeting as far as we heard: the earliest members' proposal (0.0: none). Members that heard
-    different reports may differ; they reconcile through the DHT, where each stores what it took (`MeetingClock`)."""
-    proposals = [r.meeting for peer, r in reports.items() if peer in members and r.meeting > 0.0]
-    return min(proposals) if proposals else 0.0
+def proposals_of(members: Sequence[str], reports: dict[str, Report]) -> list[NextMeeting]:
+    """The members' proposals for the next meeting (`comm.matchmaking.agreed_meeting` makes one time of them; members
+    that heard different reports may differ, and reconcile through the DHT, where each stores what it took)."""
+    return [r.proposal for peer, r in sorted(reports.items()) if peer in members and r.proposal is not None]
 
 
 def agreed_losses(members: Sequence[str], reports: dict[str, Report]) -> set[str]:
@@ -124,6 +129,7 @@ class LossReports:
         _members: Any
         prefix: str
         peer_id: PeerID
+        clock: Any  # (comm.voting: the swarm's clock)
 
     _running_groups: dict[bytes, asyncio.Future]  # (comm.averager) committed group id -> its runner, once built
     _reports: OrderedDict[bytes, dict[str, Report]]
@@ -205,13 +211,13 @@ class LossReports:
     # ---- reporting what is still lost ----
 
     async def _agree_on_losses(
-        self, group_id: bytes, members: Sequence[str], lost: set[str], refused: set[str], meeting: float = 0.0
+        self, group_id: bytes, members: Sequence[str], lost: set[str], refused: set[str], pace: Pace
     ) -> tuple[set[str], list[str], float]:
         """Tell the group what we lost (and whom we refused) and when we propose to meet next, hear the same from
         them; returns the reducers every member zeroes, the members whose report we waited for in vain (see the
-        module docstring), and the earliest next meeting proposed (`next_meeting`)."""
+        module docstring), and the next meeting their proposals make (0.0: none)."""
         me = self.peer_id.to_base58()
-        ours = Report(group_id, tuple(sorted(lost)), tuple(sorted(refused)), meeting=meeting)
+        ours = Report(group_id, tuple(sorted(lost)), tuple(sorted(refused)), proposal=pace.at(self.clock.now()))
         self._keep(group_id, me, ours)
         for peer in members:
             if peer != me:
@@ -238,7 +244,8 @@ class LossReports:
                 logger.info("groupmate %s lost the spans of %s: they get no update this round", peer, named)
         if missing:
             logger.info("%d groupmates did not say which spans they lost: we may differ from the group", len(missing))
-        return agreed, missing, next_meeting(members, reports)
+        meeting = agreed_meeting(proposals_of(members, reports), self.clock.now(), pace.limit)
+        return agreed, missing, meeting
 
     async def _send_report(self, peer: str, report: Report) -> None:
         request = runtime_pb2.ExpertRequest(metadata=report.pack())

@@ -37,7 +37,7 @@ import logging
 import math
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Optional
 
@@ -56,22 +56,49 @@ DHT_ERRORS = (OSError, EOFError, RuntimeError, TimeoutError)  # the DHT process 
 
 @dataclass(frozen=True)
 class Pace:
-    """When a member can meet for the round after the one it is averaging: it proposes that meeting to its group in
-    its loss report (`comm.losses`), and every member of the group takes the earliest proposal it heard. The
-    group's members thus learn their next meeting from each other directly, seconds or rounds ahead, not by racing
-    each other through the DHT. `ready`: the swarm time we expect our next H inner steps done (we train meanwhile),
-    or 0; `after`: the seconds of training still needed once the round ends (a blocking round); `ahead`: how long
-    after that the meeting is (the round window, or more while the DHT is slow); 0: no proposal."""
+    """When a member can meet for the round after the one it is averaging (what the node hands in with its update):
+    `ready`, the swarm time we expect our next H inner steps done (we train meanwhile), or 0; `after`, the seconds of
+    training still needed once the round ends (a blocking round); `ahead`, how long after that the meeting is (the
+    round window, or more while the DHT is slow; 0: no proposal); `limit`, the most `ahead` the group may take from
+    any member (three windows). Each member proposes `at(now)` to its group in its loss report (`comm.losses`) and
+    every member computes the same meeting from the proposals (`agreed_meeting`): the group's members learn their
+    next meeting from each other, seconds or rounds ahead, instead of racing each other's proposals through the DHT."""
 
     ready: float = 0.0
     after: float = 0.0
     ahead: float = 0.0
+    limit: float = 0.0
 
-    def meeting(self, now: float) -> float:
-        """Our proposal for the next meeting, made at `now` (swarm time; 0.0: none): on the MEETING_GRID."""
+    def at(self, now: float) -> Optional[NextMeeting]:
+        """Our proposal, made at `now` (swarm time) as our all-reduce ends; None if we make none."""
         if not self.ahead > 0:
-            return 0.0
-        return math.ceil((max(self.ready, now + self.after) + self.ahead) / MEETING_GRID) * MEETING_GRID
+            return None
+        return NextMeeting(ready=max(self.ready, now + self.after), finished=now, ahead=self.ahead)
+
+
+@dataclass(frozen=True)
+class NextMeeting:
+    """A member's proposal for the group's next meeting: when its next H steps are done, when its all-reduce ended,
+    and how long after both the meeting should be (all swarm time; untrusted once received: see `agreed_meeting`)."""
+
+    ready: float
+    finished: float
+    ahead: float
+
+
+def agreed_meeting(proposals: Sequence[NextMeeting], now: float, limit: float) -> float:
+    """The group's next meeting from its members' proposals (0.0: none): `ahead` (the longest any member asks for, at
+    most `limit`) after both the first member's H steps (the first to finish calls the meeting) and the last member's
+    end of the all-reduce (each must hold the round's outcome and store its declaration in time). Every member that
+    heard the same proposals computes the same time. A member claiming to have finished later than `now` (we heard it
+    after it finished) is taken at `now`: it cannot push the meeting away; claiming to be ready early can cut a
+    round short, as a DHT proposal can (R3 in the security review)."""
+    if not proposals:
+        return 0.0
+    ready = min(p.ready for p in proposals)
+    finished = max(min(p.finished, now) for p in proposals)
+    ahead = min(max(p.ahead for p in proposals), limit)
+    return math.ceil((max(ready, finished) + ahead) / MEETING_GRID) * MEETING_GRID
 
 
 @dataclass

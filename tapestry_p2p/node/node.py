@@ -263,10 +263,11 @@ class Node:
         """When we can meet for the round after this one (our group agrees on it in the all-reduce: `Pace`): once our
         next H inner steps are done at the step time measured so far, and the round window after that."""
         averaging, train = self.sync.averaging, self.config.inner_steps * self._step_seconds
-        ahead = averaging.ahead(self.config.schedule.window)
+        window = self.config.schedule.window
+        ahead, limit = averaging.ahead(window), 3 * window
         if self.config.overlap:  # (we train the next round while this one is averaged)
-            return Pace(ready=averaging.now() + train, ahead=ahead)
-        return Pace(after=train, ahead=ahead)
+            return Pace(ready=averaging.now() + train, ahead=ahead, limit=limit)
+        return Pace(after=train, ahead=ahead, limit=limit)
 
     def _launch(self, meeting: float, training_seconds: float) -> None:
         """Hand this round to the network (in the background); training goes on from the working model."""
