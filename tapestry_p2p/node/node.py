@@ -2,8 +2,9 @@
 
 A round, as `Node.run_round` reads:
 1. settle the round in flight if it is done (node.rounds), and catch up if the swarm is ahead (node.sync);
-2. inner steps of AdamW on local data until the round's meeting is near (comm.matchmaking: the first partner with H
-   steps calls it; a faster one keeps training until then, a slower one stops with fewer steps);
+2. inner steps of AdamW on local data until the round's meeting is near (comm.matchmaking: the meeting our last
+   round's group agreed on, or else the first partner with H steps calls it; a faster one keeps training until then,
+   a slower one stops with fewer steps; one that missed it goes to it late and follows its group);
 3. at the meeting, settle what is still in flight, then launch this round: our pseudo-gradient `theta - working`,
    declared and all-reduced with the round's agreed group in the background (comm.averaging) while the next round
    trains; a blocking round (`--no-overlap`) settles it at once;
