@@ -28,6 +28,7 @@ from tapestry_p2p.comm.agreement import Contribution, Declaration, Outcome, Stat
 from tapestry_p2p.comm.allreduce import ExactAllReduceRunner
 from tapestry_p2p.comm.averager import AllReduceOutcome, ExactAverager
 from tapestry_p2p.comm.averaging import NEXT_CHUNK_TIMEOUT, AveragingConfig, RoundMeta, SwarmAveraging
+from tapestry_p2p.comm.matchmaking import Pace
 from tapestry_p2p.comm.screening import DEFAULT_CLIP_MULTIPLE
 from tapestry_p2p.comm.statesync.client import STATE_TIMEOUT
 from tapestry_p2p.comm.statesync.wire import StateId, StateInfo, unpack_request
@@ -82,8 +83,8 @@ class Liar(ExactAverager):
     def lie(self) -> str:
         return LIE.value.decode()
 
-    async def _allreduce(self, decided: Outcome, weight: float) -> AllReduceOutcome:
-        return await super()._allreduce(decided, 1e9 if self.lie == "weight" else weight)
+    async def _allreduce(self, decided: Outcome, weight: float, pace: Pace) -> AllReduceOutcome:
+        return await super()._allreduce(decided, 1e9 if self.lie == "weight" else weight, pace)
 
     async def _declare(self, declaration: Declaration, meeting: float) -> bool:
         key = self.declarations_key(declaration.round)
