@@ -55,6 +55,9 @@ def test_overlapped_rounds_keep_one_model_through_a_crash_and_a_resume(procs, tm
                     continue
                 assert (theirs["group_id"], theirs["members"]) == (row["group_id"], row["members"]), (slot, rows)
                 assert theirs["model_hash"] == row["model_hash"], (slot, rows)
+                if len(row["members"]) > 1 and not (row["unreported"] or theirs["unreported"]):
+                    # the group agreed on its next meeting inside the round: the same time, after this one
+                    assert theirs["next_meeting"] == row["next_meeting"] > row["meeting"], (slot, rows)
 
     # a and b averaged together in every round, from their first to their last (the crash cost c's span only)
     for name in "ab":
