@@ -244,7 +244,9 @@ class LossReports:
                 logger.info("groupmate %s lost the spans of %s: they get no update this round", peer, named)
         if missing:
             logger.info("%d groupmates did not say which spans they lost: we may differ from the group", len(missing))
-        meeting = agreed_meeting(proposals_of(members, reports), self.clock.now(), pace.limit)
+        proposals = proposals_of(members, reports)
+        waited = REPORT_WAIT if len(proposals) < len(members) else 0.0
+        meeting = agreed_meeting(proposals, self.clock.now(), pace.limit, waited)
         return agreed, missing, meeting
 
     async def _send_report(self, peer: str, report: Report) -> None:

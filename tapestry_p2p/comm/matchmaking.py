@@ -86,17 +86,21 @@ class NextMeeting:
     ahead: float
 
 
-def agreed_meeting(proposals: Sequence[NextMeeting], now: float, limit: float) -> float:
+def agreed_meeting(proposals: Sequence[NextMeeting], now: float, limit: float, waited: float = 0.0) -> float:
     """The group's next meeting from its members' proposals (0.0: none): `ahead` (the longest any member asks for, at
     most `limit`) after both the first member's H steps (the first to finish calls the meeting) and the last member's
-    end of the all-reduce (each must hold the round's outcome and store its declaration in time). Every member that
-    heard the same proposals computes the same time. A member claiming to have finished later than `now` (we heard it
-    after it finished) is taken at `now`: it cannot push the meeting away; claiming to be ready early can cut a
-    round short, as a DHT proposal can (R3 in the security review)."""
+    end of the all-reduce (each must hold the round's outcome and store its declaration in time). `waited`: how long
+    after its end a member may wait for a report that never comes (`comm.losses.REPORT_WAIT`), added when some
+    member's proposal is missing (pass it then): the others may still be waiting for it. (An 8-partner soak with
+    kills: a member died mid-round, the others waited 12 s for its report and settled after the meeting they had
+    agreed on, and the one that had not waited met alone.) Every member that heard the same proposals computes the
+    same time. A member claiming to have finished later than `now` (we heard it after it finished) is taken at `now`:
+    it cannot push the meeting away; claiming to be ready early can cut a round short, as a DHT proposal can (R3 in
+    the security review)."""
     if not proposals:
         return 0.0
     ready = min(p.ready for p in proposals)
-    finished = max(min(p.finished, now) for p in proposals)
+    finished = max(min(p.finished, now) for p in proposals) + waited
     ahead = min(max(p.ahead for p in proposals), limit)
     return math.ceil((max(ready, finished) + ahead) / MEETING_GRID) * MEETING_GRID
 

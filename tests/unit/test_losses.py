@@ -62,6 +62,9 @@ def test_the_next_meeting_follows_the_first_ready_and_the_last_to_finish_the_rou
     liar = proposals + [NextMeeting(ready=5000.0, finished=9000.0, ahead=1e9)]  # pushing the meeting away
     assert agreed_meeting(liar, now=1003.0, limit=12.0) == 1032.0  # finished taken at now, ahead at the limit
     assert agreed_meeting([], now=1003.0, limit=12.0) == 0.0
+    # a member's proposal is missing (it died mid-round): the others may wait for its report, up to `waited`
+    assert agreed_meeting(proposals, now=1003.0, limit=12.0, waited=12.0) == 1026.0  # (b's H steps come later still)
+    assert agreed_meeting(late, now=1020.0, limit=12.0, waited=12.0) == 1038.0  # 1019.5 + 12 + 6
 
 
 def test_pace_proposes_after_our_next_inner_steps_or_after_the_round():
