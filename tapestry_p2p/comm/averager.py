@@ -77,7 +77,7 @@ class AllReduceOutcome:
     recovered: list[str] = field(default_factory=list)  # ... of which we fetched the span from its reducer after
     agreed_lost: list[str] = field(default_factory=list)  # the spans some member still lacked (comm.losses): zeroed
     unreported: list[str] = field(default_factory=list)  # members whose loss report never came (we may differ)
-    next_meeting: float = 0.0  # the group's next meeting, the earliest proposal in its reports (0.0: none)
+    next_meeting: float = 0.0  # the group's next meeting, from its reports (matchmaking.agreed_meeting; 0.0: none)
     started: float = 0.0  # time.time() when the group was committed and the all-reduce began
     senders_lost: int = 0  # groupmates whose parts never reached us as a reducer (our span averages the others')
     refused: dict[str, str] = field(default_factory=dict)  # groupmate -> why we refused its parts as a reducer
