@@ -80,6 +80,7 @@ class Node:
         self._events: dict[str, Any] = {}  # protocol facts since the last record (a catch-up), for the next one
         self._attended: tuple[int, float] = (0, -math.inf)  # the last meeting we went to: (its round, its time)
         self._agreed: tuple[int, float] = (0, 0.0)  # the next meeting our last group agreed on: (its round, its time)
+        self._swarm_ready: Optional[float] = None  # when the --min-peers trainers were ready (a fresh run's round 1)
         self.resumed = self.checkpoints is not None and self.checkpoints.exists()
         if self.checkpoints is not None and self.resumed:
             self.round_losses.extend(self.checkpoints.resume())
@@ -172,6 +173,9 @@ class Node:
         when solo), or None if told to stop. The round's losses are in `self.round_losses` (not empty when we resumed
         mid-round)."""
         clock = None if self.session is None else self._meeting_clock(round_no)
+        if clock is not None and self._swarm_ready is not None and self.shared.round == 0:
+            clock.start(self._swarm_ready)  # a fresh run's first meeting, the same on every partner
+        self._swarm_ready = None
         intended: Optional[tuple] = None
         try:
             self.status.update(state="training")
@@ -426,8 +430,9 @@ class Node:
                     config.run_id,
                 )
         self.sync.averaging.publish_round(self.rounds.position)  # from now on, we serve our state
-        self.status.update(state="idle")
-        session.wait_for_trainers(config.min_peers, self.stop, self.parts.spec_digest)
+        self.status.update(state="idle", ready=self.sync.averaging.now())
+        self.status.publish_soon()
+        self._swarm_ready = session.wait_for_trainers(config.min_peers, self.stop, self.parts.spec_digest)
 
     # ---- torchrun ranks ----
 

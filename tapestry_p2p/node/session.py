@@ -36,6 +36,7 @@ from tapestry_p2p.telemetry.status import (
     StatusPublisher,
     read_statuses,
     status_validators,
+    swarm_ready,
     trainers_online,
 )
 
@@ -186,18 +187,22 @@ class SwarmSession:
         entry = found.value.get(digest)
         return None if entry is None else decode(entry.value, digest)
 
-    def wait_for_trainers(self, count: int, stop: threading.Event, spec: str) -> None:
-        """Wait until `count` trainers of the run spec digest `spec` (us included) report in the peer table, or
-        `stop` is set."""
+    def wait_for_trainers(self, count: int, stop: threading.Event, spec: str) -> Optional[float]:
+        """Wait until `count` trainers of the run spec digest `spec` (us included) are ready to train (their status
+        records say since when: `PeerStatus.ready`, which the caller set on ours), or `stop` is set. Returns when the
+        swarm became ready (`swarm_ready`: the same time on every peer that read the same records), None if
+        stopped."""
         announced = False
         while not stop.is_set():
-            online = trainers_online([p for p in self.peers() if p.spec == spec])
-            if online >= count:
-                return
+            peers = [p for p in self.peers() if p.spec == spec]
+            ready = swarm_ready(peers, count)
+            if ready is not None:
+                return ready
             if not announced:
-                logger.info("waiting for %d trainers to come online (%d so far)", count, online)
+                logger.info("waiting for %d trainers to come online (%d so far)", count, trainers_online(peers))
                 announced = True
             stop.wait(WAIT_POLL_SECONDS)
+        return None
 
 
 async def _replace_dht_members(_dht: DHT, node: Any, names: Optional[dict[str, str]], version: int) -> None:

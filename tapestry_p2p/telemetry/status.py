@@ -72,6 +72,8 @@ class PeerStatus(pydantic.BaseModel):
     refused: dict[_PeerId, _Count]
     clipped: dict[_PeerId, _Count]
     time: pydantic.confloat(strict=True, ge=0, le=1e11)  # unix seconds (DHT time) of publication
+    # a trainer: when it was ready to train (joined, state caught up; swarm time, `comm.swarm_clock`), 0 before
+    ready: pydantic.confloat(strict=True, ge=0, le=1e11)
 
     class Config:
         extra = pydantic.Extra.forbid
@@ -135,6 +137,14 @@ def trainers_online(peers: list[PeerStatus]) -> int:
     return sum(1 for p in peers if p.role == "trainer" and p.state != "left")
 
 
+def swarm_ready(peers: list[PeerStatus], count: int) -> Optional[float]:
+    """When the swarm became ready to train: the time the `count`-th trainer online was ready (the `count`-th
+    smallest `ready`), or None while fewer are. Every peer that read the same records computes the same time; a
+    member that lies about its own `ready` moves it at most to a neighbour's (it is one of `count`)."""
+    ready = sorted(p.ready for p in peers if p.role == "trainer" and p.state != "left" and p.ready > 0)
+    return ready[count - 1] if len(ready) >= count else None
+
+
 PUBLISH_TIMEOUT = 10.0  # seconds a publication may take before it counts as failed (the DHT process may be gone)
 PUBLISH_ERRORS = (OSError, EOFError, RuntimeError, TimeoutError)  # the DHT process is gone, slow or shutting down
 WARN_AFTER_FAILURES = 5  # consecutive failed publications before the publisher warns (once)
@@ -155,6 +165,7 @@ class StatusPublisher:
     _started: float = field(default_factory=time.monotonic)
     _stop: threading.Event = field(default_factory=threading.Event)
     _lock: threading.Lock = field(default_factory=threading.Lock)
+    _wake: threading.Event = field(default_factory=threading.Event)
     _thread: Optional[threading.Thread] = None
 
     def __post_init__(self) -> None:
@@ -177,6 +188,7 @@ class StatusPublisher:
             refused={},
             clipped={},
             state="idle",
+            ready=0.0,
         )
         self.fields = {**defaults, **self.fields}
         self._build(self.fields)
@@ -196,6 +208,10 @@ class StatusPublisher:
             values = {**self.fields, **changes}
             self._build(values)
             self.fields = values
+
+    def publish_soon(self) -> None:
+        """Publish the record now rather than at the next period (a change others wait for: `ready`)."""
+        self._wake.set()
 
     def record(self) -> PeerStatus:
         with self._lock:
@@ -228,11 +244,13 @@ class StatusPublisher:
             failures = 0 if stored else failures + 1
             if failures == WARN_AFTER_FAILURES:
                 logger.warning("our status record was not stored %d times in a row; the monitor may miss us", failures)
-            self._stop.wait(PUBLISH_PERIOD)
+            self._wake.wait(PUBLISH_PERIOD)
+            self._wake.clear()
 
     def stop(self) -> None:
         """Stop publishing; the last record (state `left`) stays readable until it expires."""
         self._stop.set()
+        self._wake.set()
         if self._thread is not None:
             self._thread.join(timeout=PUBLISH_PERIOD + 5)
             self.update(state="left")

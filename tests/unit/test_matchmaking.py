@@ -96,6 +96,23 @@ def test_a_slow_dht_calls_the_meeting_farther_ahead_but_never_past_what_peers_ac
         clock.close()
 
 
+@pytest.mark.parametrize(
+    "ready,expected",
+    [
+        (NOW - 3.0, 1011.0),  # floor(997.7 + 3 windows + slack): every partner computes it from the same records
+        (NOW, 1014.0),  # (the farthest a proposal made now is taken)
+        (NOW - 13.5, None),  # passed, or too near to catch: we are late, the usual path
+        (NOW + 30.0, None),  # a forged ready time: farther ahead than a proposal is taken
+    ],
+)
+def test_a_fresh_runs_first_meeting_is_computed_from_when_the_swarm_was_ready(clock_with, ready, expected):
+    clock, dht = clock_with({})
+    clock.start(ready)
+    assert clock.meeting == expected
+    if expected is not None:
+        assert dht.stored_event.wait(5) and dht.stored == [expected]  # peers that read other records learn it
+
+
 def test_a_meeting_that_just_passed_is_missed_until_attended_or_old():
     others = {b"a": NOW - 2.0, b"b": NOW + 0.2, b"old": NOW - 30.0}
     clock, _ = clock_for(others)

@@ -9,7 +9,7 @@ from rich.console import Console
 from tapestry_p2p.app.join import round_line
 from tapestry_p2p.app.monitor import render
 from tapestry_p2p.node.metrics import RoundMetrics
-from tapestry_p2p.telemetry.status import PeerStatus, StatusPublisher, trainers_online
+from tapestry_p2p.telemetry.status import PeerStatus, StatusPublisher, swarm_ready, trainers_online
 
 
 def status(partner: str, **changes) -> PeerStatus:
@@ -37,6 +37,7 @@ def status(partner: str, **changes) -> PeerStatus:
         refused={},
         clipped={},
         time=1000.0,
+        ready=900.0,
     )
     return PeerStatus(**{**values, **changes})
 
@@ -94,6 +95,20 @@ def test_a_status_update_is_validated_where_it_is_made():
 def test_a_node_that_left_is_not_counted_as_online():
     peers = [status("a"), status("b", state="left"), status("c", role="bootstrap"), status("d", state="idle")]
     assert trainers_online(peers) == 2
+
+
+def test_the_swarm_is_ready_when_the_last_of_count_trainers_was():
+    peers = [
+        status("a", ready=930.0),
+        status("b", ready=910.0),
+        status("c", ready=0.0),  # still joining
+        status("d", ready=900.0, state="left"),
+        status("boot", role="bootstrap", ready=905.0),
+        status("e", ready=950.0),
+    ]
+    assert swarm_ready(peers, 2) == 930.0  # b, then a: a later trainer (e) does not move it
+    assert swarm_ready(peers, 3) == 950.0
+    assert swarm_ready(peers, 4) is None  # c is not ready, d left, a bootstrap node does not train
 
 
 def test_a_peer_whose_contributions_were_refused_or_clipped_is_shown_to_everyone():
