@@ -55,6 +55,7 @@ KNOWN_POLL_INTERVAL = 1.0  # ... once we know of a meeting (an earlier proposal 
 DECLARE_LEAD = 2.0  # seconds before the meeting at which peers stop training and declare their round
 MEETING_GRID = 1.0  # seconds: proposals are whole multiples of this on the swarm's clock
 PROPOSAL_SLACK = 5.0  # seconds beyond three windows a proposal may lie ahead (clock skew, DHT latency)
+MAX_SEEN = 16  # proposals kept, of those passed and of those to come (the earliest of each)
 DHT_ERRORS = (OSError, EOFError, RuntimeError, TimeoutError)  # the DHT process is gone, slow or shutting down
 
 
@@ -234,11 +235,20 @@ class MeetingClock:
                     read_at = time.monotonic()
                     seen = self._read()
                     with self._lock:
-                        self._seen = {m for m in self._seen | seen if m >= self.now() - self.ahead}
+                        self._seen = self._kept(self._seen | seen)
             except DHT_ERRORS as e:
                 logger.debug("meeting clock: DHT unavailable (%r)", e)
             self._wake.wait(POLL_INTERVAL)
             self._wake.clear()
+
+    def _kept(self, seen: set[float]) -> set[float]:
+        """The proposals worth keeping: the earliest MAX_SEEN of those passed (from `ahead` seconds ago on, later than
+        the meeting we attended) and of those to come (only the earliest of each is ever used; a member with many
+        keys cannot grow the set)."""
+        now = self.now()
+        passed = sorted(m for m in seen if now - self.ahead <= m <= now + self.lead / 2 and m > self.attended)
+        coming = sorted(m for m in seen if m > now + self.lead / 2)
+        return set(passed[:MAX_SEEN]) | set(coming[:MAX_SEEN])
 
     def _store_proposal(self) -> bool:
         """Store our proposal if there is a new one; whether we did."""

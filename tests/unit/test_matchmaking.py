@@ -136,3 +136,16 @@ def clock_for(others: dict[bytes, object], attended: float = float("-inf")) -> t
     dht = FakeDHT(dict(others))
     schedule = RoundSchedule(3.0)
     return MeetingClock(dht, "run.spec", 1, schedule, b"us", now=lambda: NOW, attended=attended), dht  # type: ignore[arg-type]
+
+
+def test_a_member_with_many_keys_cannot_grow_what_the_clock_keeps(clock_with):
+    others: dict[bytes, object] = {bytes([i]): NOW + 5.0 + i / 100 for i in range(200)}
+    others.update({b"p" + bytes([i]): NOW - 1.0 - i / 100 for i in range(100)})
+    clock, _ = clock_with(others)
+    waits = threading.Event()
+    for _ in range(200):
+        if clock.meeting is not None:
+            break
+        waits.wait(0.05)
+    assert clock.meeting == NOW + 5.0 and clock.missed == pytest.approx(NOW - 1.99)
+    assert len(clock._seen) == 2 * 16  # the earliest of those to come and of those passed
