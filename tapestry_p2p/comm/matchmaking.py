@@ -187,18 +187,19 @@ class MeetingClock:
         self._wake.set()
 
     def start(self, ready: float) -> None:
-        """Round 1 of a fresh run: meet as far ahead of the time the swarm became ready (`session.wait_for_trainers`:
-        the last of --min-peers trainers ready, from their signed status records) as a proposal may lie. Every
-        partner computes the same time from the same records and knows it the moment it starts training, so it
-        declares at once, rather than racing the first finisher's proposal through a DHT that partners starting
-        together load most (16 partners on 2 cores: proposals 30 s apart, declarations stored 11 s late, round 1
-        in five groups, and the swarm never came together in that run). Ignored if it passed (we are late: we
-        propose, or follow the meeting we missed) or lies farther ahead than a proposal is taken (a forged `ready`);
-        stored like our proposal, so that peers which read other records learn it too."""
-        farthest = 3 * self.schedule.window + PROPOSAL_SLACK
-        meeting = math.floor((ready + farthest) / MEETING_GRID) * MEETING_GRID
+        """Round 1 of a fresh run: meet three windows after the swarm became ready (`session.wait_for_trainers`: the
+        last of --min-peers trainers ready, from their signed status records), the farthest ahead a meeting is called
+        (`Timing.ahead`): the last partner's record must be stored and read by every other, and each of their
+        declarations stored, before the cut-off. Every partner computes the same time from the same records and
+        knows it the moment it starts training, so it declares at once, rather than racing the first finisher's
+        proposal through a DHT that partners starting together load most (16 partners on 2 cores: proposals 30 s
+        apart, declarations stored 11 s late, round 1 in five groups, and the swarm never came together in that
+        run). Ignored if it passed (we are late: we propose, or follow the meeting we missed) or lies farther ahead
+        than a proposal is taken (a forged `ready`); stored like our proposal, so that peers which read other records
+        learn it too."""
+        meeting = math.ceil((ready + 3 * self.schedule.window) / MEETING_GRID) * MEETING_GRID
         now = self.now()
-        if now + self.lead / 2 < meeting <= now + farthest:
+        if now + self.lead / 2 < meeting <= now + 3 * self.schedule.window + PROPOSAL_SLACK:
             self.agree(meeting)
 
     def agree(self, meeting: float) -> None:

@@ -99,9 +99,9 @@ def test_a_slow_dht_calls_the_meeting_farther_ahead_but_never_past_what_peers_ac
 @pytest.mark.parametrize(
     "ready,expected",
     [
-        (NOW - 3.0, 1011.0),  # floor(997.7 + 3 windows + slack): every partner computes it from the same records
-        (NOW, 1014.0),  # (the farthest a proposal made now is taken)
-        (NOW - 13.5, None),  # passed, or too near to catch: we are late, the usual path
+        (NOW - 3.0, 1007.0),  # ceil(997.7 + 3 windows): every partner computes it from the same records
+        (NOW, 1010.0),
+        (NOW - 9.5, None),  # passed, or too near to catch: we are late, the usual path
         (NOW + 30.0, None),  # a forged ready time: farther ahead than a proposal is taken
     ],
 )
