@@ -199,7 +199,7 @@ class SwarmSession:
             if ready is not None:
                 return ready
             if not announced:
-                logger.info("waiting for %d trainers to come online (%d so far)", count, trainers_online(peers))
+                logger.info("waiting for %d trainers to be ready (%d online so far)", count, trainers_online(peers))
                 announced = True
             stop.wait(WAIT_POLL_SECONDS)
         return None

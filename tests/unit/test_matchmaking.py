@@ -4,6 +4,7 @@ and only catchable, finite proposals read from the network."""
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from types import SimpleNamespace
 
 import pytest
@@ -29,6 +30,15 @@ class FakeDHT:
         self.stored.append(value)
         self.stored_event.set()
         return True
+
+
+def until(condition: Callable[[], bool]) -> None:
+    """Until `condition` holds: the clock's background thread reads the key at once (10 s at most here)."""
+    waits = threading.Event()
+    for _ in range(200):
+        if condition():
+            return
+        waits.wait(0.05)
 
 
 @pytest.fixture
@@ -57,28 +67,17 @@ def test_a_proposal_is_a_whole_second_one_window_later_in_a_first_round(clock_wi
 def test_only_finite_catchable_proposals_count(clock_with):
     others = {b"a": float("nan"), b"b": "1002.0", b"c": NOW + 0.2, b"d": NOW + 60.0, b"e": NOW + 4.0}
     clock, _ = clock_with(others)
-    polls = threading.Event()
-    for _ in range(200):  # the background thread reads the key at once (10 s at most here)
-        if clock.meeting is not None:
-            break
-        polls.wait(0.05)
+    until(lambda: clock.meeting is not None)
     assert clock.meeting == NOW + 4.0  # (too soon to catch, too far ahead, not a number, NaN: ignored)
 
 
 def test_an_earlier_proposal_read_after_a_later_one_wins(clock_with):
     """Under load an earlier proposal can reach the replicas we read after a later one: the clock keeps reading."""
     clock, dht = clock_with({b"late": NOW + 5.0})
-    waits = threading.Event()
-    for _ in range(200):
-        if clock.meeting is not None:
-            break
-        waits.wait(0.05)
+    until(lambda: clock.meeting is not None)
     assert clock.meeting == NOW + 5.0
     dht.others[b"early"] = NOW + 4.0  # lands now
-    for _ in range(200):
-        if clock.meeting != NOW + 5.0:
-            break
-        waits.wait(0.05)
+    until(lambda: clock.meeting != NOW + 5.0)
     assert clock.meeting == NOW + 4.0
 
 
@@ -116,18 +115,11 @@ def test_a_fresh_runs_first_meeting_is_computed_from_when_the_swarm_was_ready(cl
 def test_a_meeting_that_just_passed_is_missed_until_attended_or_old():
     others = {b"a": NOW - 2.0, b"b": NOW + 0.2, b"old": NOW - 30.0}
     clock, _ = clock_for(others)
-    waits = threading.Event()
-    for _ in range(200):
-        if clock.missed is not None:
-            break
-        waits.wait(0.05)
+    until(lambda: clock.missed is not None)
     assert clock.meeting is None and clock.missed == NOW - 2.0  # (one older than `ahead` is not a meeting we missed)
     clock.close()
     attended, _ = clock_for(others, attended=NOW - 2.0)
-    for _ in range(200):
-        if attended.missed is not None:
-            break
-        waits.wait(0.05)
+    until(lambda: attended.missed is not None)
     assert attended.missed == NOW + 0.2  # too near to catch, and not the one we went to
     attended.close()
 
@@ -142,10 +134,6 @@ def test_a_member_with_many_keys_cannot_grow_what_the_clock_keeps(clock_with):
     others: dict[bytes, object] = {bytes([i]): NOW + 5.0 + i / 100 for i in range(200)}
     others.update({b"p" + bytes([i]): NOW - 1.0 - i / 100 for i in range(100)})
     clock, _ = clock_with(others)
-    waits = threading.Event()
-    for _ in range(200):
-        if clock.meeting is not None:
-            break
-        waits.wait(0.05)
+    until(lambda: clock.meeting is not None)
     assert clock.meeting == NOW + 5.0 and clock.missed == pytest.approx(NOW - 1.99)
     assert len(clock._seen) == 2 * 16  # the earliest of those to come and of those passed
