@@ -13,10 +13,13 @@ could form a group with a follower that had already gone alone: docs/ARCHITECTUR
 2. **View.** At the cut-off each reads the key. Its `Proposal` is the set of valid declarations holding the state a
    majority of declarers hold (`statesync.policy.elected_state`); its group id is the hash of the round, the schema
    and every member's declared entry, sorted.
-3. **Vote.** Each sends its vote (attempt, group id, members) to every member of its proposal; every answer carries
-   the answerer's own status. A peer *commits* when it holds a vote for its own proposal from every member of it, and
-   tells the members (a commit announcement: a peer that missed one vote learns that everybody voted). A peer that
-   has committed never votes again, so no other group containing it can ever be committed.
+3. **Vote.** Each sends its vote (attempt, group id, members, and whose votes for that group it holds) to every
+   member of its proposal; every answer carries the answerer's own status. A peer *commits* when every other member
+   of its proposal voted for it and said it holds our vote too (or committed it), and tells the members (a commit
+   announcement: a peer that missed one vote learns that everybody voted). A vote alone is not enough: its sender may
+   have given up on the group before our own vote reached it (a vote held over from before we voted, or one whose
+   answer it never got), and a group committed on it would list a member that is out. A peer that has committed
+   never votes again, so no other group containing it can ever be committed.
 4. **Retry.** If the votes differ (the DHT gave members different views) or a member stays silent past the vote
    deadline (asked once more, then dropped), attempt 2 proposes the intersection of the views received, without the
    silent or abstaining members; if that fails too the peer is out of the round, knowing why.
@@ -25,18 +28,19 @@ A peer outside the group knows why (`Outcome.reason`: declared late, state diffe
 agreement); a round that nobody else declared is a round alone. Reducers refuse parts of any other group id at the
 first message (`comm.averager`).
 
-This module is pure (no network, no clock): `Agreement` is the state machine one peer runs per round, fed with the
-statuses its peers send; `comm.averager` drives it over the network. With reliable delivery the members of a
-committed group all commit it; the one window no protocol without a master can close (a peer that stalls between
-receiving the last vote and its own vote reaching the others) costs the committed members that peer's span, never a
-split: its own outcome is a round outside the group, which the node repairs by adopting the group's state.
+This module is pure (no network; the clock is passed in, as a `Lease`): `Agreement` is the state machine one peer
+runs per round, fed with the statuses its peers send; `comm.averager` drives it over the network. When every commit
+reaches its members before their deadlines, every member of a committed group commits it. The one window no protocol
+without a master can close (a commit announced, and both the announcement and the member's last ask lost or later
+than its deadline: a stall of seconds right then) costs the committed members that member's span, never a split: its
+own outcome is a round outside the group, which the node repairs by adopting the group's state.
 """
 
 from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, Optional
 
@@ -151,6 +155,20 @@ def ordered(proposal: Proposal) -> list[str]:
     return sorted(proposal.members, key=lambda peer: hashlib.sha256(proposal.group_id + peer.encode()).digest())
 
 
+@dataclass(frozen=True)
+class Lease:
+    """How long a vote stands: a member commits on a vote only while the voter will still be there when the commit
+    reaches it, `margin` seconds before the vote's `until` on the swarm clock `now`. (The default has no clock: every
+    vote stands.) A voter gives up at its step's deadline; a commit made on its vote after that would list a member
+    that has left the round."""
+
+    now: Callable[[], float] = lambda: -math.inf
+    margin: float = 0.0
+
+    def stands(self, until: float) -> bool:
+        return self.now() + self.margin < until
+
+
 Kind = Literal["pending", "vote", "echo", "committed", "out"]
 Slot = tuple[int, float]  # (round, meeting): one agreement (a round that failed is met again at another time)
 
@@ -164,19 +182,22 @@ class Status:
     group_id: bytes = b""  # the group it votes for, or committed
     members: tuple[str, ...] = ()  # that group's members
     view: tuple[str, ...] = ()  # the members of its attempt-1 proposal (what it read from the DHT)
+    heard: tuple[str, ...] = ()  # (vote) the members whose vote for that group it holds, itself included
+    until: float = math.inf  # (vote) the swarm time until which it stands by the vote (its step's deadline)
     reason: str = ""  # for "out": why (one of the reasons above)
     contribution: Contribution = Contribution()  # the sender's own (vote, echo, committed)
 
     def pack(self, slot: Slot) -> bytes:
-        fields = [*slot, self.kind, self.attempt, self.group_id, list(self.members), list(self.view), self.reason]
-        fields += [self.contribution.steps, self.contribution.norm]
+        fields: list[Any] = [*slot, self.kind, self.attempt, self.group_id, list(self.members), list(self.view)]
+        fields += [list(self.heard), self.until, self.reason, self.contribution.steps, self.contribution.norm]
         return msgpack.packb(fields, use_bin_type=True)
 
     @classmethod
     def unpack(cls, raw: bytes) -> Optional[tuple[Slot, Status]]:
         """(slot, status) from untrusted bytes; None if malformed."""
         try:
-            round_no, meeting, kind, attempt, gid, members, view, reason, steps, norm = msgpack.unpackb(raw, raw=False)
+            fields = msgpack.unpackb(raw, raw=False)
+            round_no, meeting, kind, attempt, gid, members, view, heard, until, reason, steps, norm = fields
         except UNPACK_ERRORS:
             return None
         if not (is_count(round_no) and type(meeting) is float and math.isfinite(meeting)):
@@ -185,14 +206,17 @@ class Status:
             return None
         if not (isinstance(gid, bytes) and len(gid) <= 32 and isinstance(reason, str) and len(reason) <= 64):
             return None
-        if not (is_peer_list(members) and is_peer_list(view)):
+        if not (is_peer_list(members) and is_peer_list(view) and is_peer_list(heard)):
+            return None
+        if type(until) is not float or math.isnan(until):
             return None
         if attempt > ATTEMPTS or (kind in ("vote", "committed") and not (gid and members)):
             return None
         if not Contribution.valid(steps, norm):
             return None
         contribution = Contribution(steps, norm)
-        return (round_no, meeting), cls(kind, attempt, gid, tuple(members), tuple(view), reason, contribution)
+        status = cls(kind, attempt, gid, tuple(members), tuple(view), tuple(heard), until, reason, contribution)
+        return (round_no, meeting), status
 
 
 def _peer_id(value: Any) -> bool:
@@ -246,8 +270,9 @@ class Agreement:
         view: Mapping[str, Declaration],
         contribution: Contribution = Contribution(),
         abstain: str = "",
+        clock: Lease = Lease(),
     ) -> None:
-        self.me, self.schema, self.contribution = me, schema, contribution
+        self.me, self.schema, self.contribution, self.lease = me, schema, contribution, clock
         self.contributions: dict[str, Contribution] = {me: contribution}  # each member's, as it told us
         self.view = dict(view)
         self.phase: Literal[1, "echo", 2] = 1
@@ -257,6 +282,8 @@ class Agreement:
         self.learnt = False  # the echo step read the declarations again (`learn`)
         self.views: dict[str, tuple[str, ...]] = {}  # peer -> its attempt-1 proposal's members, as it told us
         self.votes: dict[str, tuple[int, bytes]] = {}  # peer -> (attempt, group id) of its latest vote
+        self.latest: dict[str, Status] = {}  # peer -> the latest status it sent us
+        self.until = math.inf  # until when we stand by our vote (the network side sets each step's deadline)
         self.committed: dict[str, bytes] = {}  # peer -> the group it says it committed
         self.out: dict[str, str] = {}  # peer -> why it said it is out
         self.silent: set[str] = set()  # members that did not answer by a deadline, even when asked again
@@ -290,7 +317,10 @@ class Agreement:
             return Status("out", self.attempt, view=first, reason=self.outcome.reason)
         if self.phase == "echo":
             return Status("echo", 2, view=first, contribution=ours)
-        return Status("vote", self.attempt, self.proposal.group_id, self.proposal.members, first, contribution=ours)
+        proposal = self.proposal
+        heard = tuple(p for p in proposal.members if p == self.me or self._voted_for(p, proposal.group_id))
+        until = self.until
+        return Status("vote", self.attempt, proposal.group_id, proposal.members, first, heard, until, contribution=ours)
 
     @property
     def peers(self) -> list[str]:
@@ -299,10 +329,13 @@ class Agreement:
         return sorted(p for p in self.candidates if p != self.me)
 
     def missing(self) -> list[str]:
-        """Members we still wait for in this step: of our proposal (a vote), or every live member (an echo)."""
+        """Members we still wait for in this step: of our proposal (a vote, or that it holds ours), or every live
+        member (an echo)."""
         if self.phase == "echo":
             return [p for p in self._live() if p != self.me and p not in self.moved_on]
-        return [p for p in self.proposal.members if p != self.me and not self._heard(p)]
+        gid = self.proposal.group_id
+        waiting = [p for p in self.proposal.members if not self._heard(p) or self._awaits_ours(p, gid)]
+        return [p for p in waiting if p != self.me]
 
     def may_commit(self, group_id: bytes) -> bool:
         """Whether we are undecided and may still commit `group_id`: the group we vote for now, or our attempt-1
@@ -320,6 +353,7 @@ class Agreement:
             if peer in self.views and self.views[peer] != status.view:
                 self.equivocating.add(peer)  # it told us two different views
             self.views.setdefault(peer, status.view)
+        self.latest[peer] = status
         if status.kind in ("vote", "echo", "committed"):
             if peer in self.contributions and self.contributions[peer] != status.contribution:
                 self.equivocating.add(peer)  # it told us two different contributions
@@ -357,9 +391,28 @@ class Agreement:
 
     # ---- deciding ----
 
-    def _supports(self, peer: str) -> bool:
-        gid = self.proposal.group_id
+    def _voted_for(self, peer: str, gid: bytes) -> bool:
         return self.committed.get(peer) == gid or self.votes.get(peer, (0, b""))[1] == gid
+
+    def _supports(self, peer: str) -> bool:
+        """Whether `peer` voted for our current proposal (or committed it)."""
+        return self._voted_for(peer, self.proposal.group_id)
+
+    def _confirms(self, peer: str) -> bool:
+        """Whether `peer` will commit our proposal once it learns that we did: it committed it, or its latest vote is
+        for it, says it holds ours, and still stands long enough for our commit to reach it."""
+        gid = self.proposal.group_id
+        latest = self.latest.get(peer)
+        if self.committed.get(peer) == gid:
+            return True
+        if latest is None or latest.kind != "vote" or latest.group_id != gid or self.me not in latest.heard:
+            return False
+        return self.lease.stands(latest.until)
+
+    def _awaits_ours(self, peer: str, gid: bytes) -> bool:
+        """Whether `peer` still votes for `gid` but has not confirmed it (it must hear our vote, or vote again)."""
+        latest = self.latest.get(peer)
+        return latest is not None and latest.kind == "vote" and latest.group_id == gid and not self._confirms(peer)
 
     def _heard(self, peer: str) -> bool:
         """Whether `peer` said anything that counts for this vote: a vote of this attempt or later, moved on, out."""
@@ -372,6 +425,13 @@ class Agreement:
             return False
         attempt, gid = self.votes.get(peer, (0, b""))
         return peer in self.moved_on or peer in self.equivocating or (attempt >= self.attempt and gid != b"")
+
+    def _ruled_out(self, peer: str) -> bool:
+        """Whether `peer` said something final against our current proposal: it is out, committed another group, or
+        voted for another group in the last attempt."""
+        attempt, gid = self.votes.get(peer, (0, b""))
+        other = self.committed.get(peer, self.proposal.group_id) != self.proposal.group_id
+        return peer in self.out or other or (attempt == ATTEMPTS and gid != self.proposal.group_id)
 
     def _gone(self) -> set[str]:
         committed_elsewhere = {p for p, g in self.committed.items() if g != self.first.group_id}
@@ -386,14 +446,16 @@ class Agreement:
             return
         if self._first_committed_by_a_member():
             self._commit(self.first, attempt=1)
-        elif all(self._supports(p) for p in self.proposal.members if p != self.me) and self.phase != "echo":
+        elif all(self._confirms(p) for p in self.proposal.members if p != self.me) and self.phase != "echo":
             self._commit(self.proposal, self.attempt)
+        elif self.phase == 2 and any(self.committed.get(p) == self.proposal.group_id for p in self.proposal.members):
+            self._commit(self.proposal, self.attempt)  # a member held every vote for the group we vote for
         elif self.phase == 1 and (force or (not self.missing() and any(map(self._against, self.proposal.members)))):
             self.phase = "echo"
             self._check()
         elif self.phase == "echo" and self.learnt and (force or not self.missing()):
             self._second_attempt()
-        elif self.phase == 2 and force:
+        elif self.phase == 2 and (force or any(map(self._ruled_out, self.proposal.members))):
             self._leave(SILENT if self.dropped_us else NO_AGREEMENT)
 
     def _first_committed_by_a_member(self) -> bool:

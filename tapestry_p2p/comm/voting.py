@@ -44,6 +44,7 @@ from tapestry_p2p.comm.agreement import (
     Agreement,
     Contribution,
     Declaration,
+    Lease,
     Outcome,
     Slot,
     Status,
@@ -70,6 +71,7 @@ class Timing:
     margin: float = 0.5  # our declaration must be stored this long before the cut-off, or we abstain
     window: float = 3.0  # after the cut-off (or the start of attempt 2), how long votes may take
     ask_timeout: float = 1.5  # how long one vote request waits for its answer
+    lease_margin: float = 0.5  # a vote counts until this long before its voter's deadline (our commit must reach it)
 
     def lead(self, store_seconds: float) -> float:
         """How long before a meeting to stop training: enough to compute our update and store our declaration before
@@ -159,7 +161,9 @@ class GroupVoting:
         earlier = met_earlier(declared, view, meeting, MEETING_TOLERANCE)
         if earlier and not abstain:
             return Outcome(None, reason=MET_EARLIER, others=earlier)
-        state = _Round(Agreement(declaration.peer, self.schema_hash, view, contribution, abstain))
+        lease = Lease(self.clock.now, self.timing.lease_margin)
+        state = _Round(Agreement(declaration.peer, self.schema_hash, view, contribution, abstain, lease))
+        state.agreement.until = self.clock.now() + self.timing.window  # (our vote stands until the first deadline)
         self._rounds[slot] = state
         while len(self._rounds) > KEPT_ROUNDS:
             self._rounds.popitem(last=False)
@@ -234,6 +238,7 @@ class GroupVoting:
         while agreement.outcome is None:
             if agreement.phase != phase:
                 phase, deadline = agreement.phase, self.clock.now() + self.timing.window
+                agreement.until = deadline  # we stand by this step's vote until its deadline
             if phase == "echo" and not agreement.learnt:  # a declaration our first read missed may be in by now
                 declared = await self._read_declarations(slot[0])
                 agreement.learn({p: d for p, d in declared.items() if abs(d.meeting - slot[1]) < MEETING_TOLERANCE})

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import multiprocessing
 import threading
 import time
@@ -132,12 +133,13 @@ class Liar(ExactAverager):
     def _status_for(self, state: Any, peer: str) -> Status:
         if self.lie != "views":
             return super()._status_for(state, peer)
-        # to each peer: "I saw only you and me", and a vote for that group
+        # to each peer: "I saw only you and me", and a vote for that group, holding every vote for it, forever
         me = self.peer_id.to_base58()
         members = {p: d for p, d in state.agreement.view.items() if p in (me, peer)}
         proposal = propose(self.schema_hash, members)
         ours = state.agreement.contribution
-        return Status("vote", 1, proposal.group_id, proposal.members, proposal.members, contribution=ours)
+        members = proposal.members
+        return Status("vote", 1, proposal.group_id, members, members, members, math.inf, contribution=ours)
 
 
 class Misbehaving(SwarmAveraging):

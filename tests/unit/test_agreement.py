@@ -4,6 +4,8 @@ a test holds back or drops."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import msgpack
 import pytest
 
@@ -17,6 +19,7 @@ from tapestry_p2p.comm.agreement import (
     Agreement,
     Contribution,
     Declaration,
+    Lease,
     Status,
     group_id,
     met_earlier,
@@ -214,11 +217,14 @@ def test_a_member_voting_differently_to_each_peer_leaves_one_honest_peer_out_for
     then takes the state the round ends on: no split outlives the round."""
     everyone = [decl(p) for p in "abl"]
     net = swarm({p: everyone for p in "abl"})
-    net.lies["l"] = {"a": net.peers["l"].status, "b": vote_for("bl", "abl")}
-    net.send("l", "a")  # a holds the liar's vote for the round's group,
+    honest_vote = net.peers["l"].status
+    net.lies["l"] = {"a": dataclasses.replace(honest_vote, heard=("a", "b", "l")), "b": vote_for("bl", "abl")}
+    net.send("l", "a")  # a holds the liar's vote for the round's group (that says it holds everyone's),
     net.send("a", "b")  # and b's: a commits
-    net.send("l", "b")  # b holds the liar's vote for another group: it moves on to the echo
-    assert net.outcomes()["a"] == (("a", "b", "l"), "") and net.peers["b"].phase == "echo"
+    net.send("l", "b")  # b holds the liar's vote for another group, and waits to hear that a holds its vote
+    assert net.outcomes()["a"] == (("a", "b", "l"), "") and net.peers["b"].missing() == ["a"]
+    net.send("b", "a")  # a answers that it committed, but the liar voted otherwise: b moves on to the echo
+    assert net.peers["b"].phase == "echo"
     for _ in range(2):  # the liar never echoes: b's deadlines pass
         net.run()
         for agreement in net.peers.values():
@@ -255,7 +261,7 @@ def test_statuses_from_peers_we_did_not_see_or_about_other_groups_are_ignored():
     a = Agreement("a", SCHEMA, {d.peer: d for d in everyone})
     a.receive("mallory", Status("committed", 1, b"x" * 20, ("a", "mallory"), ("a", "mallory")))
     assert a.outcome is None
-    a.receive("b", Status("vote", 1, a.proposal.group_id, a.proposal.members, a.proposal.members))
+    a.receive("b", Status("vote", 1, a.proposal.group_id, a.proposal.members, a.proposal.members, ("a", "b")))
     assert a.outcome.group == a.first
 
 
@@ -265,18 +271,21 @@ def test_statuses_from_peers_we_did_not_see_or_about_other_groups_are_ignored():
         b"",
         b"\xc1",
         Status("vote", 1, b"g", ("a",)).pack((1, 2.0))[:-1],
-        msgpack.packb([1, 2.0, "vote", 3, b"g", ["a"], [], "", 1, 1.0]),  # attempt beyond the last
-        msgpack.packb([1, 2.0, "vote", 1, b"", ["a"], [], "", 1, 1.0]),  # a vote for no group
-        msgpack.packb([1, 2.0, "shout", 1, b"g", ["a"], [], "", 1, 1.0]),
-        msgpack.packb([1, 2.0, "vote", 1, b"g", ["a" * 500], [], "", 1, 1.0]),
-        msgpack.packb([1, 2.0, "vote", 1, b"g", ["a"] * 1000, [], "", 1, 1.0]),
-        msgpack.packb([True, 2.0, "vote", 1, b"g", ["a"], [], "", 1, 1.0]),
-        msgpack.packb([1, float("nan"), "vote", 1, b"g", ["a"], [], "", 1, 1.0]),
-        msgpack.packb([1, 2, "vote", 1, b"g", ["a"], [], "", 1, 1.0]),  # the meeting as an int
-        msgpack.packb([1, 2.0, "vote", 1, b"g", ["a"], [], "", -1, 1.0]),  # negative steps
-        msgpack.packb([1, 2.0, "vote", 1, b"g", ["a"], [], "", 1, float("inf")]),  # a norm that is no number
-        msgpack.packb([1, 2.0, "vote", 1, b"g", ["a"], [], "", 1, 1]),  # the norm as an int
-        msgpack.packb([1, 2.0, "vote", 1, b"g", ["a"], [], ""]),  # no contribution
+        msgpack.packb([1, 2.0, "vote", 3, b"g", ["a"], [], [], 9.0, "", 1, 1.0]),  # attempt beyond the last
+        msgpack.packb([1, 2.0, "vote", 1, b"", ["a"], [], [], 9.0, "", 1, 1.0]),  # a vote for no group
+        msgpack.packb([1, 2.0, "shout", 1, b"g", ["a"], [], [], 9.0, "", 1, 1.0]),
+        msgpack.packb([1, 2.0, "vote", 1, b"g", ["a" * 500], [], [], 9.0, "", 1, 1.0]),
+        msgpack.packb([1, 2.0, "vote", 1, b"g", ["a"] * 1000, [], [], 9.0, "", 1, 1.0]),
+        msgpack.packb([True, 2.0, "vote", 1, b"g", ["a"], [], [], 9.0, "", 1, 1.0]),
+        msgpack.packb([1, float("nan"), "vote", 1, b"g", ["a"], [], [], 9.0, "", 1, 1.0]),
+        msgpack.packb([1, 2, "vote", 1, b"g", ["a"], [], [], 9.0, "", 1, 1.0]),  # the meeting as an int
+        msgpack.packb([1, 2.0, "vote", 1, b"g", ["a"], [], [], 9.0, "", -1, 1.0]),  # negative steps
+        msgpack.packb([1, 2.0, "vote", 1, b"g", ["a"], [], [], 9.0, "", 1, float("inf")]),  # a norm that is no number
+        msgpack.packb([1, 2.0, "vote", 1, b"g", ["a"], [], [], 9.0, "", 1, 1]),  # the norm as an int
+        msgpack.packb([1, 2.0, "vote", 1, b"g", ["a"], [], [], 9.0, ""]),  # no contribution
+        msgpack.packb([1, 2.0, "vote", 1, b"g", ["a"], [], [], float("nan"), "", 1, 1.0]),  # a lease that is no time
+        msgpack.packb([1, 2.0, "vote", 1, b"g", ["a"], [], [], 9, "", 1, 1.0]),  # the lease as an int
+        msgpack.packb([1, 2.0, "vote", 1, b"g", ["a"], [], ["a"] * 1000, 9.0, "", 1, 1.0]),  # too many heard
     ],
 )
 def test_malformed_statuses_are_refused(raw):
@@ -284,7 +293,7 @@ def test_malformed_statuses_are_refused(raw):
 
 
 def test_a_status_round_trips():
-    status = Status("vote", 2, b"g" * 20, ("a", "b"), ("a", "b", "c"), contribution=Contribution(7, 0.5))
+    status = Status("vote", 2, b"g" * 20, ("a", "b"), ("a", "b", "c"), ("a",), 1003.5, "", Contribution(7, 0.5))
     assert Status.unpack(status.pack((7, 1000.5))) == ((7, 1000.5), status)
 
 
@@ -433,3 +442,79 @@ def test_a_peer_past_attempt_1_may_still_commit_its_first_proposal_and_its_reduc
     agreement.receive("b", Status("committed", 1, first, agreement.first.members, agreement.first.members))
     assert agreement.outcome is not None and agreement.outcome.group == agreement.first
     assert not agreement.may_commit(first)  # decided
+
+
+def test_votes_held_from_members_that_gave_up_before_ours_reached_them_commit_nothing():
+    """Seen in the 8-partner soak (round 128): a member killed before the meeting kept c at attempt 1 while a and b
+    voted attempt 2 for {a, b, c}, waited a window for c's vote, and left. c then proposed {a, b, c} too, held both
+    their votes, and committed a group whose other members were out. A vote counts only if it says it holds ours."""
+    everyone = [decl(p) for p in "abcd"]
+    net = swarm({p: everyone for p in "abcd"})
+    net.cut = {(x, "d") for x in "abc"} | {("d", x) for x in "abc"}  # d was killed after declaring
+    net.run(rounds=1)
+    a, b, c = (net.peers[p] for p in "abc")
+    for agreement in (a, b):  # a and b give up on attempt 1 and on c's echo; c is still at attempt 1
+        agreement.deadline_passed(silent=agreement.missing())
+        agreement.learn({})
+        agreement.deadline_passed(silent=agreement.missing())
+        assert agreement.phase == 2 and agreement.proposal.members == ("a", "b", "c")
+    net.send("a", "b")
+    net.send("a", "c")
+    net.send("b", "c")  # c holds both attempt-2 votes, neither of which says it holds c's
+    for agreement in (a, b):
+        agreement.deadline_passed(silent=agreement.missing())
+    assert net.outcomes()["a"] == net.outcomes()["b"] == (None, NO_AGREEMENT)
+    c.deadline_passed(silent=["d"])
+    c.learn({})
+    assert c.phase == 2 and c.proposal.members == ("a", "b", "c") and c.outcome is None  # it does not commit
+    net.send("c", "a")  # a answers that it is out: c leaves at once, knowing why
+    assert net.outcomes()["c"] == (None, NO_AGREEMENT)
+
+
+@pytest.mark.parametrize("seed", range(300))
+def test_a_committed_group_is_never_one_sided_when_every_member_hears_the_commit(seed):
+    """Random views and delivery order on a clock: each step's deadline a window after it starts, a vote standing
+    until then, and every commit reaching every member at once (as `comm.voting` announces it). Every member of a
+    committed group commits it; none has left the round."""
+    import random
+
+    rng = random.Random(seed)
+    names = "abcdef"[: rng.randint(2, 6)]
+    everyone = {p: decl(p) for p in names}
+    now = [0.0]
+    lease = Lease(lambda: now[0])
+    agreements = {
+        p: Agreement(p, SCHEMA, {q: everyone[q] for q in names if q == p or rng.random() > 0.15}, clock=lease)
+        for p in names
+    }
+    net = Net(agreements, everyone if rng.random() < 0.5 else {})
+    steps: dict[str, object] = {}
+    queue = [(name, peer) for name, a in net.peers.items() for peer in a.peers]
+    announced: set[str] = set()
+    for _ in range(600):
+        now[0] += 1.0
+        for name, agreement in net.peers.items():  # a new step: its deadline is a window away
+            if steps.get(name) != agreement.phase:
+                steps[name], agreement.until = agreement.phase, now[0] + rng.randint(5, 40)
+        due = [n for n, a in net.peers.items() if a.outcome is None and a.until <= now[0]]
+        if due and rng.random() < 0.2:
+            agreement = net.peers[rng.choice(due)]
+            agreement.deadline_passed(silent=[p for p in agreement.missing() if rng.random() < 0.5])
+        elif queue and rng.random() < 0.7:
+            sender, receiver = queue.pop(rng.randrange(len(queue)))
+            before = net.peers[sender].status, net.peers[receiver].status
+            net.send(sender, receiver)
+            for name in (sender, receiver):
+                if net.peers[name].status not in before:
+                    queue += [(name, p) for p in net.peers[name].first.members if p != name]
+        for name, agreement in net.peers.items():  # a commit is announced to its members at once
+            if agreement.outcome and agreement.outcome.group and name not in announced:
+                announced.add(name)
+                for peer in agreement.outcome.group.members:
+                    if peer != name:
+                        net.send(name, peer)
+    for name, agreement in net.peers.items():
+        if agreement.outcome and agreement.outcome.group:
+            for member in agreement.outcome.group.members:
+                theirs = net.peers[member].outcome
+                assert theirs is None or theirs.group == agreement.outcome.group, (seed, name, member, theirs)
