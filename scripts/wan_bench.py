@@ -68,7 +68,8 @@ class Result:
     name: str
     wire: float  # bytes per steady-state round on a partner's link (mean over partners)
     payload: float  # the codec's all-reduce payload per partner and round, 2(N-1)/N x the coded model
-    allreduce: float  # seconds, mean over partners and rounds
+    allreduce: float  # seconds from the group's forming to our last averaged part, mean over partners and rounds
+    reports: float  # seconds after it, until the round is settled (serving our span, loss reports), mean likewise
     bound: float  # butterfly bound, seconds
     utilization: float
     tokens_per_second: float
@@ -165,6 +166,7 @@ def run_config(lab: Lab, name: str, args: argparse.Namespace, workdir: Path, par
         wire=mean((s[args.rounds] - s[1]) / (args.rounds - 1) for s in samples),
         payload=payload,
         allreduce=mean(row["allreduce_seconds"] for row in rows),
+        reports=mean(row.get("seconds", {}).get("reports", 0.0) for row in rows),
         bound=payload / rate_bytes(args.rate),
         utilization=mean(c / w for c, w in zip(compute, wall, strict=True)),
         tokens_per_second=mean(k * tokens / w for k, w in zip(steps, wall, strict=True)),
@@ -210,23 +212,26 @@ def report(results: list[Result], args: argparse.Namespace, params: int, rtt: fl
     )
     print(
         "| configuration | wire / round / partner | vs tapestry fp32 | beyond payload* | idle: sent / both ways** "
-        "| all-reduce "
+        "| all-reduce | then: reports*** "
         "| butterfly bound | of bound | compute utilization | tokens/s/partner | last loss | full groups | one model |"
     )
-    print("|---" * 13 + "|")
+    print("|---" * 14 + "|")
     for r in results:
         ratio = f"{r.wire / base.wire:.3f}x" if base else "n/a"
         beyond = (r.wire - 2 * r.payload) / r.wire  # the payload crosses the link both ways
         print(
             f"| {r.name} | {r.wire / 1e6:.2f} MB | {ratio} | {beyond:.1%} "
             f"| {r.idle[0] / 1e3:.1f} / {r.idle[1] / 1e3:.1f} KB/s "
-            f"| {r.allreduce:.1f} s | {r.bound:.1f} s | {r.bound / max(r.allreduce, 1e-9):.0%} | {r.utilization:.0%} "
+            f"| {r.allreduce:.1f} s | {r.reports:.1f} s | {r.bound:.1f} s | {r.bound / max(r.allreduce, 1e-9):.0%} "
+            f"| {r.utilization:.0%} "
             f"| {r.tokens_per_second:.0f} | {r.loss:.3f} | {r.full_groups:.0%} | {r.one_model:.0%} |"
         )
     print(
         "\n*beyond payload: share of the link's bytes that are not the codec's all-reduce payload (TCP/IP, TLS and "
         "yamux framing, matchmaking, DHT)\n**idle: bytes per second a partner sends, and "
-        "exchanges both ways, while it trains between all-reduces (blocking rounds only)"
+        "exchanges both ways, while it trains between all-reduces (blocking rounds only)\n***then: from our last "
+        "averaged part until the round is settled (serving our span to groupmates still reading it, the loss reports "
+        "that agree the next meeting); stock hivemind has no such step"
     )
 
 

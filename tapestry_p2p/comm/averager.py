@@ -79,6 +79,7 @@ class AllReduceOutcome:
     unreported: list[str] = field(default_factory=list)  # members whose loss report never came (we may differ)
     next_meeting: float = 0.0  # the group's next meeting, from its reports (matchmaking.agreed_meeting; 0.0: none)
     started: float = 0.0  # time.time() when the group was committed and the all-reduce began
+    averaged: float = 0.0  # time.time() when our last averaged part was in (then: serving, losses, reports)
     senders_lost: int = 0  # groupmates whose parts never reached us as a reducer (our span averages the others')
     refused: dict[str, str] = field(default_factory=dict)  # groupmate -> why we refused its parts as a reducer
     clipped: dict[str, float] = field(default_factory=dict)  # groupmate -> the factor we scaled its parts by
@@ -329,6 +330,7 @@ class ExactAverager(StateTransport, GroupVoting, LossReports, DecentralizedAvera
     ) -> None:
         async for tensor, averaged in azip(as_aiter(*tensors), runner):
             tensor.copy_(averaged)
+        outcome.averaged = time.time()
         await runner.served()
         # A reducer that failed may have sent its span to some members and not to others; nobody uses any span a member
         # lost (the members tell each other, comm.losses), so all of them end the round with the same values.

@@ -115,7 +115,8 @@ class AveragingResult:
     clipped: dict[str, float] = field(default_factory=dict)  # groupmate -> the factor we scaled its parts by
     norm: float = 0.0  # the L2 norm of our pseudo-gradient, as we declared it
     # seconds: "copy_in"/"copy_out" (into and out of the averager's shared buffers), "norm", "wait" (declaring and
-    # agreeing on the group), "allreduce" (from the group's commit to our last averaged part)
+    # agreeing on the group), "allreduce" (from the group's commit to our last averaged part), "reports" (then: serving
+    # our span to the groupmates still reading it, fetching a lost span, the loss reports that agree the next meeting)
     seconds: dict[str, float] = field(default_factory=dict)
 
 
@@ -347,8 +348,10 @@ class SwarmAveraging:
         if outcome.left_out:
             return self._left_out(outcome.left_out, outcome.others, declaration, contribution, outcome.attempt)
         if outcome.started:
-            seconds["allreduce"] = round(min(seconds["wait"], max(time.time() - outcome.started, 0.0)), 4)
-            seconds["wait"] = round(seconds["wait"] - seconds["allreduce"], 4)
+            together = min(seconds["wait"], max(time.time() - outcome.started, 0.0))  # the all-reduce and its reports
+            transfer = min(together, max(outcome.averaged - outcome.started, 0.0)) if outcome.averaged else together
+            seconds["allreduce"], seconds["reports"] = round(transfer, 4), round(together - transfer, 4)
+            seconds["wait"] = round(seconds["wait"] - together, 4)
         with self._averager.get_tensors() as buffers:
             averaged = [b.clone() for b in buffers]
         lap("copy_out")
