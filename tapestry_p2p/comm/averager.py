@@ -201,8 +201,10 @@ class ExactAverager(StateTransport, GroupVoting, LossReports, DecentralizedAvera
             request = await asyncio.wait_for(anext(stream), self.timing.ask_timeout * 2)
         except (TimeoutError, StopAsyncIteration):
             return
-        if request.group_id not in self._running_groups:
-            await self._decision(request.group_id)
+        if request.group_id not in self._running_groups and await self._decision(request.group_id):
+            # we just committed it: our round registers the group too, but this handler may resume first (an 8-partner
+            # soak saw a member refuse every groupmate's parts of the group it had committed a moment before)
+            self._expect_parts(request.group_id)
         future = self._running_groups.get(request.group_id)
         runner = None if future is None else await future  # (committed: our runner is being built)
         if runner is None:  # not a group of ours, or our all-reduce of it never started

@@ -295,19 +295,20 @@ class GroupVoting:
             state.changed.set()
 
     async def _decision(self, group_id: bytes) -> bool:
-        """If we are still voting for `group_id`, wait until we decide; whether we committed it (a reducer asks)."""
+        """If we are still voting for `group_id`, wait until we decide; whether we committed it then (a reducer asks
+        on a groupmate's first part; a group we committed before is in `_running_groups`, or its round is over)."""
         for state in self._rounds.values():
-            if state.agreement.may_commit(group_id):
-                deadline = self.clock.now() + self.timing.longest
-                while state.agreement.outcome is None and self.clock.now() < deadline:
-                    state.changed.clear()
-                    try:
-                        await asyncio.wait_for(state.changed.wait(), timeout=deadline - self.clock.now())
-                    except TimeoutError:
-                        break
+            if not state.agreement.may_commit(group_id):
+                continue
+            deadline = self.clock.now() + self.timing.longest
+            while state.agreement.outcome is None and self.clock.now() < deadline:
+                state.changed.clear()
+                try:
+                    await asyncio.wait_for(state.changed.wait(), timeout=deadline - self.clock.now())
+                except TimeoutError:
+                    break
             outcome = state.agreement.outcome
-            if outcome is not None and outcome.group is not None and outcome.group.group_id == group_id:
-                return True
+            return outcome is not None and outcome.group is not None and outcome.group.group_id == group_id
         return False
 
     # ---- the swarm's clock ----
