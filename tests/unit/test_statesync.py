@@ -3,10 +3,15 @@ splitting a download, validating what peers send."""
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
+
 import msgpack
 import pytest
 
+from tapestry_p2p.comm.statesync import transport
 from tapestry_p2p.comm.statesync.policy import agreed_after_failure, assign, elected_state
+from tapestry_p2p.comm.statesync.transport import StateTransport
 from tapestry_p2p.comm.statesync.wire import PeerState, StateId, StateInfo, pack_request, unpack_request
 
 
@@ -66,3 +71,32 @@ def test_state_messages_from_peers_are_validated():
     assert unpack_request(pack_request(None, [3]), 3) is None  # out of range
     assert unpack_request(b"\x93", 3) is None
     assert unpack_request(pack_request(None, [True]), 3) is None
+
+
+class _Infos(StateTransport):
+    """State infos over a fake network: each peer answers after its delay (None: never, a dead advertiser)."""
+
+    def __init__(self, delays: dict[str, float | None]) -> None:
+        self.delays = delays
+
+    async def _ask_for_state(self, peer, want, indices, timeout, progress, max_bytes=0):  # type: ignore[override]
+        delay = self.delays[peer]
+        if delay is None:
+            await asyncio.Event().wait()
+        await asyncio.sleep(delay)
+        return StateInfo(3, "h", (1,), True, False), []
+
+    def infos(self, timeout: float) -> dict[str, StateInfo]:
+        done: concurrent.futures.Future = concurrent.futures.Future()
+        asyncio.run(self._state_infos(sorted(self.delays), timeout, done))
+        return done.result()
+
+
+def test_state_infos_wait_for_stragglers_a_grace_period_after_the_first_answer_not_the_whole_timeout(monkeypatch):
+    """A dead advertiser used to hold every download for the whole timeout, while a swarm of short rounds moved past
+    the state it elected; now the others have `info_grace` after the first answer (here 0.3 s of a 60 s timeout)."""
+    monkeypatch.setattr(transport, "INFO_GRACE", 0.3)
+    infos = _Infos({"a": 0.0, "b": 0.05, "slow": 5.0, "dead": None}).infos(timeout=60.0)
+    assert sorted(infos) == ["a", "b"]
+    assert _Infos({"dead": None, "late": 0.2}).infos(timeout=0.1) == {}  # nobody within the timeout: nothing
+    assert transport.info_grace(0.1) == 0.3 and transport.info_grace(4.0) == 8.0  # twice a slow first answer

@@ -38,6 +38,7 @@ PROGRESS_PERIOD = 2.0  # seconds between progress lines of a state download
 PIPE_GRACE = 10.0  # extra seconds the node's process waits for the averager process to answer
 MIN_DOWNLOAD_RATE = 1e6  # bytes/s: a server slower than this over a whole download is dropped (overall deadline)
 FRAMING_BYTES = 4096  # per tensor: what a serialized, streamed tensor may carry beyond its float32 values
+INFO_GRACE = 2.0  # seconds the other peers have to send their state info once the first one did (at least)
 
 
 class _Progress:
@@ -217,15 +218,29 @@ class StateTransport:
         return info, tensors
 
     async def _state_infos(self, peers: list[str], timeout: float, future: MPFuture) -> None:
-        answers = await asyncio.gather(
-            *(self._ask_for_state(peer, None, [], timeout, None) for peer in peers), return_exceptions=True
-        )
-        infos = {}
-        for peer, answer in zip(peers, answers, strict=True):
-            if isinstance(answer, BaseException) or answer[0] is None:
-                logger.debug("no state info from %s: %r", peer, answer)
-            else:
-                infos[peer] = answer[0]
+        """Every answering peer's state info: the first within `timeout`, the others within `info_grace` of it. A dead
+        or stalled advertiser (its record outlives it by up to two periods) held every download for the whole
+        timeout, while a swarm of short rounds moved past the state it elected: in an 8-partner soak two partners
+        chased the swarm for two minutes, each download failing on servers that no longer held its state."""
+        loop = asyncio.get_running_loop()
+        asks = {asyncio.create_task(self._ask_for_state(p, None, [], timeout, None)): p for p in peers}
+        started, pending = loop.time(), set(asks)
+        deadline = started + timeout
+        infos: dict[str, StateInfo] = {}
+        while pending and loop.time() < deadline:
+            done, pending = await asyncio.wait(
+                pending, timeout=deadline - loop.time(), return_when=asyncio.FIRST_COMPLETED
+            )
+            for task in done:
+                answer = task.exception() or task.result()
+                if isinstance(answer, BaseException) or answer[0] is None:
+                    logger.debug("no state info from %s: %r", asks[task], answer)
+                    continue
+                if not infos:  # the first answer: the others have a grace period from now
+                    deadline = min(deadline, loop.time() + info_grace(loop.time() - started))
+                infos[asks[task]] = answer[0]
+        for task in pending:
+            task.cancel()
         future.set_result(infos)
 
     async def _fetch_state(self, servers: list[str], target: StateInfo, timeout: float, future: MPFuture) -> None:
@@ -272,6 +287,12 @@ class StateTransport:
                     logger.info("peer %s did not serve its share of the state (%r); asking the others", server, reason)
                     servers = [s for s in servers if s != server]
             todo[:] = [i for i in todo if i not in got]
+
+
+def info_grace(first_seconds: float) -> float:
+    """How long the other peers have to send their state info once the first one answered after `first_seconds`:
+    INFO_GRACE, or twice what the first took (a slow link, a loaded machine)."""
+    return max(INFO_GRACE, 2 * first_seconds)
 
 
 def download_deadline(nbytes: int, timeout: float) -> float:
