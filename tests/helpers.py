@@ -25,6 +25,7 @@ from tapestry_p2p.testing.corpus import write_text
 from tapestry_p2p.testing.local_swarm import LOOPBACK, TINY_MODEL, LocalSwarm
 
 ROUNDS = 3
+ROUND_WINDOW = 3  # seconds (`--round-window`)
 FAULTY_JOIN = Path(__file__).resolve().parent / "faulty_join.py"
 
 
@@ -46,7 +47,7 @@ def join_args(tmp_path: Path, name: str, seed: int, bootstrap: Optional[str], ro
         "--max-rounds": rounds,
         "--inner-steps": 10,
         "--threads": 1,
-        "--round-window": 3,
+        "--round-window": ROUND_WINDOW,
         "--metrics": folder / "metrics.jsonl",
         "--checkpoint-dir": folder / "ckpt",
     }

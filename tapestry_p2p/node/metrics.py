@@ -66,6 +66,9 @@ class RoundMetrics:
     # since the previous record: the round of the swarm's state we caught up to, and from how many peers
     caught_up_round: Optional[int] = None
     caught_up_from: int = 0
+    # a fresh run's round 1: when the --min-peers trainers were ready, by their status records (its meeting is
+    # computed from it, three windows later, by every partner alike: matchmaking.MeetingClock.start); 0.0: not used
+    swarm_ready: float = 0.0
 
     def to_json(self) -> str:
         record = asdict(self)

@@ -175,6 +175,7 @@ class Node:
         clock = None if self.session is None else self._meeting_clock(round_no)
         if clock is not None and self._swarm_ready is not None and self.shared.round == 0:
             clock.start(self._swarm_ready)  # a fresh run's first meeting, the same on every partner
+            self._events["swarm_ready"] = self._swarm_ready
         self._swarm_ready = None
         intended: Optional[tuple] = None
         try:

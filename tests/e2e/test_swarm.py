@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import signal
 import stat
@@ -9,7 +10,7 @@ import time
 
 import psutil
 import torch
-from helpers import ROUNDS, join_args, metrics, run_to_completion
+from helpers import ROUND_WINDOW, ROUNDS, join_args, metrics, run_to_completion
 from safetensors.torch import load_file
 
 from tapestry_p2p.security.identity import load_or_create_identity
@@ -37,6 +38,11 @@ def test_peers_share_one_identical_model_every_round(procs, bootstrap_addr, tmp_
         assert losses[-1] < losses[0]
     for round_index in range(ROUNDS):  # after every round, one shared model
         assert len({records[n][round_index]["model_hash"] for n in names}) == 1
+    # round 1 met when every partner computed it would: three windows after the last of them was ready to train, by
+    # their signed status records (not at the first finisher's proposal, raced through the DHT)
+    first = [records[n][0] for n in names]
+    assert len({r["swarm_ready"] for r in first}) == 1 and first[0]["swarm_ready"] > 0, first
+    assert {r["meeting"] for r in first} == {math.ceil(first[0]["swarm_ready"] + 3 * ROUND_WINDOW)}, first
 
     # the checkpoints hold the same shared model, tensor by tensor
     models = [load_file(str(tmp_path / n / "ckpt" / "model.safetensors")) for n in names]
