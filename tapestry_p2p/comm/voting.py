@@ -9,8 +9,10 @@ round r, in DHT time, relative to the round's meeting E (`comm.matchmaking`):
     E - lead         the node stops its inner steps and hands in its pseudo-gradient and contribution
     ... E - margin   our declaration must be stored by then, or we abstain ("declared late")
     E                read every declaration of round r; vote; commit as soon as every member voted for our proposal
-    E + window       votes still missing are asked for once more; if attempt 1 failed, the echo step reads the
-                     declarations again and waits for every live member (another window), then attempt 2 votes
+    E + window       votes still missing (or not yet holding ours) are asked for once more; each vote stands until
+                     this step's deadline plus one ask, and a member commits on it only until half a second before
+                     (`agreement.Lease`); if attempt 1 failed, the echo step reads the declarations again and waits
+                     for every live member (another window), then attempt 2 votes
 
 Every vote is a request answered with the answerer's own status, so one exchange tells both sides; a status that
 arrives before we read (a faster peer) waits in a small inbox. Only members may vote (`security.membership`), a vote
@@ -163,7 +165,7 @@ class GroupVoting:
             return Outcome(None, reason=MET_EARLIER, others=earlier)
         lease = Lease(self.clock.now, self.timing.lease_margin)
         state = _Round(Agreement(declaration.peer, self.schema_hash, view, contribution, abstain, lease))
-        state.agreement.until = self.clock.now() + self.timing.window  # (our vote stands until the first deadline)
+        state.agreement.until = self.clock.now() + self.timing.window + self.timing.ask_timeout  # (as `_vote` sets it)
         self._rounds[slot] = state
         while len(self._rounds) > KEPT_ROUNDS:
             self._rounds.popitem(last=False)
@@ -238,7 +240,7 @@ class GroupVoting:
         while agreement.outcome is None:
             if agreement.phase != phase:
                 phase, deadline = agreement.phase, self.clock.now() + self.timing.window
-                agreement.until = deadline  # we stand by this step's vote until its deadline
+                agreement.until = deadline + self.timing.ask_timeout  # we stand by this step's vote through its asks
             if phase == "echo" and not agreement.learnt:  # a declaration our first read missed may be in by now
                 declared = await self._read_declarations(slot[0])
                 agreement.learn({p: d for p, d in declared.items() if abs(d.meeting - slot[1]) < MEETING_TOLERANCE})
@@ -256,8 +258,20 @@ class GroupVoting:
             # deadline: ask once more; who still says nothing that counts for this step (no answer, "pending", or
             # still voting in attempt 1 when everyone echoes) is silent
             await asyncio.gather(*(self._ask(slot, state, p) for p in agreement.missing()))
+            await self._stand(state, phase, agreement.until)
             if agreement.phase == phase and agreement.outcome is None:
                 agreement.deadline_passed(agreement.missing())
+
+    async def _stand(self, state: _Round, phase: Any, until: float) -> None:
+        """Keep this step open until `until`, the time our vote says it stands (a member may commit on it until
+        shortly before), unless the agreement decides or moves on first."""
+        agreement = state.agreement
+        while agreement.outcome is None and agreement.phase == phase and self.clock.now() < until:
+            state.changed.clear()
+            try:
+                await asyncio.wait_for(state.changed.wait(), timeout=until - self.clock.now())
+            except TimeoutError:
+                return
 
     def _expect_parts(self, group_id: bytes) -> None:
         """From our commit on, parts of that group wait for our all-reduce's runner (`comm.averager`), even while we
