@@ -407,7 +407,9 @@ class Agreement:
             return True
         if latest is None or latest.kind != "vote" or latest.group_id != gid or self.me not in latest.heard:
             return False
-        return self.lease.stands(latest.until)
+        # an attempt-1 voter that gives up only moves on to the echo, where a commit of its first proposal still
+        # reaches it (`_first_committed_by_a_member`); an attempt-2 voter leaves the round at its deadline
+        return latest.attempt < ATTEMPTS or self.lease.stands(latest.until)
 
     def _awaits_ours(self, peer: str, gid: bytes) -> bool:
         """Whether `peer` still votes for `gid` but has not confirmed it (it must hear our vote, or vote again)."""
