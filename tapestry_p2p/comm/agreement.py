@@ -157,10 +157,10 @@ def ordered(proposal: Proposal) -> list[str]:
 
 @dataclass(frozen=True)
 class Lease:
-    """How long a vote stands: a member commits on a vote only while the voter will still be there when the commit
-    reaches it, `margin` seconds before the vote's `until` on the swarm clock `now`. (The default has no clock: every
-    vote stands.) A voter gives up at its step's deadline; a commit made on its vote after that would list a member
-    that has left the round."""
+    """How long an attempt-2 vote stands: a member commits on it only while the voter will still be there when the
+    commit reaches it, `margin` seconds before the vote's `until` on the swarm clock `now`. (The default has no clock:
+    every vote stands.) An attempt-2 voter leaves the round at its deadline; a commit made on its vote after that
+    would list a member that has left."""
 
     now: Callable[[], float] = lambda: -math.inf
     margin: float = 0.0

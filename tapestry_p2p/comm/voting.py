@@ -10,9 +10,9 @@ round r, in DHT time, relative to the round's meeting E (`comm.matchmaking`):
     ... E - margin   our declaration must be stored by then, or we abstain ("declared late")
     E                read every declaration of round r; vote; commit as soon as every member voted for our proposal
     E + window       votes still missing (or not yet holding ours) are asked for once more; each vote stands until
-                     this step's deadline plus one ask, and a member commits on it only until half a second before
-                     (`agreement.Lease`); if attempt 1 failed, the echo step reads the declarations again and waits
-                     for every live member (another window), then attempt 2 votes
+                     this step's deadline plus one ask, and a member commits on an attempt-2 vote only until half a
+                     second before (`agreement.Lease`); if attempt 1 failed, the echo step reads the declarations
+                     again and waits for every live member (another window), then attempt 2 votes
 
 Every vote is a request answered with the answerer's own status, so one exchange tells both sides; a status that
 arrives before we read (a faster peer) waits in a small inbox. Only members may vote (`security.membership`), a vote
