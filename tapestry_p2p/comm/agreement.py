@@ -183,7 +183,7 @@ class Status:
     members: tuple[str, ...] = ()  # that group's members
     view: tuple[str, ...] = ()  # the members of its attempt-1 proposal (what it read from the DHT)
     heard: tuple[str, ...] = ()  # (vote) the members whose vote for that group it holds, itself included
-    until: float = math.inf  # (vote) the swarm time until which it stands by the vote (its step's deadline)
+    until: float = math.inf  # (vote) the swarm time until which it stands by the vote (its step's last ask)
     reason: str = ""  # for "out": why (one of the reasons above)
     contribution: Contribution = Contribution()  # the sender's own (vote, echo, committed)
 
@@ -270,9 +270,9 @@ class Agreement:
         view: Mapping[str, Declaration],
         contribution: Contribution = Contribution(),
         abstain: str = "",
-        clock: Lease = Lease(),
+        lease: Lease = Lease(),
     ) -> None:
-        self.me, self.schema, self.contribution, self.lease = me, schema, contribution, clock
+        self.me, self.schema, self.contribution, self.lease = me, schema, contribution, lease
         self.contributions: dict[str, Contribution] = {me: contribution}  # each member's, as it told us
         self.view = dict(view)
         self.phase: Literal[1, "echo", 2] = 1

@@ -484,7 +484,7 @@ def test_a_committed_group_is_never_one_sided_when_every_member_hears_the_commit
     now = [0.0]
     lease = Lease(lambda: now[0])
     agreements = {
-        p: Agreement(p, SCHEMA, {q: everyone[q] for q in names if q == p or rng.random() > 0.15}, clock=lease)
+        p: Agreement(p, SCHEMA, {q: everyone[q] for q in names if q == p or rng.random() > 0.15}, lease=lease)
         for p in names
     }
     net = Net(agreements, everyone if rng.random() < 0.5 else {})
