@@ -160,9 +160,10 @@ def compare(run: DemoRun) -> Results:
     rounds = run.config.rounds
     context = multiprocessing.get_context("spawn")
     # the log filters go in before the worker imports anything that imports bitsandbytes (unpickling `train_alone`
-    # imports this module): the initializer runs first
+    # imports this module): the initializer runs first; one worker per partner (single-threaded baselines: on 2 cores
+    # three at once end sooner than two and then one)
     with concurrent.futures.ProcessPoolExecutor(
-        max_workers=2, mp_context=context, initializer=hivemind_compat.install, initargs=("main",)
+        max_workers=len(partners), mp_context=context, initializer=hivemind_compat.install, initargs=("main",)
     ) as pool:
         jobs = {
             p.name: pool.submit(train_alone, p, run.partner_dir(p), math.ceil(steps[p.name] / rounds), rounds)
