@@ -29,7 +29,7 @@ import logging
 import multiprocessing
 import random
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Optional
 
@@ -165,7 +165,6 @@ class GroupVoting:
             return Outcome(None, reason=MET_EARLIER, others=earlier)
         lease = Lease(self.clock.now, self.timing.lease_margin)
         state = _Round(Agreement(declaration.peer, self.schema_hash, view, contribution, abstain, lease))
-        state.agreement.until = self.clock.now() + self.timing.window + self.timing.ask_timeout  # (as `_vote` sets it)
         self._rounds[slot] = state
         while len(self._rounds) > KEPT_ROUNDS:
             self._rounds.popitem(last=False)
@@ -266,7 +265,11 @@ class GroupVoting:
         """Keep this step open until `until`, the time our vote says it stands (a member may commit on it until
         shortly before), unless the agreement decides or moves on first."""
         agreement = state.agreement
-        while agreement.outcome is None and agreement.phase == phase and self.clock.now() < until:
+        await self._wait_while(state, lambda: agreement.outcome is None and agreement.phase == phase, until)
+
+    async def _wait_while(self, state: _Round, holds: Callable[[], bool], until: float) -> None:
+        """Wait on `state`'s changes while `holds()` does, until `until` on the swarm clock."""
+        while holds() and self.clock.now() < until:
             state.changed.clear()
             try:
                 await asyncio.wait_for(state.changed.wait(), timeout=until - self.clock.now())
@@ -311,19 +314,13 @@ class GroupVoting:
     async def _decision(self, group_id: bytes) -> bool:
         """If we are still voting for `group_id`, wait until we decide; whether we committed it then (a reducer asks
         on a groupmate's first part; a group we committed before is in `_running_groups`, or its round is over)."""
-        for state in self._rounds.values():
-            if not state.agreement.may_commit(group_id):
-                continue
-            deadline = self.clock.now() + self.timing.longest
-            while state.agreement.outcome is None and self.clock.now() < deadline:
-                state.changed.clear()
-                try:
-                    await asyncio.wait_for(state.changed.wait(), timeout=deadline - self.clock.now())
-                except TimeoutError:
-                    break
-            outcome = state.agreement.outcome
-            return outcome is not None and outcome.group is not None and outcome.group.group_id == group_id
-        return False
+        state = next((s for s in self._rounds.values() if s.agreement.may_commit(group_id)), None)
+        if state is None:
+            return False
+        agreement = state.agreement
+        await self._wait_while(state, lambda: agreement.outcome is None, self.clock.now() + self.timing.longest)
+        outcome = agreement.outcome
+        return outcome is not None and outcome.group is not None and outcome.group.group_id == group_id
 
     # ---- the swarm's clock ----
 
