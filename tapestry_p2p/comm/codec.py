@@ -11,7 +11,8 @@ instance registered for an existing enum value. `register()` replaces BLOCKWISE_
 
 `compression_for("8bit")` registers it (`hivemind_compat.register_compression`) before hivemind forks the averager
 process that uses it, so both ends of every stream use the same format. bitsandbytes is imported here, eagerly, for the
-same reason: imported lazily inside the averager process it stalls the first all-reduce for ~3 s. A stock hivemind
+same reason: imported lazily inside the averager process it stalls the first all-reduce for ~3 s (and its first
+call, which imports torch's dynamo, is made at registration). A stock hivemind
 peer would not understand the format; tapestry peers only average with tapestry peers.
 
 Wire format of one 8-bit part: `absmax` (float32, one per block of BLOCK_SIZE values) followed by one uint8 code per
@@ -40,11 +41,13 @@ from typing import Literal, get_args
 
 import numpy as np
 import torch
-from bitsandbytes.functional import create_dynamic_map, dequantize_blockwise, quantize_blockwise
 from hivemind.compression import CompressionBase, CompressionInfo, Float16Compression, NoCompression
 from hivemind.proto import runtime_pb2
 
 from tapestry_p2p.p2p import hivemind_compat
+
+with hivemind_compat.torch_compile_skipped():  # (its import compiles fallbacks we never call: see hivemind_compat)
+    from bitsandbytes.functional import create_dynamic_map, dequantize_blockwise, quantize_blockwise
 
 BLOCK_SIZE = 1024
 BLOCK_SIZE_4BIT = 128
@@ -197,8 +200,13 @@ def compression_for(name: str) -> CompressionBase:
 
 @functools.cache
 def _registered_8bit() -> CompressionBase:
-    """Our 8-bit codec, registered in place of hivemind's BLOCKWISE_8BIT in this process and its later forks."""
-    return hivemind_compat.register_compression("BLOCKWISE_8BIT", Blockwise8Bit())
+    """Our 8-bit codec, registered in place of hivemind's BLOCKWISE_8BIT in this process and its later forks. It codes
+    one block here: bitsandbytes' kernels import torch's dynamo at their first call (~1 s), which would otherwise
+    stall the averager process's first all-reduce."""
+    codec = Blockwise8Bit()
+    block = torch.zeros(BLOCK_SIZE)
+    codec.extract(codec.compress(block, CompressionInfo.from_tensor(block)))
+    return hivemind_compat.register_compression("BLOCKWISE_8BIT", codec)
 
 
 @functools.cache

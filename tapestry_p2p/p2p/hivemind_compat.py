@@ -27,6 +27,10 @@ The patches, and the hivemind 1.1.12 behaviour each one guards against:
   the node waits for ever). Ours turns that into the ConnectionError the loop already skips.
 - `register_compression`: hivemind picks a codec by a fixed protobuf enum, so a codec of ours replaces the instance
   registered for an existing enum value (see `comm/codec.py`).
+- `torch_compile_skipped` (wherever bitsandbytes is imported, `comm/codec.py`): bitsandbytes 0.50 wraps four pure-torch
+  fallbacks of its default backend in `torch.compile` at import, which imports torch's dynamo and inductor: 1.4 s of
+  every node's, bootstrap's and monitor's start. The CPU kernels our codec calls are native, so the fallbacks stay
+  plain functions.
 - log filters, each dropping one known record and nothing else from its logger: bitsandbytes' import-time warning
   about its optional `kernels` package on CPUs with AVX512-BF16; the DHT process's traceback when a sender exits
   with a command in flight.
@@ -38,12 +42,13 @@ every request.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import inspect
 import logging
 import os
 import re
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Iterator
 from dataclasses import dataclass
 from importlib import import_module
 from typing import Any, Literal
@@ -159,6 +164,23 @@ def install(process: Process) -> None:
         die_with_parent()
         keep_tasks_alive()
         cap_stream_messages()
+
+
+@contextlib.contextmanager
+def torch_compile_skipped() -> Iterator[None]:
+    """While the body runs (an import of bitsandbytes), `torch.compile(fn, ...)` returns `fn` itself."""
+    import torch
+
+    original = torch.compile
+    torch.compile = _not_compiled  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        torch.compile = original
+
+
+def _not_compiled(fn: Callable[..., Any], **_options: Any) -> Callable[..., Any]:
+    return fn
 
 
 # ---- log filters: each drops one known record ----

@@ -118,3 +118,25 @@ def test_a_request_from_an_exited_process_does_not_kill_the_dht_process():
     outer.close()
     with pytest.raises(EOFError):  # the pipe itself closed: as before
         dht._inner_pipe.recv()
+
+
+def test_our_codec_imports_bitsandbytes_without_torch_compile_and_leaves_torch_compile_as_it_was():
+    """bitsandbytes' import would otherwise import dynamo and inductor (seconds of every node's start); the 8-bit
+    kernels it gives us still run, and torch.compile is torch's own again afterwards."""
+    import subprocess
+    import sys
+
+    probe = (
+        "import sys, torch; compile_before = torch.compile\n"
+        "from hivemind.compression import CompressionInfo\n"
+        "from tapestry_p2p.comm import codec\n"
+        "print(torch.compile is compile_before, 'torch._dynamo' in sys.modules)\n"
+        "x = torch.linspace(-1, 1, 4096)\n"
+        "eight = codec.compression_for('8bit')\n"
+        "y = eight.extract(eight.compress(x, CompressionInfo.from_tensor(x)))\n"
+        "print(float((x - y).abs().max()))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60, check=True)
+    compile_restored, dynamo_imported, error = out.stdout.split()
+    assert compile_restored == "True" and dynamo_imported == "False"
+    assert float(error) < 0.02
