@@ -170,7 +170,8 @@ def run_config(lab: Lab, name: str, args: argparse.Namespace, workdir: Path, par
         bound=payload / rate_bytes(args.rate),
         utilization=mean(c / w for c, w in zip(compute, wall, strict=True)),
         tokens_per_second=mean(k * tokens / w for k, w in zip(steps, wall, strict=True)),
-        loss=mean(r[-1]["loss"] for r in records),
+        # (each partner's last loss: a blocking round can have no inner step, and then no loss)
+        loss=mean(next(x["loss"] for x in reversed(r) if x["loss"] is not None) for r in records),
         round_seconds=mean(row["round_seconds"] for row in rows),
         idle=idle_rates(records, series) if "--overlap" not in extra else (float("nan"), float("nan")),
         full_groups=mean(row["group_size"] == n for row in rows),
