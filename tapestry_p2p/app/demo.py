@@ -160,8 +160,8 @@ def compare(run: DemoRun) -> Results:
     rounds = run.config.rounds
     context = multiprocessing.get_context("spawn")
     # the log filters go in before the worker imports anything that imports bitsandbytes (unpickling `train_alone`
-    # imports this module): the initializer runs first; one worker per partner (single-threaded baselines: on 2 cores
-    # three at once end sooner than two and then one)
+    # imports this module): the initializer runs first; one worker per partner (measured on 2 cores: no faster than
+    # two workers, ~31 s for three 130-step baselines either way; more cores run them all at once)
     with concurrent.futures.ProcessPoolExecutor(
         max_workers=len(partners), mp_context=context, initializer=hivemind_compat.install, initargs=("main",)
     ) as pool:
