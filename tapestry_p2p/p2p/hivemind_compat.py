@@ -29,8 +29,8 @@ The patches, and the hivemind 1.1.12 behaviour each one guards against:
   registered for an existing enum value (see `comm/codec.py`).
 - `torch_compile_skipped` (wherever bitsandbytes is imported, `comm/codec.py`): bitsandbytes 0.50 wraps four pure-torch
   fallbacks of its default backend in `torch.compile` at import, which imports torch's dynamo and inductor: 1.4 s
-  more for its import, 2.3 s of importing the node (4.8 s -> 2.5 s), in every node's, bootstrap's and monitor's start. The CPU kernels our codec calls are native, so the fallbacks stay
-  plain functions.
+  more for its import, 2.3 s of importing the node (4.8 s -> 2.5 s), in every node's, bootstrap's and monitor's
+  start. The CPU kernels our codec calls are native, so the fallbacks stay plain functions.
 - log filters, each dropping one known record and nothing else from its logger: bitsandbytes' import-time warning
   about its optional `kernels` package on CPUs with AVX512-BF16; the DHT process's traceback when a sender exits
   with a command in flight.
